@@ -1,0 +1,88 @@
+"""Defaults for every ArcScale experiment.
+
+A job config (e.g. ``configs/ms1mv3_r50.py``) defines ``config = edict()`` and sets
+only what differs; ``utils.config.load_config`` layers it over this file. A key that
+is not defined here is rejected, so every knob the trainer reads is listed below.
+"""
+from easydict import EasyDict as edict
+
+config = edict()
+
+# ---------------------------------------------------------------- experiment
+config.output = None            # run folder; None -> work_dirs/<config file stem>
+config.seed = 2048              # seeds torch/numpy/random, the sampler and the workers
+config.device = "auto"          # auto | cuda | npu | cpu
+config.resume = False           # continue from the newest checkpoint in `output`
+config.init_backbone = None     # path to a backbone/model.pt to start from (fine-tuning)
+config.log_level = "INFO"
+
+# ---------------------------------------------------------------- data
+config.rec = "synthetic"        # "synthetic" | folder with train.rec/train.idx | image folder
+config.num_classes = None       # read from the data; a value that disagrees is an error
+config.num_image = None         # read from the data; a value that disagrees is an error
+config.image_size = (112, 112)  # (height, width) the backbone sees
+config.num_workers = 2          # DataLoader workers per rank
+config.skip_bad_records = True  # skip (and count) corrupt records instead of dying
+config.synthetic = edict(       # used when a config asks for a generated identity set
+    num_identities=0,           # 0 = no generated identity set
+    images_per_identity=0,
+    num_val_identities=0,       # unseen identities for the verification pairs
+    num_val_pairs=0,
+    cache_dir=None,             # where the set is written once and reused
+)
+config.dali = False             # NVIDIA DALI reader (CUDA only, optional extra)
+config.dali_aug = False         # arcface_torch compatibility; DALI augmentations
+
+# ---------------------------------------------------------------- backbone
+config.network = "r50"          # see backbones.get_model: r18..r200, mbf, mbf_large, vit_*
+config.embedding_size = 512     # num_features of the backbone
+config.dropout = 0.0
+config.gradient_checkpointing = False
+config.channels_last = False    # NHWC memory format for conv backbones
+
+# ---------------------------------------------------------------- head (losses.py / partial_fc.py)
+config.head = "combined"        # combined (ArcFace/CosFace/...) | adaface | curricularface
+config.margin_list = (1.0, 0.5, 0.0)    # (m1, m2, m3): cos(m1*theta + m2) - m3
+config.scale = 64.0             # s: logits are multiplied by it
+config.margin_grad = "straight_through"  # straight_through (arcface_torch) | exact
+config.interclass_filtering_threshold = 0.0
+config.sample_rate = 1.0        # Partial FC: fraction of local class centers sampled per step
+config.pfc_update = "sparse"    # sparse (PFC v1: only sampled rows move) | dense (arcface_torch v2)
+
+# ---------------------------------------------------------------- optimisation
+config.optimizer = "sgd"        # sgd | adamw
+config.lr = 0.1                 # base lr for the global batch (ignored when lr_per_512 is set)
+config.lr_per_512 = None        # lr per 512 global samples; lr = lr_per_512 * global_batch / 512
+config.momentum = 0.9
+config.weight_decay = 5e-4
+config.adam_betas = (0.9, 0.999)
+config.adam_eps = 1e-8
+config.batch_size = 128         # per rank, per micro-step
+config.gradient_acc = 1         # micro-steps per optimizer step
+config.num_epoch = 20
+config.warmup_epoch = 0         # linear warmup length, in epochs
+config.lr_power = 2.0           # polynomial decay power (arcface_torch: 2)
+config.clip_grad_norm = 5.0     # backbone grad-norm clip; 0 = off
+config.max_steps = None         # stop after this many optimizer steps (benchmarks, demos)
+config.max_nonfinite_steps = 20 # abort after this many non-finite losses in a row
+
+# ---------------------------------------------------------------- precision and DDP
+config.fp16 = False             # autocast fp16 + GradScaler (apex O1 equivalent)
+config.bf16 = False             # autocast bf16 (no scaler)
+config.fp16_grad_compression = False  # CUDA: compress DDP gradient buckets to fp16
+config.static_graph = True      # DDP static graph (turned off with gradient checkpointing)
+
+# ---------------------------------------------------------------- logging, eval, checkpoints
+config.frequent = 10            # log every N optimizer steps
+config.verbose = 2000           # run verification every N optimizer steps (0 = only at the end)
+config.val_targets = []         # stems of <val_data_dir>/<target>.bin
+config.val_data_dir = None      # None -> the data folder (cfg.rec)
+config.val_batch_size = 256
+config.tensorboard = True
+config.using_wandb = False      # key from WANDB_API_KEY in the environment
+config.wandb_project = "arcscale"
+config.wandb_entity = None
+config.wandb_run_name = None
+config.save_every_steps = 0     # also checkpoint every N optimizer steps (0 = per epoch only)
+config.keep_checkpoints = 3     # newest checkpoints kept in `output`
+config.save_all_states = True   # arcface_torch compatibility; checkpoints always hold all state

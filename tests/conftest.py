@@ -1,0 +1,26 @@
+"""Shared pytest fixtures: the InsightFace fixture folder and free TCP ports for gloo tests."""
+import os
+import socket
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(os.path.dirname(REPO_ROOT), "shared", "fixtures", "insightface")
+
+
+@pytest.fixture(scope="session")
+def insightface_fixtures() -> str:
+    """``<repo>/../shared/fixtures/insightface``; CI always has it, so absence is a failure."""
+    assert os.path.isdir(FIXTURES), f"missing shared fixtures at {FIXTURES}"
+    return FIXTURES
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
