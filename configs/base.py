@@ -17,7 +17,7 @@ config.init_backbone = None     # path to a backbone/model.pt to start from (fin
 config.log_level = "INFO"
 
 # ---------------------------------------------------------------- data
-config.rec = "synthetic"        # "synthetic" | folder with train.rec/train.idx | image folder
+config.rec = "synthetic"  # "synthetic" | folder with train.rec/train.idx | image folder
 config.num_classes = None       # read from the data; a value that disagrees is an error
 config.num_image = None         # read from the data; a value that disagrees is an error
 config.image_size = (112, 112)  # (height, width) the backbone sees

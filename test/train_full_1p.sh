@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Full training on one device.
+#   bash test/train_full_1p.sh --data_path=/train_tmp/ms1m-retinaface-t1
+#   DEVICE=cpu bash test/train_full_1p.sh
+NPROC=${NPROC:-1}
+source "$(dirname "$0")/common.sh"
+run_training train_full_1p

@@ -1,0 +1,71 @@
+"""utils/device.py: device resolution, autocast and scaler on CPU, the summing DDP hook (gloo)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from utils import device as devices
+
+
+def test_cpu_resolution_and_errors(monkeypatch):
+    assert devices.resolve_kind("cpu") == "cpu"
+    with pytest.raises(devices.DeviceError, match="expected auto, cuda, npu or cpu, got 'gpu'"):
+        devices.resolve_kind("gpu")
+    if not torch.cuda.is_available():
+        assert devices.resolve_kind("auto") in ("cpu", "npu")
+        with pytest.raises(devices.DeviceError, match="device='cuda' requested"):
+            devices.resolve_kind("cuda")
+
+
+def test_single_process_setup_needs_no_process_group(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    ctx = devices.setup("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.backend, ctx.distributed) == (0, 1, "gloo", False)
+    assert not dist.is_initialized()
+    assert devices.launch_env(legacy_local_rank=3) == (0, 3, 1)
+
+
+def test_multi_rank_without_master_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(devices.DeviceError, match="WORLD_SIZE=2 but MASTER_ADDR is not set"):
+        devices.setup("cpu")
+
+
+def test_autocast_and_scaler_on_cpu():
+    ctx = devices.DeviceContext("cpu", torch.device("cpu"), 0, 0, 1, "gloo")
+    with devices.autocast(ctx, fp16=False, bf16=True):
+        out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert out.dtype == torch.bfloat16
+    with pytest.raises(devices.DeviceError, match="both True"):
+        devices.autocast(ctx, fp16=True, bf16=True)
+    assert not devices.grad_scaler(ctx, fp16=False).is_enabled()
+    assert devices.memory_gib(ctx) > 0
+
+
+def _hook_worker(rank: int, port: int, result_queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1, bias=False))
+    model.register_comm_hook(None, devices.sum_allreduce_hook(fp16_compress=False))
+    with torch.no_grad():
+        model.module.weight.fill_(1.0)
+    model(torch.full((1, 3), float(rank + 1))).sum().backward()
+    result_queue.put((rank, model.module.weight.grad.tolist()))
+    dist.destroy_process_group()
+
+
+def test_sum_hook_sums_instead_of_averaging(port):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_hook_worker, args=(rank, port, queue)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    results = dict(queue.get(timeout=60) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    assert results[0] == results[1] == [[3.0, 3.0, 3.0]]  # 1 + 2, not their mean 1.5

@@ -1,0 +1,163 @@
+"""The one place that knows device kinds: CPU, CUDA (NCCL) and Ascend NPU (HCCL via torch_npu).
+
+Everything else asks this module for the device, the process-group backend, autocast and the
+grad scaler, so that no other file calls ``.cuda()`` or imports ``torch_npu``.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import resource
+from dataclasses import dataclass
+from typing import ContextManager
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+
+
+class DeviceError(RuntimeError):
+    """A requested device or launch setting that this machine cannot provide."""
+
+
+@dataclass
+class DeviceContext:
+    """Where this process runs and how it talks to the others."""
+
+    kind: str            # "cpu" | "cuda" | "npu"
+    device: torch.device
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+    except ImportError:
+        return False
+    return bool(torch.npu.is_available())
+
+
+def resolve_kind(requested: str) -> str:
+    """``auto`` picks cuda, then npu, then cpu; an explicit kind must exist on this machine."""
+    requested = (requested or "auto").lower()
+    if requested not in ("auto", "cuda", "npu", "cpu"):
+        raise DeviceError(f"config key 'device': expected auto, cuda, npu or cpu, got {requested!r}")
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "npu" if _npu_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device='cuda' requested but torch.cuda.is_available() is False (CPU build or no GPU)")
+    if requested == "npu" and not _npu_available():
+        raise DeviceError("device='npu' requested but torch_npu is not installed or no NPU is visible")
+    return requested
+
+
+def launch_env(legacy_local_rank: int | None = None) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment (or torch.distributed.launch's)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None:
+        local_rank = legacy_local_rank if legacy_local_rank is not None else 0
+    return rank, int(local_rank), world_size
+
+
+def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout_minutes: float = 30.0) -> DeviceContext:
+    """Pick the device, set it for this process and join the process group when launched with several ranks."""
+    kind = resolve_kind(requested)
+    rank, local_rank, world_size = launch_env(legacy_local_rank)
+    if kind == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    elif kind == "npu":
+        torch.npu.set_device(local_rank)
+        device = torch.device("npu", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = BACKENDS[kind]
+    if world_size > 1 and not dist.is_initialized():
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            if key not in os.environ:
+                raise DeviceError(f"WORLD_SIZE={world_size} but {key} is not set; launch with torchrun")
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DeviceContext(kind, device, rank, local_rank, world_size, backend)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(ctx: DeviceContext, fp16: bool, bf16: bool) -> ContextManager:
+    """Autocast for the trunk; the head computes in fp32 whatever this says."""
+    if fp16 and bf16:
+        raise DeviceError("config keys 'fp16' and 'bf16' are both True; choose one")
+    if not (fp16 or bf16):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=ctx.kind, dtype=torch.float16 if fp16 else torch.bfloat16)
+
+
+def grad_scaler(ctx: DeviceContext, fp16: bool) -> torch.amp.GradScaler:
+    """Loss scaling is needed for fp16 only; bf16 has fp32's exponent range."""
+    return torch.amp.GradScaler(ctx.kind, enabled=fp16)
+
+
+def pin_memory(ctx: DeviceContext) -> bool:
+    return ctx.kind in ("cuda", "npu")
+
+
+def synchronize(ctx: DeviceContext) -> None:
+    if ctx.kind == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    elif ctx.kind == "npu":
+        torch.npu.synchronize(ctx.device)
+
+
+def memory_gib(ctx: DeviceContext) -> float:
+    """Peak accelerator memory (allocator) or, on CPU, this process's peak RSS, in GiB."""
+    if ctx.kind == "cuda":
+        return torch.cuda.max_memory_allocated(ctx.device) / 2**30
+    if ctx.kind == "npu":
+        return torch.npu.max_memory_allocated(ctx.device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def sum_allreduce_hook(fp16_compress: bool):
+    """DDP communication hook that SUMS gradients (the Partial FC head returns true gradients of the
+    global-mean loss, so averaging over ranks would divide them by the world size)."""
+
+    def hook(state, bucket: dist.GradBucket) -> torch.futures.Future:
+        buffer = bucket.buffer()
+        if not fp16_compress:
+            future = dist.all_reduce(buffer, async_op=True).get_future()
+            return future.then(lambda fut: fut.value()[0])
+        compressed = buffer.to(torch.float16)
+        future = dist.all_reduce(compressed, async_op=True).get_future()
+
+        def decompress(fut: torch.futures.Future) -> torch.Tensor:
+            buffer.copy_(fut.value()[0])
+            return buffer
+
+        return future.then(decompress)
+
+    return hook

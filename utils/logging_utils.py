@@ -1,0 +1,73 @@
+"""Logging set-up (rank 0 talks, others warn only) and the periodic training status line."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+
+def setup_logging(rank: int, output: str | None, level: str = "INFO") -> None:
+    """Rank 0 logs at ``level`` to stdout and ``<output>/training.log``; other ranks log warnings only."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(getattr(logging, str(level).upper(), logging.INFO) if rank == 0 else logging.WARNING)
+    formatter = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(formatter)
+    root.addHandler(stream)
+    if rank == 0 and output:
+        os.makedirs(output, exist_ok=True)
+        file_handler = logging.FileHandler(os.path.join(output, "training.log"))
+        file_handler.setFormatter(formatter)
+        root.addHandler(file_handler)
+
+
+class RunningMean:
+    """Mean of the values seen since the last reset."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, count: int = 1) -> None:
+        self.total += value * count
+        self.count += count
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.count, 1)
+
+
+class StepTimer:
+    """Throughput, ETA and the fraction of wall time spent waiting for data, between two reports."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.last = self.start
+        self.data_wait = 0.0
+        self.samples = 0
+
+    def add(self, samples: int, data_wait: float) -> None:
+        self.samples += samples
+        self.data_wait += data_wait
+
+    def report(self, step: int, total_steps: int, start_step: int) -> dict:
+        now = time.perf_counter()
+        elapsed = max(now - self.last, 1e-9)
+        done = max(step - start_step, 1)
+        eta_s = (now - self.start) / done * max(total_steps - step, 0)
+        stats = {"samples_per_s": self.samples / elapsed, "data_wait": self.data_wait / elapsed, "eta_s": eta_s}
+        self.last = now
+        self.samples = 0
+        self.data_wait = 0.0
+        return stats
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
