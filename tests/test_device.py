@@ -1,11 +1,9 @@
 """utils/device.py: device resolution, autocast and scaler on CPU, the summing DDP hook (gloo)."""
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.spawn_helpers import run_ranks
 from utils import device as devices
 
 
@@ -46,26 +44,15 @@ def test_autocast_and_scaler_on_cpu():
     assert devices.memory_gib(ctx) > 0
 
 
-def _hook_worker(rank: int, port: int, result_queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _hook_worker(rank: int, world_size: int) -> list:
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1, bias=False))
     model.register_comm_hook(None, devices.sum_allreduce_hook(fp16_compress=False))
     with torch.no_grad():
         model.module.weight.fill_(1.0)
     model(torch.full((1, 3), float(rank + 1))).sum().backward()
-    result_queue.put((rank, model.module.weight.grad.tolist()))
-    dist.destroy_process_group()
+    return model.module.weight.grad.tolist()
 
 
 def test_sum_hook_sums_instead_of_averaging(port):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_hook_worker, args=(rank, port, queue)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    results = dict(queue.get(timeout=60) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
-    assert results[0] == results[1] == [[3.0, 3.0, 3.0]]  # 1 + 2, not their mean 1.5
+    grads = run_ranks(_hook_worker, 2, port)
+    assert grads[0] == grads[1] == [[3.0, 3.0, 3.0]]  # 1 + 2, not their mean 1.5

@@ -146,7 +146,7 @@ def sum_allreduce_hook(fp16_compress: bool):
     """DDP communication hook that SUMS gradients (the Partial FC head returns true gradients of the
     global-mean loss, so averaging over ranks would divide them by the world size)."""
 
-    def hook(state, bucket: dist.GradBucket) -> torch.futures.Future:
+    def hook(state, bucket):  # no annotations: DDP inspects them and `from __future__` makes them strings
         buffer = bucket.buffer()
         if not fp16_compress:
             future = dist.all_reduce(buffer, async_op=True).get_future()
@@ -154,7 +154,7 @@ def sum_allreduce_hook(fp16_compress: bool):
         compressed = buffer.to(torch.float16)
         future = dist.all_reduce(compressed, async_op=True).get_future()
 
-        def decompress(fut: torch.futures.Future) -> torch.Tensor:
+        def decompress(fut):
             buffer.copy_(fut.value()[0])
             return buffer
 
