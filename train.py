@@ -62,8 +62,15 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        # Give the previous handlers back (matters when train() runs inside another program).
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
@@ -209,7 +216,7 @@ def log_scalars(writer: Any, run: Any, scalars: dict[str, float], step: int) -> 
         run.log(scalars, step=step)
 
 
-def train(cfg: Any, ctx: devices.DeviceContext) -> dict[str, float]:
+def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, float]:
     seed_everything(cfg.seed + ctx.rank)
     resolve_data(cfg, ctx)
     loader = get_dataloader(cfg, ctx.rank, ctx.world_size, pin_memory=devices.pin_memory(ctx))
@@ -259,7 +266,6 @@ def train(cfg: Any, ctx: devices.DeviceContext) -> dict[str, float]:
         verification = VerificationCallback(list(cfg.val_targets), data_dir, batch_size=cfg.val_batch_size,
                                             image_size=tuple(cfg.image_size))
     writer, wandb_run = open_summary_writers(cfg, ctx)
-    stop = StopRequest()
     autocast = devices.autocast(ctx, cfg.fp16, cfg.bf16)
     loss_meter, timer = RunningMean(), StepTimer()
     start_step, nonfinite_in_a_row, results = step, 0, {}
@@ -399,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(ctx.rank, cfg.output, cfg.log_level)
     try:
-        train(cfg, ctx)
+        with StopRequest() as stop:
+            train(cfg, ctx, stop)
         return 0
     except Exception as exc:
         if type(exc).__module__.split(".")[0] not in OUR_PACKAGES:

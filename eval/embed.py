@@ -1,0 +1,132 @@
+"""Batched embedding of uint8 image tensors (image and horizontal flip), sharded across ranks.
+
+Used by the verification CLI, the training callback and the IJB evaluator. A model is any
+callable ``float [N, 3, H, W] in [-1, 1] -> [N, D]``: an ``nn.Module`` or :class:`OnnxEmbedder`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB -> float32 ``((x / 255) - 0.5) / 0.5``, the arcface_torch order of operations."""
+    return ((images.float() / 255) - 0.5) / 0.5
+
+
+def distributed_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_bounds(num_items: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) per rank; the first ``n % world_size`` ranks get one item more."""
+    base, extra = divmod(num_items, world_size)
+    bounds, start = [], 0
+    for rank in range(world_size):
+        end = start + base + (1 if rank < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when enabled and attached to a terminal or forced)."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled = total, label, enabled
+        self.done, self.start = 0, time.perf_counter()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        rate = self.done / max(elapsed, 1e-9)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{rate:.0f} img/s")
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@torch.no_grad()
+def embed_images(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
+                 batch_size: int = 256, flip: bool = True, progress: Progress | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Embeddings (float32, on CPU) of ``images`` (uint8 [N, 3, H, W] on CPU) and of their mirror images."""
+    outputs, flipped_outputs = [], []
+    for start in range(0, images.shape[0], batch_size):
+        batch = normalize_images(images[start:start + batch_size].to(device, non_blocking=True))
+        outputs.append(model(batch).float().cpu())
+        if flip:
+            flipped_outputs.append(model(torch.flip(batch, dims=[3])).float().cpu())
+        if progress is not None:
+            progress.update(batch.shape[0])
+    if not outputs:
+        raise ValueError("no images to embed")
+    flipped = torch.cat(flipped_outputs) if flip else None
+    return torch.cat(outputs), flipped
+
+
+def gather_shards(local: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
+    """Concatenate every rank's contiguous shard (sizes from :func:`shard_bounds`) on every rank.
+
+    Shards differ by at most one row, so each is padded to the largest before ``all_gather``.
+    """
+    rank, world_size = distributed_info()
+    if world_size == 1:
+        return local
+    bounds = shard_bounds(total, world_size)
+    largest = max(end - start for start, end in bounds)
+    # NCCL/HCCL need device tensors; gloo works on CPU tensors.
+    comm_device = torch.device("cpu") if dist.get_backend() == "gloo" else device
+    padded = torch.zeros((largest,) + tuple(local.shape[1:]), dtype=local.dtype, device=comm_device)
+    padded[: local.shape[0]] = local.to(comm_device)
+    pieces = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(pieces, padded)
+    return torch.cat([piece[: end - start].cpu() for piece, (start, end) in zip(pieces, bounds)])
+
+
+class OnnxEmbedder:
+    """Callable wrapper of an ONNX model (onnxruntime) with the torch-model calling convention."""
+
+    def __init__(self, path: str, device: torch.device | None = None) -> None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise RuntimeError(f"{path}: evaluating an .onnx model needs the optional extra onnxruntime "
+                               "(pip install onnxruntime)") from exc
+        providers = ["CPUExecutionProvider"]
+        if device is not None and device.type == "cuda" and \
+                "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = onnxruntime.InferenceSession(path, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise RuntimeError(f"{path}: onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from exc
+        self.input_name = self.session.get_inputs()[0].name
+        self.path = path
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        feed = {self.input_name: batch.detach().cpu().numpy().astype(np.float32)}
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+    def eval(self) -> "OnnxEmbedder":
+        return self
+
+    @property
+    def training(self) -> bool:
+        return False

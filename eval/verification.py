@@ -1,0 +1,358 @@
+"""Verification sets (lfw.bin, cfp_fp.bin, agedb_30.bin, ...): loading, evaluation, training callback, CLI.
+
+A ``.bin`` is ``pickle.dump((bins, issame_list))``: ``bins`` holds 2N encoded images (JPEG/PNG
+``bytes``, or numpy uint8 arrays as cv2.imencode-based packers write), pair i = images 2i and
+2i+1. Files are read with a restricted unpickler that can build nothing but lists, tuples,
+bytes, bools, ints and numpy uint8 arrays, so a crafted .bin cannot run code.
+
+    python -m eval.verification --model model.pt --network r50 --data-dir DIR --targets lfw,cfp_fp,agedb_30
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import importlib
+import io
+import logging
+import os
+import pickle
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from eval.embed import (Progress, distributed_info, embed_images, gather_shards,  # noqa: E402
+                        shard_bounds)
+from eval.metrics import VerificationResult, verification_metrics  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw", "cfp_ff", "vgg2_fp")
+
+
+class VerificationError(ValueError):
+    """A verification file or request that cannot be evaluated; the message is one line."""
+
+
+# ----------------------------------------------------------------------------- restricted unpickling
+
+def _numpy_attr(module_names: tuple[str, ...], name: str) -> Any:
+    for module_name in module_names:
+        try:
+            return getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"numpy has no {name} in {module_names}")
+
+
+_UINT8 = np.dtype(np.uint8)
+_ALLOWED_DTYPES = {np.dtype(np.uint8), np.dtype(np.bool_)}
+
+
+def _safe_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
+    if isinstance(spec, bytes):  # Python-2 pickles read with encoding='bytes'
+        spec = spec.decode("ascii")
+    dtype = np.dtype(spec) if isinstance(spec, str) else None
+    if dtype not in _ALLOWED_DTYPES:
+        raise pickle.UnpicklingError(f"numpy dtype {spec!r} (only uint8 arrays and bool scalars are allowed)")
+    return dtype
+
+
+def _safe_frombuffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    if np.dtype(dtype) != _UINT8:
+        raise pickle.UnpicklingError(f"numpy array of dtype {dtype} (only uint8 arrays are allowed)")
+    return _numpy_attr(("numpy._core.numeric", "numpy.core.numeric"), "_frombuffer")(buffer, dtype, shape, order)
+
+
+def _safe_reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
+    # The real dtype arrives afterwards through ndarray.__setstate__; it is checked after loading.
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"array subclass {subtype!r} (only numpy.ndarray is allowed)")
+    return _numpy_attr(("numpy._core.multiarray", "numpy.core.multiarray"), "_reconstruct")(subtype, shape,
+                                                                                           dtype_code)
+
+
+def _safe_scalar(dtype: Any, data: Any = None) -> Any:
+    if np.dtype(dtype) != np.dtype(np.bool_):
+        raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype} (only bool scalars are allowed)")
+    return _numpy_attr(("numpy._core.multiarray", "numpy.core.multiarray"), "scalar")(dtype, data)
+
+
+def _safe_codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
+    # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1'); nothing else is needed.
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} (only latin1 is allowed)")
+    return codecs.encode(text, "latin1")
+
+
+_NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
+_NUMPY_NUMERIC = ("numpy.core.numeric", "numpy._core.numeric")
+_ALLOWED_GLOBALS = {
+    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytes"): bytes,
+    ("builtins", "bool"): bool,
+    ("builtins", "int"): int,
+    ("builtins", "list"): list,
+    ("builtins", "tuple"): tuple,
+    ("_codecs", "encode"): _safe_codecs_encode,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _safe_dtype,
+    **{(module, "_reconstruct"): _safe_reconstruct for module in _NUMPY_CORE},
+    **{(module, "scalar"): _safe_scalar for module in _NUMPY_CORE},
+    **{(module, "_frombuffer"): _safe_frombuffer for module in _NUMPY_NUMERIC},
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals a verification .bin needs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused global '{module}.{name}'") from None
+
+
+def _unpickle(data: bytes, encoding: str) -> Any:
+    return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
+
+
+def _image_bytes(entry: Any, path: str, index: int) -> bytes:
+    if isinstance(entry, (bytes, bytearray)):
+        return bytes(entry)
+    if isinstance(entry, np.ndarray):
+        if entry.dtype != _UINT8:
+            raise VerificationError(f"{path}: image {index} is a numpy array of dtype {entry.dtype}, expected uint8")
+        return entry.tobytes()
+    raise VerificationError(f"{path}: image {index} is a {type(entry).__name__}, expected encoded image bytes "
+                            "(bytes or a numpy uint8 array)")
+
+
+def read_bin(path: str) -> tuple[list[bytes], np.ndarray]:
+    """(encoded images, issame bool array) of a verification .bin, validated; nothing decoded yet."""
+    if not os.path.isfile(path):
+        raise VerificationError(f"{path}: verification file not found")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        try:
+            content = _unpickle(data, "ASCII")
+        except UnicodeDecodeError:  # Python-2 str opcodes: the distributed lfw.bin & co.
+            content = _unpickle(data, "bytes")
+    except pickle.UnpicklingError as exc:
+        raise VerificationError(f"{path}: not a verification .bin: {exc}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise VerificationError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(content, (tuple, list)) or len(content) != 2:
+        raise VerificationError(f"{path}: expected a pickled (images, issame_list) pair, found "
+                                f"{type(content).__name__}")
+    bins, issame_list = content
+    if not isinstance(bins, (list, tuple)):
+        raise VerificationError(f"{path}: the image list is a {type(bins).__name__}, expected a list")
+    if not isinstance(issame_list, (list, tuple, np.ndarray)):
+        raise VerificationError(f"{path}: the issame list is a {type(issame_list).__name__}, expected a list")
+    issame = []
+    for pair, value in enumerate(issame_list):
+        if not isinstance(value, (bool, int, np.bool_)) or int(value) not in (0, 1):
+            raise VerificationError(f"{path}: issame entry {pair} is {value!r}, expected a bool")
+        issame.append(bool(value))
+    if len(bins) != 2 * len(issame):
+        raise VerificationError(f"{path}: issame list has {len(issame)} pairs, which need {2 * len(issame)} images, "
+                                f"but the file holds {len(bins)} images")
+    if not issame:
+        raise VerificationError(f"{path}: holds no pairs")
+    images = [_image_bytes(entry, path, index) for index, entry in enumerate(bins)]
+    return images, np.asarray(issame, dtype=bool)
+
+
+def decode_image(encoded: bytes, image_size: tuple[int, int], path: str = "<bytes>", index: int = 0) -> np.ndarray:
+    """Encoded image -> uint8 RGB [H, W, 3] of ``image_size`` (short side resized, centre crop if not square)."""
+    image = cv2.imdecode(np.frombuffer(encoded, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise VerificationError(f"{path}: image {index} (pair {index // 2}) is not a decodable image")
+    height, width = image_size
+    if image.shape[:2] != (height, width):
+        scale = max(height / image.shape[0], width / image.shape[1])
+        resized = (max(width, round(image.shape[1] * scale)), max(height, round(image.shape[0] * scale)))
+        # mxnet's resize_short (insightface's loader) uses bicubic interpolation.
+        image = cv2.resize(image, resized, interpolation=cv2.INTER_CUBIC)
+        top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+        image = image[top:top + height, left:left + width]
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def decode_images(encoded: list[bytes], image_size: tuple[int, int], path: str = "<bytes>",
+                  first_index: int = 0, num_threads: int = 4) -> torch.Tensor:
+    """Decode a list of encoded images to a uint8 tensor [N, 3, H, W] RGB (threads: cv2 releases the GIL)."""
+    images = torch.empty((len(encoded), 3, image_size[0], image_size[1]), dtype=torch.uint8)
+
+    def work(position: int) -> None:
+        rgb = decode_image(encoded[position], image_size, path, first_index + position)
+        images[position] = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        list(pool.map(work, range(len(encoded))))
+    return images
+
+
+def load_bin(path: str, image_size: tuple[int, int] = (112, 112)) -> tuple[torch.Tensor, np.ndarray]:
+    """(images uint8 tensor [N, 3, H, W] RGB, issame bool array [N/2]) of a verification .bin."""
+    encoded, issame = read_bin(path)
+    return decode_images(encoded, tuple(image_size), path), issame
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def format_lines(name: str, result: VerificationResult, step: int | None = None, flip_only: bool = False) -> list[str]:
+    """insightface's log lines: ``[lfw][2000]XNorm: ...``, ``Accuracy``, ``Accuracy-Flip``."""
+    tag = f"[{name}]" if step is None else f"[{name}][{step}]"
+    lines = [f"{tag}XNorm: {result.xnorm:f}"]
+    if not flip_only:
+        lines.append(f"{tag}Accuracy: {result.plain.accuracy:1.5f}+-{result.plain.accuracy_std:1.5f}")
+    lines.append(f"{tag}Accuracy-Flip: {result.flip.accuracy:1.5f}+-{result.flip.accuracy_std:1.5f}")
+    return lines
+
+
+class VerificationTarget:
+    """One .bin: its issame list and this rank's contiguous shard of decoded images."""
+
+    def __init__(self, name: str, path: str, image_size: tuple[int, int] = (112, 112)) -> None:
+        rank, world_size = distributed_info()
+        encoded, self.issame = read_bin(path)
+        self.name, self.path, self.num_images = name, path, len(encoded)
+        if world_size > self.num_images:
+            raise VerificationError(f"{path}: {self.num_images} images cannot be sharded over {world_size} ranks")
+        start, end = shard_bounds(self.num_images, world_size)[rank]
+        self.local_images = decode_images(encoded[start:end], image_size, path, first_index=start)
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, device: torch.device, batch_size: int = 256,
+                 show_progress: bool = False) -> VerificationResult:
+        """Collective under torch.distributed: embeds the local shard, gathers, computes metrics on every rank."""
+        rank, world_size = distributed_info()
+        progress = Progress(self.local_images.shape[0], self.name, show_progress and rank == 0)
+        local, local_flipped = embed_images(model, self.local_images, device, batch_size, True, progress)
+        embeddings = gather_shards(local, self.num_images, device)
+        flipped = gather_shards(local_flipped, self.num_images, device)
+        return verification_metrics(embeddings.numpy(), flipped.numpy(), self.issame)
+
+
+def target_path(data_dir: str, target: str) -> str:
+    return os.path.join(data_dir, f"{target}.bin")
+
+
+class VerificationCallback:
+    """Runs the verification targets during training (every rank calls it; the work is sharded)."""
+
+    def __init__(self, targets: list[str], data_dir: str, batch_size: int = 256,
+                 image_size: tuple[int, int] = (112, 112)) -> None:
+        if isinstance(targets, str):
+            targets = [targets]
+        self.batch_size = int(batch_size)
+        if self.batch_size <= 0:
+            raise VerificationError(f"val_batch_size must be a positive integer, got {batch_size}")
+        self.targets = [VerificationTarget(name, target_path(data_dir, name), tuple(image_size)) for name in targets]
+        self.highest = {target.name: 0.0 for target in self.targets}
+        rank, _ = distributed_info()
+        if rank == 0:
+            for target in self.targets:
+                logger.info("verification target %s: %d pairs from %s", target.name, len(target.issame), target.path)
+
+    @torch.no_grad()
+    def __call__(self, step: int, backbone: nn.Module, device: torch.device) -> dict[str, float]:
+        rank, _ = distributed_info()
+        was_training = backbone.training
+        backbone.eval()
+        results: dict[str, float] = {}
+        try:
+            for target in self.targets:
+                result = target.evaluate(backbone, device, self.batch_size)
+                self.highest[target.name] = max(self.highest[target.name], result.flip.accuracy)
+                if rank == 0:
+                    for line in format_lines(target.name, result, step, flip_only=True):
+                        logger.info(line)
+                    logger.info("[%s][%d]Accuracy-Highest: %1.5f", target.name, step, self.highest[target.name])
+                results[f"{target.name}/accuracy_flip"] = result.flip.accuracy
+                results[f"{target.name}/best"] = self.highest[target.name]
+                results[f"{target.name}/xnorm"] = result.xnorm
+        finally:
+            backbone.train(was_training)
+        return results
+
+
+# ----------------------------------------------------------------------------- command line
+
+def load_model(path: str, network: str | None, device: torch.device, embedding_size: int = 512) -> Any:
+    """A torch backbone (model.pt or training checkpoint, via utils.checkpoint) or an .onnx model."""
+    if not os.path.isfile(path):
+        raise VerificationError(f"{path}: model file not found")
+    if path.endswith(".onnx"):
+        from eval.embed import OnnxEmbedder
+        return OnnxEmbedder(path, device)
+    if not network:
+        raise VerificationError(f"{path}: --network is required for a PyTorch model (e.g. r50, mbf)")
+    from utils.checkpoint import load_backbone
+    backbone = load_backbone(path, name=network, map_location="cpu", num_features=embedding_size)
+    return backbone.to(device).eval()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval.verification",
+                                     description="Evaluate a model on insightface verification .bin files.")
+    parser.add_argument("--model", required=True, help="model.pt, a training checkpoint, or an .onnx file")
+    parser.add_argument("--network", default=None, help="backbone name (r18..r200, mbf, vit_*); not for .onnx")
+    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--data-dir", required=True, help="folder holding <target>.bin files")
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS[:5]),
+                        help="comma-separated stems of <data-dir>/<target>.bin (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, nargs=2, default=(112, 112), metavar=("H", "W"))
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from utils import device as devices
+    try:
+        ctx = devices.setup(args.device)
+        targets = [name.strip() for name in args.targets.split(",") if name.strip()]
+        missing = [target_path(args.data_dir, name) for name in targets
+                   if not os.path.isfile(target_path(args.data_dir, name))]
+        if missing:
+            raise VerificationError(f"{missing[0]}: verification file not found (target stems: {', '.join(targets)})")
+        if args.batch_size <= 0:
+            raise VerificationError(f"--batch-size must be positive, got {args.batch_size}")
+        model = load_model(args.model, args.network, ctx.device, args.embedding_size)
+        rows = []
+        for name in targets:
+            target = VerificationTarget(name, target_path(args.data_dir, name), tuple(args.image_size))
+            result = target.evaluate(model, ctx.device, args.batch_size, show_progress=not args.no_progress)
+            if ctx.is_main:
+                print("\n".join(format_lines(name, result)), flush=True)
+            rows.append((name, len(target.issame), result))
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if ctx.is_main:
+        print()
+        print(f"{'target':<12s} {'pairs':>6s} {'XNorm':>9s} {'Accuracy':>18s} {'Accuracy-Flip':>18s} {'VAL@FAR=1e-3':>13s}")
+        for name, pairs, result in rows:
+            print(f"{name:<12s} {pairs:>6d} {result.xnorm:>9.4f} "
+                  f"{result.plain.accuracy:>10.5f}+-{result.plain.accuracy_std:.5f} "
+                  f"{result.flip.accuracy:>10.5f}+-{result.flip.accuracy_std:.5f} {result.flip.val:>13.5f}")
+    devices.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
