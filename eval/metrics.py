@@ -121,13 +121,12 @@ def slinear_interpolate(x_values: np.ndarray, y_values: np.ndarray, x: float) ->
         raise ValueError(f"interpolation target {x} outside [{x_values[0]}, {x_values[-1]}]")
     left = int(np.searchsorted(x_values, x, side="right")) - 1
     if left >= len(x_values) - 1:
-        # x equals the largest value: BSpline uses the last non-degenerate interval (closed on the right).
-        right = int(np.searchsorted(x_values, x_values[-1], side="left"))
-        left = right - 1
-        if left < 0:
-            return float(y_values[0])
-    else:
-        right = left + 1
+        # x equals the largest value: scipy evaluates the last knot interval, which is
+        # degenerate (both basis functions 0, result 0.0) when that value is duplicated.
+        left = len(x_values) - 2
+        if left < 0 or x_values[left] == x_values[-1]:
+            return 0.0 if left >= 0 else float(y_values[0])
+    right = left + 1
     x_left, x_right = x_values[left], x_values[right]
     weight = 1.0 / (x_right - x_left)
     basis_left = weight * (x_right - x)

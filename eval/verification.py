@@ -52,6 +52,10 @@ def _numpy_attr(module_names: tuple[str, ...], name: str) -> Any:
     raise ImportError(f"numpy has no {name} in {module_names}")
 
 
+class RefusedContent(pickle.UnpicklingError):
+    """Something a verification .bin must not contain (a global or dtype outside the allow-list)."""
+
+
 _UINT8 = np.dtype(np.uint8)
 _ALLOWED_DTYPES = {np.dtype(np.uint8), np.dtype(np.bool_)}
 
@@ -61,34 +65,34 @@ def _safe_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
         spec = spec.decode("ascii")
     dtype = np.dtype(spec) if isinstance(spec, str) else None
     if dtype not in _ALLOWED_DTYPES:
-        raise pickle.UnpicklingError(f"numpy dtype {spec!r} (only uint8 arrays and bool scalars are allowed)")
+        raise RefusedContent(f"numpy dtype {spec!r} (only uint8 arrays and bool scalars are allowed)")
     return dtype
 
 
 def _safe_frombuffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
     if np.dtype(dtype) != _UINT8:
-        raise pickle.UnpicklingError(f"numpy array of dtype {dtype} (only uint8 arrays are allowed)")
+        raise RefusedContent(f"numpy array of dtype {dtype} (only uint8 arrays are allowed)")
     return _numpy_attr(("numpy._core.numeric", "numpy.core.numeric"), "_frombuffer")(buffer, dtype, shape, order)
 
 
 def _safe_reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
     # The real dtype arrives afterwards through ndarray.__setstate__; it is checked after loading.
     if subtype is not np.ndarray:
-        raise pickle.UnpicklingError(f"array subclass {subtype!r} (only numpy.ndarray is allowed)")
+        raise RefusedContent(f"array subclass {subtype!r} (only numpy.ndarray is allowed)")
     return _numpy_attr(("numpy._core.multiarray", "numpy.core.multiarray"), "_reconstruct")(subtype, shape,
                                                                                            dtype_code)
 
 
 def _safe_scalar(dtype: Any, data: Any = None) -> Any:
     if np.dtype(dtype) != np.dtype(np.bool_):
-        raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype} (only bool scalars are allowed)")
+        raise RefusedContent(f"numpy scalar of dtype {dtype} (only bool scalars are allowed)")
     return _numpy_attr(("numpy._core.multiarray", "numpy.core.multiarray"), "scalar")(dtype, data)
 
 
 def _safe_codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
     # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1'); nothing else is needed.
     if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} (only latin1 is allowed)")
+        raise RefusedContent(f"_codecs.encode with encoding {encoding!r} (only latin1 is allowed)")
     return codecs.encode(text, "latin1")
 
 
@@ -117,7 +121,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refused global '{module}.{name}'") from None
+            raise RefusedContent(f"refused global '{module}.{name}'") from None
 
 
 def _unpickle(data: bytes, encoding: str) -> Any:
@@ -146,9 +150,9 @@ def read_bin(path: str) -> tuple[list[bytes], np.ndarray]:
             content = _unpickle(data, "ASCII")
         except UnicodeDecodeError:  # Python-2 str opcodes: the distributed lfw.bin & co.
             content = _unpickle(data, "bytes")
-    except pickle.UnpicklingError as exc:
+    except RefusedContent as exc:
         raise VerificationError(f"{path}: not a verification .bin: {exc}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise VerificationError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(content, (tuple, list)) or len(content) != 2:
         raise VerificationError(f"{path}: expected a pickled (images, issame_list) pair, found "

@@ -1,0 +1,506 @@
+"""Partial FC: a model-parallel, optionally sampled, classifier head with its own sparse optimizer.
+
+Class centers are sharded over ranks as contiguous balanced ranges. Every rank all-gathers the
+embeddings and labels of the global batch, computes cosine logits against its (sampled) centers,
+applies the margin, and a distributed softmax cross-entropy (fp32: all-reduce of the row max, then of
+the sum of exponentials) gives the mean loss over the global batch. Gradients returned to the
+embeddings are the true gradients of that global mean (the backbone's DDP hook must SUM them).
+
+The head owns its weight shard and optimizer state (SGD with momentum or AdamW). The weight is a
+buffer, not a parameter, so DDP and the backbone optimizer never see it; each forward gathers the
+sampled rows into a small leaf tensor and ``step`` updates only those rows (``pfc_update="sparse"``,
+the default) or every row (``"dense"``, arcface_torch v2 semantics: momentum and weight decay move
+all centers every step). Sparse is the default because with sample_rate r < 1 it never materialises
+a [num_local, D] gradient or touches unsampled rows, so memory is weight + optimizer state and the
+update costs O(r) of the dense one; it is the Partial FC v1 behaviour insightface published.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from losses import _MarginBase
+from utils import distributed as dist_utils
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "arcscale-partial-fc"
+STATE_VERSION = 1
+PFC_UPDATES = ("sparse", "dense")
+OPTIMIZERS = ("sgd", "adamw")
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+INIT_BLOCK_ROWS = 1 << 16  # weight init is generated per block of rows from (seed, block): world-size independent
+
+
+class PartialFCError(ValueError):
+    """Bad Partial FC input or setting; the message is one line."""
+
+
+def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(first class, number of classes) held by ``rank``: contiguous, sizes differ by at most one."""
+    base, extra = divmod(num_classes, world_size)
+    return base * rank + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+def init_weight_rows(start: int, count: int, embedding_size: int, seed: int, std: float,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows [start, start+count) of the N(0, std) initial weight; identical for any sharding."""
+    weight = torch.empty((count, embedding_size), dtype=dtype)
+    row = start
+    while row < start + count:
+        block = row // INIT_BLOCK_ROWS
+        block_start = block * INIT_BLOCK_ROWS
+        # Offset so block 0 of seed 0 is not torch.manual_seed(0)'s stream (which users also draw inputs from).
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + block + 0x5DEECE66D) % 2**62)
+        values = torch.empty((INIT_BLOCK_ROWS, embedding_size)).normal_(0.0, std, generator=generator)
+        stop = min(start + count, block_start + INIT_BLOCK_ROWS)
+        weight[row - start: stop - start] = values[row - block_start: stop - block_start]
+        row = stop
+    return weight
+
+
+def stochastic_round(values: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
+    """fp32 -> bf16 rounding up or down with probability given by the distance (unbiased), so small
+    updates (lr * weight decay ~ 1e-5 relative) survive bf16's 8-bit mantissa on average."""
+    if dtype == torch.float32:
+        return values
+    bits = values.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, values.shape, dtype=torch.int32, device=values.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(dtype)
+
+
+class _CosineLogits(torch.autograd.Function):
+    """cos logits = (normalized embeddings @ centers^T) / ||center||, without a normalized copy of
+    the centers; backward writes the center gradient into a single [S, D] tensor."""
+
+    @staticmethod
+    def forward(ctx, embeddings_n: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+        inv_norm = centers.norm(dim=1).clamp_min(1e-12).reciprocal_()
+        logits = embeddings_n.mm(centers.t())
+        logits.mul_(inv_norm)
+        ctx.save_for_backward(embeddings_n, centers, inv_norm)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        embeddings_n, centers, inv_norm = ctx.saved_tensors
+        grad_embeddings = grad_centers = None
+        if ctx.needs_input_grad[0]:
+            grad_embeddings = (grad * inv_norm).mm(centers)
+        if ctx.needs_input_grad[1]:
+            grad_centers = grad.t().mm(embeddings_n)  # d/d(normalized center), then project
+            chunk = 1 << 15
+            for start in range(0, centers.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                coef = (grad_centers[rows] * centers[rows]).sum(1) * inv_norm[rows].square()
+                grad_centers[rows].addcmul_(centers[rows], coef[:, None], value=-1.0)
+            grad_centers.mul_(inv_norm[:, None])
+        return grad_embeddings, grad_centers
+
+
+class _DistributedSoftmaxCE(torch.autograd.Function):
+    """Mean over the global batch of -log softmax(target) with the classes split over ranks."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, total_rows: int) -> torch.Tensor:
+        row_max = logits.max(dim=1).values
+        dist_utils.all_reduce_(row_max, "max")
+        probs = logits - row_max[:, None]
+        rows = torch.nonzero(labels != -1, as_tuple=True)[0]
+        columns = labels[rows]
+        target = torch.zeros_like(row_max)
+        target[rows] = probs[rows, columns]  # shifted target logit; only the owning shard adds it
+        probs.exp_()
+        # One all-reduce for both: sum of exponentials and the shifted target logit.
+        packed = torch.stack([probs.sum(dim=1), target])
+        dist_utils.all_reduce_(packed, "sum")
+        sum_exp, target = packed[0], packed[1]
+        loss = (sum_exp.log() - target).sum() / total_rows
+        probs.div_(sum_exp[:, None])
+        ctx.save_for_backward(probs, rows, columns)
+        ctx.total_rows, ctx.used = total_rows, False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("PartialFC: backward through the same loss twice (retain_graph) is not supported")
+        ctx.used = True
+        probs, rows, columns = ctx.saved_tensors
+        grad_logits = probs  # reused in place: the saved softmax is not needed afterwards
+        grad_logits[rows, columns] -= 1.0
+        grad_logits.mul_(grad / ctx.total_rows)
+        return grad_logits, None, None
+
+
+class PartialFC(nn.Module):
+    """Model-parallel margin-softmax head (arcface_torch's ``PartialFC_V2`` interface).
+
+    ``loss = head(local_embeddings, local_labels)``; then backward, optionally ``unscale_`` /
+    ``grads_finite``, ``step(lr)`` and ``zero_grad()``. ``pfc_update="sparse"`` (default) moves only
+    sampled rows and their optimizer state; ``"dense"`` decays every row every step (arcface_torch
+    v2). ``weight_dtype`` / ``state_dtype`` ("float32" or "bfloat16", stochastic rounding) are explicit
+    memory options; logits, margin and cross-entropy are always fp32 (``fp16`` is accepted for
+    arcface_torch compatibility and changes nothing).
+    """
+
+    def __init__(self, margin_loss: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
+                 pfc_update: str = "sparse", fp16: bool = False, weight_dtype: str = "float32",
+                 state_dtype: str = "float32", seed: int = 0, init_std: float = 0.01,
+                 update_chunk_rows: int = 1 << 16):
+        super().__init__()
+        if not callable(margin_loss):
+            raise PartialFCError(f"PartialFC: margin_loss must be callable (e.g. losses.CombinedMarginLoss), "
+                                 f"got {type(margin_loss).__name__}")
+        if not isinstance(embedding_size, int) or embedding_size <= 0:
+            raise PartialFCError(f"PartialFC: embedding_size={embedding_size!r}: expected a positive int")
+        if not isinstance(sample_rate, (int, float)) or not 0.0 < sample_rate <= 1.0:
+            raise PartialFCError(f"PartialFC: sample_rate={sample_rate!r}: expected 0 < sample_rate <= 1")
+        if pfc_update not in PFC_UPDATES:
+            raise PartialFCError(f"PartialFC: pfc_update={pfc_update!r}: expected one of {', '.join(PFC_UPDATES)}")
+        for key, value in (("weight_dtype", weight_dtype), ("state_dtype", state_dtype)):
+            if value not in STORAGE_DTYPES:
+                raise PartialFCError(f"PartialFC: {key}={value!r}: expected one of {', '.join(STORAGE_DTYPES)}")
+        self.rank, self.world_size = dist_utils.get_rank(), dist_utils.get_world_size()
+        if not isinstance(num_classes, int) or num_classes < self.world_size:
+            raise PartialFCError(f"PartialFC: num_classes={num_classes!r}: expected an int >= world size "
+                                 f"{self.world_size}")
+        self.margin_loss = margin_loss
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.sample_rate, self.pfc_update = float(sample_rate), pfc_update
+        self.weight_dtype, self.state_dtype = STORAGE_DTYPES[weight_dtype], STORAGE_DTYPES[state_dtype]
+        self.seed, self.update_chunk_rows = int(seed), int(update_chunk_rows)
+        self.class_start, self.num_local = class_range(num_classes, self.rank, self.world_size)
+        self.num_sample = max(1, int(round(self.sample_rate * self.num_local)))
+        # A buffer, not a Parameter: `.to(device)` moves it, DDP and the backbone optimizer never see it.
+        self.register_buffer("weight", init_weight_rows(self.class_start, self.num_local, embedding_size,
+                                                        self.seed, init_std, self.weight_dtype), persistent=False)
+        self.optimizer_name: str | None = None
+        self.hyper: dict[str, Any] = {}
+        self._pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (row index, leaf) awaiting backward
+        self._grads: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (row index, gradient rows)
+        self._generator: torch.Generator | None = None
+        if fp16:
+            logger.info("PartialFC: fp16=True ignored; logits, margin and cross-entropy always run in fp32")
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizer(self, name: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
+                            betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        """Allocate the optimizer state for this shard (call after ``.to(device)``)."""
+        if name not in OPTIMIZERS:
+            raise PartialFCError(f"PartialFC: optimizer={name!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= momentum < 1.0 or weight_decay < 0:
+            raise PartialFCError(f"PartialFC: momentum={momentum!r} / weight_decay={weight_decay!r}: expected "
+                                 f"0 <= momentum < 1 and weight_decay >= 0")
+        if len(tuple(betas)) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+            raise PartialFCError(f"PartialFC: adam betas={betas!r}: expected two numbers in [0, 1)")
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "adam_steps"):
+            if key in self._buffers:
+                del self._buffers[key]
+        self.optimizer_name = name
+        self.hyper = dict(momentum=float(momentum), weight_decay=float(weight_decay),
+                          betas=tuple(float(beta) for beta in betas), eps=float(eps))
+        device, shape = self.weight.device, (self.num_local, self.embedding_size)
+        if name == "sgd":
+            if momentum > 0:
+                self.register_buffer("momentum_buffer", torch.zeros(shape, dtype=self.state_dtype, device=device),
+                                     persistent=False)
+        else:
+            for key in ("exp_avg", "exp_avg_sq"):
+                self.register_buffer(key, torch.zeros(shape, dtype=self.state_dtype, device=device), persistent=False)
+            self.register_buffer("adam_steps", torch.zeros(self.num_local, dtype=torch.int32, device=device),
+                                 persistent=False)
+
+    def optimizer_state_names(self) -> list[str]:
+        return [key for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "adam_steps") if key in self._buffers]
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise PartialFCError(f"PartialFC: embeddings must be [B, embedding_size={self.embedding_size}], got "
+                                 f"shape {tuple(embeddings.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise PartialFCError(f"PartialFC: labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.numel() != embeddings.shape[0]:
+            raise PartialFCError(f"PartialFC: {labels.numel()} labels for {embeddings.shape[0]} embeddings")
+
+    def _check_label_range(self, labels: torch.Tensor) -> None:
+        # Every rank checks the gathered labels, so all ranks raise together instead of hanging.
+        if labels.numel() == 0:
+            return
+        low, high = labels.min(), labels.max()
+        low, high = int(low), int(high)
+        if low < 0 or high >= self.num_classes:
+            bad = low if low < 0 else high
+            raise PartialFCError(f"PartialFC: label {bad} is outside [0, num_classes={self.num_classes}); check "
+                                 f"config key 'num_classes' against the dataset's labels")
+
+    def _get_generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed * 7919 + 104729 * (self.rank + 1))
+        return self._generator
+
+    def sample(self, shard_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted sampled row indices, labels remapped to positions in them; -1 stays -1): every
+        positive class of the global batch plus random negatives up to ``num_sample`` rows."""
+        valid = shard_labels >= 0
+        positives = torch.unique(shard_labels[valid], sorted=True)
+        if positives.numel() >= self.num_sample:
+            index = positives
+        else:
+            scores = torch.rand(self.num_local, device=shard_labels.device,
+                                generator=self._get_generator(shard_labels.device))
+            scores[positives] = 2.0  # positives always win the top-k
+            index = torch.topk(scores, self.num_sample, sorted=False).indices.sort().values
+        remapped = shard_labels.clone()
+        remapped[valid] = torch.searchsorted(index, shard_labels[valid])
+        return index, remapped
+
+    def _collect_grads(self) -> None:
+        waiting = []
+        for index, leaf in self._pending:
+            if leaf.grad is not None:
+                self._grads.append((index, leaf.grad))
+            else:
+                waiting.append((index, leaf))
+        self._pending = waiting
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(local_embeddings, local_labels)
+        self._collect_grads()  # fold the previous micro-step's gradient; frees its leaf copy
+        with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
+            return self._forward_fp32(local_embeddings.float(), local_labels.reshape(-1).long())
+
+    def _forward_fp32(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        distributed = dist_utils.is_distributed()
+        if distributed:
+            sizes = dist_utils.all_gather_sizes(embeddings.shape[0], embeddings.device)
+            embeddings = dist_utils.all_gather_rows(embeddings, sizes)
+            labels = dist_utils.all_gather_rows(labels, sizes)
+        self._check_label_range(labels)
+        in_shard = (labels >= self.class_start) & (labels < self.class_start + self.num_local)
+        shard_labels = torch.where(in_shard, labels - self.class_start, torch.full_like(labels, -1))
+        if self.sample_rate < 1.0:
+            index, shard_labels = self.sample(shard_labels)
+            centers = self.weight.index_select(0, index).float()
+        else:
+            index = None
+            centers = self.weight.detach() if self.weight.dtype == torch.float32 else self.weight.float()
+        centers.requires_grad_(torch.is_grad_enabled())
+        logits = _CosineLogits.apply(F.normalize(embeddings, dim=1), centers)
+        with torch.no_grad():
+            logits.clamp_(-1.0, 1.0)  # rounding can leave |cos| a hair above 1
+        if isinstance(self.margin_loss, _MarginBase):
+            norms = embeddings.detach().norm(dim=1) if self.margin_loss.needs_norms else None
+            logits = self.margin_loss(logits, shard_labels, norms=norms, inplace=True, model_parallel=distributed)
+        else:
+            logits = self.margin_loss(logits, shard_labels)
+        loss = _DistributedSoftmaxCE.apply(logits.float(), shard_labels, labels.shape[0])
+        if centers.requires_grad:
+            self._pending.append((index, centers))
+        return loss
+
+    # ------------------------------------------------------------------ gradients and the update
+    def _coalesced_grad(self) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """All accumulated micro-step gradients as one (sorted unique rows or None = all, rows)."""
+        self._collect_grads()
+        if not self._grads:
+            return None
+        if len(self._grads) > 1:
+            if all(index is None for index, _ in self._grads):
+                total = self._grads[0][1]
+                for _, grad in self._grads[1:]:
+                    total.add_(grad)
+                self._grads = [(None, total)]
+            else:
+                full = torch.arange(self.num_local, device=self.weight.device)
+                indices = torch.cat([full if index is None else index for index, _ in self._grads])
+                unique, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+                total = self._grads[0][1].new_zeros((unique.numel(), self.embedding_size))
+                total.index_add_(0, inverse, torch.cat([grad for _, grad in self._grads]))
+                self._grads = [(unique, total)]
+        return self._grads[0]
+
+    def unscale_(self, inv_scale: float) -> None:
+        """Multiply the accumulated center gradients by ``inv_scale`` (AMP loss scaling)."""
+        grad = self._coalesced_grad()
+        if grad is not None:
+            grad[1].mul_(inv_scale)
+
+    def grads_finite(self) -> bool:
+        """True when this rank's accumulated center gradients are all finite."""
+        grad = self._coalesced_grad()
+        return grad is None or bool(torch.isfinite(grad[1]).all())
+
+    def zero_grad(self) -> None:
+        self._pending, self._grads = [], []
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        """Apply the accumulated gradient: sampled rows only (sparse) or every row (dense)."""
+        if self.optimizer_name is None:
+            raise PartialFCError("PartialFC: call configure_optimizer() before step()")
+        grad = self._coalesced_grad()
+        if grad is None:
+            return  # like torch.optim: no gradient, no update
+        index, rows_grad = grad
+        dense = index is None or self.pfc_update == "dense"
+        chunk = self.update_chunk_rows
+        if dense:
+            for start in range(0, self.num_local, chunk):
+                stop = min(start + chunk, self.num_local)
+                if index is None:
+                    local_index, grad_rows = None, rows_grad[start:stop]
+                else:
+                    lo, hi = torch.searchsorted(index, torch.tensor([start, stop], device=index.device)).tolist()
+                    local_index, grad_rows = index[lo:hi] - start, rows_grad[lo:hi]
+                self._update_rows(slice(start, stop), local_index, grad_rows, lr)
+        else:
+            for start in range(0, index.numel(), chunk):
+                self._update_rows(index[start: start + chunk], None, rows_grad[start: start + chunk], lr)
+
+    def _load_rows(self, tensor: torch.Tensor, rows) -> torch.Tensor:
+        if isinstance(rows, slice):
+            view = tensor[rows]
+            return view if view.dtype == torch.float32 else view.float()  # fp32 slices update in place
+        return tensor.index_select(0, rows).float()
+
+    def _store_rows(self, tensor: torch.Tensor, rows, values: torch.Tensor) -> None:
+        if isinstance(rows, slice):
+            if tensor.dtype != torch.float32:
+                tensor[rows] = stochastic_round(values, tensor.dtype, self._get_generator(values.device))
+            return
+        tensor.index_copy_(0, rows, stochastic_round(values, tensor.dtype, self._get_generator(values.device)))
+
+    def _update_rows(self, rows, local_index: torch.Tensor | None, grad: torch.Tensor, lr: float) -> None:
+        """One optimizer update of ``rows`` (a slice = dense block, or a sorted index = sampled rows).
+        ``local_index`` places ``grad`` inside a dense block (None: grad covers every row of ``rows``).
+        Both paths do the same float operations in the same order, so a sampled row gets bit-identical
+        values from the sparse and the dense update."""
+        hyper = self.hyper
+        weight = self._load_rows(self.weight, rows)
+
+        def add_grad(target: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
+            if local_index is None:
+                target.add_(values, alpha=alpha)
+            else:
+                target.index_add_(0, local_index, values, alpha=alpha)
+
+        if self.optimizer_name == "sgd":
+            if "momentum_buffer" in self._buffers:
+                buf = self._load_rows(self.momentum_buffer, rows)
+                buf.mul_(hyper["momentum"])
+            else:
+                buf = torch.zeros_like(weight)
+            buf.add_(weight, alpha=hyper["weight_decay"])
+            add_grad(buf, grad)
+            weight.add_(buf, alpha=-lr)
+            if "momentum_buffer" in self._buffers:
+                self._store_rows(self.momentum_buffer, rows, buf)
+        else:
+            beta1, beta2 = hyper["betas"]
+            exp_avg, exp_avg_sq = self._load_rows(self.exp_avg, rows), self._load_rows(self.exp_avg_sq, rows)
+            steps = self.adam_steps[rows] + 1
+            self.adam_steps[rows] = steps
+            weight.mul_(1.0 - lr * hyper["weight_decay"])
+            exp_avg.mul_(beta1)
+            add_grad(exp_avg, grad, alpha=1.0 - beta1)
+            exp_avg_sq.mul_(beta2)
+            add_grad(exp_avg_sq, grad * grad, alpha=1.0 - beta2)
+            steps = steps.to(torch.float32)[:, None]
+            bias1 = 1.0 - torch.pow(beta1, steps)
+            bias2 = 1.0 - torch.pow(beta2, steps)
+            denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(hyper["eps"])
+            weight.addcdiv_(exp_avg / bias1, denom, value=-lr)
+            self._store_rows(self.exp_avg, rows, exp_avg)
+            self._store_rows(self.exp_avg_sq, rows, exp_avg_sq)
+        self._store_rows(self.weight, rows, weight)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, *args, **kwargs):
+        raise PartialFCError("PartialFC: use full_state_dict() / load_full_state_dict() (collective, "
+                             "world-size independent) instead of state_dict()")
+
+    def load_state_dict(self, *args, **kwargs):
+        raise PartialFCError("PartialFC: use load_full_state_dict() instead of load_state_dict()")
+
+    def _gather_to_rank0(self, shard: torch.Tensor) -> torch.Tensor | None:
+        """[num_classes, ...] on CPU at rank 0 (None elsewhere), gathered in bounded row chunks."""
+        if not dist_utils.is_distributed():
+            return shard.detach().to("cpu", copy=True)
+        import torch.distributed as dist
+
+        counts = [class_range(self.num_classes, rank, self.world_size) for rank in range(self.world_size)]
+        full = None
+        if self.rank == 0:
+            full = torch.empty((self.num_classes,) + tuple(shard.shape[1:]), dtype=shard.dtype)
+        chunk = max(1, (1 << 24) // max(1, shard[0].numel() if shard.numel() else 1))
+        max_local = max(count for _, count in counts)
+        for offset in range(0, max_local, chunk):
+            piece = shard.new_zeros((chunk,) + tuple(shard.shape[1:]))
+            mine = shard[offset: offset + chunk]
+            piece[: mine.shape[0]] = mine
+            pieces = [torch.empty_like(piece) for _ in range(self.world_size)]
+            dist.all_gather(pieces, piece)
+            if full is not None:
+                for (start, count), received in zip(counts, pieces):
+                    rows = max(0, min(chunk, count - offset))
+                    full[start + offset: start + offset + rows] = received[:rows].cpu()
+        return full
+
+    def full_state_dict(self) -> dict | None:
+        """Collective (every rank calls it): the world-size independent head state on rank 0 (CPU),
+        None on other ranks."""
+        weight = self._gather_to_rank0(self.weight)
+        optimizer = {name: self._gather_to_rank0(self._buffers[name]) for name in self.optimizer_state_names()}
+        if self.rank != 0:
+            return None
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION,
+            "num_classes": self.num_classes, "embedding_size": self.embedding_size,
+            "weight": weight,
+            "optimizer": None if self.optimizer_name is None else {"name": self.optimizer_name, **optimizer},
+            "margin": {key: value.detach().cpu().clone() for key, value in self.margin_loss.state_dict().items()}
+            if isinstance(self.margin_loss, nn.Module) else {},
+        }
+
+    def load_full_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Every rank: load its class range from a ``full_state_dict()`` (any world size wrote it)."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise PartialFCError(f"PartialFC: not a Partial FC state (expected format {STATE_FORMAT!r})")
+        if state["num_classes"] != self.num_classes or state["embedding_size"] != self.embedding_size:
+            raise PartialFCError(f"PartialFC: checkpoint head has num_classes={state['num_classes']}, "
+                                 f"embedding_size={state['embedding_size']}; this head has "
+                                 f"{self.num_classes}, {self.embedding_size}")
+        rows = slice(self.class_start, self.class_start + self.num_local)
+        with torch.no_grad():
+            self.weight.copy_(state["weight"][rows])
+            optimizer = state.get("optimizer")
+            if optimizer is not None:
+                if self.optimizer_name is None:
+                    logger.warning("PartialFC: checkpoint has %s state but configure_optimizer() was not called; "
+                                   "optimizer state not loaded", optimizer["name"])
+                elif optimizer["name"] != self.optimizer_name:
+                    raise PartialFCError(f"PartialFC: checkpoint optimizer is {optimizer['name']!r}, this head "
+                                         f"uses {self.optimizer_name!r}")
+                else:
+                    for name in self.optimizer_state_names():
+                        if name in optimizer:
+                            self._buffers[name].copy_(optimizer[name][rows])
+                        else:
+                            logger.warning("PartialFC: checkpoint has no %s; starting it from zero", name)
+                            self._buffers[name].zero_()
+            if state.get("margin") and isinstance(self.margin_loss, nn.Module):
+                self.margin_loss.load_state_dict(state["margin"])
+        self.zero_grad()
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, rank={self.rank}/"
+                f"{self.world_size}, classes=[{self.class_start}, {self.class_start + self.num_local}), "
+                f"sample_rate={self.sample_rate}, pfc_update={self.pfc_update}, optimizer={self.optimizer_name}")

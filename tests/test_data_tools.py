@@ -1,0 +1,132 @@
+"""tools/pack_rec.py, shuffle_rec.py, rec_info.py, make_synthetic.py on tiny inputs."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from dataset import RecordDataset
+from tools import make_synthetic, pack_rec, rec_info, shuffle_rec
+from utils import recordio
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _image_folder(root, counts=(3, 2, 4)):
+    for identity, count in enumerate(counts):
+        os.makedirs(root / f"id{identity}")
+        for i in range(count):
+            image = np.full((112, 112, 3), 20 * identity + 5 * i, np.uint8)
+            cv2.imwrite(str(root / f"id{identity}" / f"{i}.jpg"), image)
+    return root
+
+
+def test_pack_folder_header_layout(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src")
+    assert pack_rec.main([str(src), str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert "num_images=9 num_classes=3 layout=header" in capsys.readouterr().out
+    data = RecordDataset(str(tmp_path / "out"), flip=False)
+    assert (data.layout, data.num_classes, data.num_image) == ("header", 3, 9)
+    assert [data[i][1] for i in range(9)] == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    # 112x112 JPEGs are stored byte for byte.
+    _, img, _ = data.read_record(0)
+    assert img == open(src / "id0" / "0.jpg", "rb").read()
+    reader = data.reader
+    header, _ = recordio.unpack(reader.read_idx(0))
+    assert header.label.tolist() == [10.0, 13.0] and header.id2 == 1
+    assert recordio.unpack(reader.read_idx(11))[0].label.tolist() == [4.0, 6.0]
+    assert open(tmp_path / "out" / "property").read() == "3,112,112\n"
+
+
+def test_pack_list_file_plain_with_resize_in_parallel(tmp_path):
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"im{i}.png"
+        cv2.imwrite(str(path), np.full((64, 80, 3), 30 * i, np.uint8))
+        paths.append(path)
+    (tmp_path / "list.txt").write_text("".join(f"{p.name}\t{i % 2}\n" for i, p in enumerate(paths)))
+    assert pack_rec.main([str(tmp_path / "list.txt"), str(tmp_path / "out"), "--plain", "--workers", "2"]) == 0
+    data = RecordDataset(str(tmp_path / "out"), flip=False)
+    assert (data.layout, data.num_classes, data.num_image) == ("plain", 2, 6)
+    assert data.image_keys.tolist() == list(range(6))
+    assert tuple(data[0][0].shape) == (3, 112, 112)
+
+
+def test_pack_refuses_overwrite_and_bad_inputs(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src", counts=(1,))
+    assert pack_rec.main([str(src), str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert pack_rec.main([str(src), str(tmp_path / "out"), "--workers", "1"]) == 2
+    assert "already holds train.rec, train.idx, property; pass --force" in capsys.readouterr().err
+    assert pack_rec.main([str(src), str(tmp_path / "out"), "--workers", "1", "--force"]) == 0
+    (tmp_path / "bad.txt").write_text("a.jpg 3\n")
+    with pytest.raises(pack_rec.PackError, match=r"bad\.txt: line 1: expected 'path<TAB>label'"):
+        pack_rec.read_list_file(str(tmp_path / "bad.txt"))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(pack_rec.PackError, match=r"broken\.jpg: cannot decode the image"):
+        pack_rec.encode_file((str(tmp_path / "broken.jpg"), 112, 112, 95))
+    os.makedirs(tmp_path / "empty" / "x")
+    assert pack_rec.main([str(tmp_path / "empty"), str(tmp_path / "o2")]) == 2
+    assert "no images found" in capsys.readouterr().err
+
+
+def test_shuffle_to_plain_keeps_every_image(insightface_fixtures, tmp_path, capsys):
+    source = os.path.join(insightface_fixtures, "D")
+    assert shuffle_rec.main([source, str(tmp_path / "out"), "--seed", "1"]) == 0
+    original = RecordDataset(source, flip=False)
+    shuffled = RecordDataset(str(tmp_path / "out"), flip=False)
+    assert (shuffled.layout, shuffled.num_classes, shuffled.num_image) == ("plain", 3, 12)
+    assert shuffled.image_keys.tolist() == list(range(12))
+
+    def content(data):
+        out = []
+        for i in range(len(data)):
+            header, img, _ = data.read_record(i)
+            out.append((recordio.class_of(header), hashlib.sha256(img).hexdigest()))
+        return out
+
+    assert sorted(content(shuffled)) == sorted(content(original))
+    assert content(shuffled) != content(original)
+    assert shuffle_rec.main([source, str(tmp_path / "out")]) == 2
+    assert "pass --force" in capsys.readouterr().err
+
+
+def test_rec_info_and_verify(insightface_fixtures, tmp_path, capsys):
+    assert rec_info.main([os.path.join(insightface_fixtures, "A"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "num_images=480 num_classes=40 layout=header"
+    assert "10-19  40" in out and "verify: all 480 images decode" in out
+    # A plain set with one undecodable record.
+    writer = recordio.IndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
+    good = cv2.imencode(".jpg", np.zeros((112, 112, 3), np.uint8))[1].tobytes()
+    for key, img in enumerate([good, b"broken", good]):
+        writer.write_idx(key, recordio.pack(recordio.IRHeader(0, float(key % 2), key, 0), img))
+    writer.close()
+    assert rec_info.main([str(tmp_path), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "num_images=3 num_classes=2 layout=plain"
+    assert "verify: 1 bad records, keys: 1" in out
+    assert rec_info.main([str(tmp_path / "missing")]) == 2
+    assert "missing/train.rec: record file not found" in capsys.readouterr().err
+
+
+def test_make_synthetic_cli(tmp_path, capsys):
+    out = str(tmp_path / "syn")
+    args = [out, "--identities", "4", "--images-per-identity", "3", "--val-identities", "3", "--val-pairs", "6"]
+    assert make_synthetic.main(args) == 0
+    assert "num_images=12 num_classes=4" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["property", "synthetic.json", "synthetic_heldout.bin",
+                                       "synthetic_unseen.bin", "train.idx", "train.rec"]
+    assert make_synthetic.main(args) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert make_synthetic.main(args + ["--force"]) == 0
+
+
+@pytest.mark.parametrize("tool", ["pack_rec", "shuffle_rec", "rec_info", "make_synthetic"])
+def test_cli_help_runs_as_script_and_module(tool):
+    for command in ([sys.executable, os.path.join("tools", f"{tool}.py"), "--help"],
+                    [sys.executable, "-m", f"tools.{tool}", "--help"]):
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "usage:" in result.stdout, result.stderr

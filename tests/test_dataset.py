@@ -1,0 +1,264 @@
+"""dataset.py: both RecordIO layouts, image folders, the resumable sampler, the loader and bad data."""
+import hashlib
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from easydict import EasyDict
+
+import dataset
+from dataset import (DatasetError, ImageFolderDataset, RecordDataset, ResumableDistributedSampler,
+                     SyntheticDataset, bad_record_count, get_dataloader, normalize_batch)
+from utils import recordio
+
+
+def _cfg(rec, **overrides):
+    cfg = EasyDict(rec=rec, num_classes=None, num_image=None, image_size=(112, 112), num_workers=0, seed=3,
+                   batch_size=16, skip_bad_records=True, dali=False)
+    cfg.update(overrides)
+    return cfg
+
+
+def _copy_set(fixtures, name, tmp_path):
+    folder = tmp_path / name
+    folder.mkdir()
+    for file in ("train.rec", "train.idx", "property"):
+        shutil.copy(os.path.join(fixtures, name, file), folder / file)
+        os.chmod(folder / file, 0o644)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["A", "D"])
+def test_record_dataset_matches_manifest(insightface_fixtures, name):
+    manifest = json.load(open(os.path.join(insightface_fixtures, name, "manifest.json")))
+    data = RecordDataset(os.path.join(insightface_fixtures, name), flip=False)
+    assert data.layout == "header"
+    assert (data.num_classes, data.num_image) == (manifest["num_classes"], manifest["num_images"])
+    assert data.image_keys.tolist() == manifest["image_keys"]
+    by_key = {r["key"]: r for r in manifest["records"]}
+    for index in range(0, len(data), max(1, len(data) // 25)):
+        image, label = data[index]
+        record = by_key[int(data.image_keys[index])]
+        assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 112, 112)
+        assert label == record["class"]
+        hwc = image.permute(1, 2, 0).contiguous().numpy()
+        assert hashlib.sha256(hwc.tobytes()).hexdigest() == record["mx_decoded_rgb_sha256"]
+
+
+def _write_plain(tmp_path, keys_labels, with_property=False, num_classes=None):
+    image = np.full((112, 112, 3), 90, np.uint8)
+    jpeg = cv2.imencode(".jpg", image)[1].tobytes()
+    writer = recordio.IndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
+    for key, label in keys_labels:
+        writer.write_idx(key, recordio.pack(recordio.IRHeader(0, label, key, 0), jpeg))
+    writer.close()
+    if with_property:
+        dataset.write_property(str(tmp_path / "property"), num_classes, 112)
+    return str(tmp_path)
+
+
+def test_plain_layout_key0_image_with_array_label_and_sparse_keys(tmp_path):
+    root = _write_plain(tmp_path, [(7, 1.0), (0, [2.0, 0.0]), (3, 0.0), (12, [4.0, 1.0])])
+    data = RecordDataset(root, flip=False)
+    assert data.layout == "plain"
+    assert data.image_keys.tolist() == [7, 0, 3, 12]
+    assert data.num_classes == 5 and data.num_image == 4  # no property: max label + 1
+    assert [data[i][1] for i in range(4)] == [1, 2, 0, 4]
+
+
+def test_header0_in_the_middle(insightface_fixtures, tmp_path):
+    # face2rec2 order: images, header0, identity records.
+    source = recordio.IndexedRecordIO(os.path.join(insightface_fixtures, "D", "train.idx"),
+                                      os.path.join(insightface_fixtures, "D", "train.rec"), "r")
+    keys = [k for k in source.keys if 1 <= k <= 12] + [0] + [k for k in source.keys if k >= 13]
+    writer = recordio.IndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
+    for key in keys:
+        writer.write_idx(key, source.read_idx(key))
+    writer.close()
+    data = RecordDataset(str(tmp_path), flip=False)
+    assert (data.layout, data.num_classes, data.num_image) == ("header", 3, 12)
+
+
+def test_resize_and_flip(tmp_path):
+    image = np.zeros((60, 50, 3), np.uint8)
+    image[:, :25] = (0, 0, 255)  # left half red (BGR)
+    os.makedirs(tmp_path / "id0")
+    cv2.imwrite(str(tmp_path / "id0" / "a.png"), image)
+    data = ImageFolderDataset(str(tmp_path), image_size=(112, 112), flip=False)
+    sample, _ = data[0]
+    assert tuple(sample.shape) == (3, 112, 112)
+    assert sample[0, 50, 5] == 255 and sample[0, 50, 106] == 0
+    flipped = ImageFolderDataset(str(tmp_path), flip=True)
+    seen = {int(flipped[0][0][0, 50, 5]) for _ in range(40)}
+    assert seen == {0, 255}
+
+
+def test_image_folder_labels_by_sorted_name(tmp_path):
+    for name, count in (("bob", 2), ("alice", 3), ("empty", 0)):
+        os.makedirs(tmp_path / name)
+        for i in range(count):
+            cv2.imwrite(str(tmp_path / name / f"{i}.JPG"), np.full((112, 112, 3), 10 * i, np.uint8))
+    (tmp_path / "bob" / "notes.txt").write_text("not an image")
+    data = ImageFolderDataset(str(tmp_path))
+    assert data.identities == ["alice", "bob"] and data.num_classes == 2 and data.num_image == 5
+    assert data.labels_array.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_empty_image_folder(tmp_path):
+    os.makedirs(tmp_path / "someone")
+    with pytest.raises(DatasetError, match=r"no images found, expected root/<identity>/<image> files ending in"):
+        ImageFolderDataset(str(tmp_path))
+
+
+def test_unreadable_image_file(tmp_path):
+    os.makedirs(tmp_path / "id0" / "broken.jpg")  # a folder where a file should be
+    cv2.imwrite(str(tmp_path / "id0" / "good.jpg"), np.zeros((112, 112, 3), np.uint8))
+    strict = ImageFolderDataset(str(tmp_path), skip_bad_records=False)
+    with pytest.raises(recordio.BadRecordError, match=r"broken\.jpg: cannot read the image file"):
+        strict[0]
+    lenient = ImageFolderDataset(str(tmp_path), skip_bad_records=True)
+    assert lenient[0][1] == 0 and int(lenient.bad_record_counter.sum()) == 1
+
+
+def test_label_out_of_range(tmp_path):
+    root = _write_plain(tmp_path, [(0, 0.0), (1, 5.0)], with_property=True, num_classes=2)
+    data = RecordDataset(root, skip_bad_records=False)
+    with pytest.raises(recordio.BadRecordError, match=r"train\.rec: key 1: label 5 out of range, expected 0 <= label < num_classes=2"):
+        data[1]
+
+
+def test_undecodable_record(tmp_path):
+    writer = recordio.IndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
+    writer.write_idx(0, recordio.pack(recordio.IRHeader(0, 0.0, 0, 0), b"garbage!"))
+    writer.close()
+    data = RecordDataset(str(tmp_path), skip_bad_records=False)
+    with pytest.raises(recordio.BadRecordError, match=r"train\.rec: key 0: cannot decode the 8 image bytes"):
+        data[0]
+
+
+def test_missing_rec_files_name_the_file(tmp_path):
+    (tmp_path / "train.rec").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"train\.idx: index file not found"):
+        get_dataloader(_cfg(str(tmp_path)), 0, 1)
+    with pytest.raises(DatasetError, match=r"config key 'rec': .*nowhere is not a folder"):
+        get_dataloader(_cfg(str(tmp_path / "nowhere")), 0, 1)
+
+
+def test_synthetic_dataset():
+    data = SyntheticDataset(num_image=10, num_classes=4, image_size=(112, 112), seed=1)
+    image, label = data[5]
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 112, 112) and label == 1
+    loader = get_dataloader(_cfg("synthetic", num_image=64, num_classes=8, batch_size=8), 0, 1)
+    images, labels = next(iter(loader))
+    assert images.shape == (8, 3, 112, 112) and labels.dtype == torch.int64
+
+
+def test_normalize_batch():
+    images = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1)
+    out = normalize_batch(images)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.flatten(), torch.tensor([-1.0, 1.0, 51 / 255 * 2 - 1]))
+
+
+# ------------------------------------------------------------------ sampler
+
+def _epoch(num_samples, world_size, seed=0, epoch=0, consumed=0):
+    out = []
+    for rank in range(world_size):
+        sampler = ResumableDistributedSampler(num_samples, rank, world_size, seed)
+        sampler.load_state_dict({"epoch": epoch, "seed": seed, "consumed": consumed})
+        sampler.set_epoch(epoch)
+        out.append(list(sampler))
+        assert len(sampler) == len(out[-1])
+    return out
+
+
+def test_sampler_partitions_equally_and_reshuffles():
+    parts = _epoch(103, 4)
+    assert {len(p) for p in parts} == {25}
+    flat = sum(parts, [])
+    assert len(set(flat)) == 100 and all(0 <= i < 103 for i in flat)
+    assert _epoch(103, 4, epoch=1) != parts and _epoch(103, 4) == parts
+
+
+def test_sampler_resume_mid_epoch_on_another_world_size():
+    seed, epoch = 5, 2
+    full = ResumableDistributedSampler(96, 0, 1, seed)
+    full.set_epoch(epoch)
+    order = list(full)
+    # Two ranks consume 3 micro-steps of batch 4 (24 global samples), then checkpoint.
+    runners = [ResumableDistributedSampler(96, r, 2, seed) for r in range(2)]
+    for sampler in runners:
+        sampler.set_epoch(epoch)
+        for _ in range(3):
+            sampler.advance(4 * 2)
+    state = runners[0].state_dict()
+    assert state == {"epoch": epoch, "seed": seed, "consumed": 24}
+    # Resume on 3 ranks: together they see exactly the not-yet-consumed samples, in order.
+    resumed = []
+    for rank in range(3):
+        sampler = ResumableDistributedSampler(96, rank, 3, seed=999)
+        sampler.load_state_dict(state)
+        sampler.set_epoch(epoch)
+        resumed.append(list(sampler))
+        assert len(sampler) == 24
+    interleaved = [resumed[i % 3][i // 3] for i in range(72)]
+    assert interleaved == order[24:]
+    # The next epoch starts from zero again.
+    sampler.set_epoch(epoch + 1)
+    assert len(sampler) == 32
+
+
+def test_sampler_bad_state():
+    sampler = ResumableDistributedSampler(10, 0, 1, 0)
+    with pytest.raises(DatasetError, match=r"consumed=50 does not fit a dataset of 10 samples"):
+        sampler.load_state_dict({"epoch": 0, "seed": 0, "consumed": 50})
+    with pytest.raises(DatasetError, match=r"rank=2 world_size=2"):
+        ResumableDistributedSampler(10, 2, 2, 0)
+
+
+# ------------------------------------------------------------------ loader
+
+def test_loader_fills_sizes_and_yields_exact_uint8_batches(insightface_fixtures):
+    cfg = _cfg(os.path.join(insightface_fixtures, "A"), num_workers=2, batch_size=32)
+    loader = get_dataloader(cfg, 1, 2)
+    assert (cfg.num_classes, cfg.num_image) == (40, 480)
+    assert isinstance(loader.sampler, ResumableDistributedSampler)
+    loader.sampler.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 240 // 32
+    images, labels = batches[0]
+    assert images.dtype == torch.uint8 and tuple(images.shape) == (32, 3, 112, 112)
+    assert labels.dtype == torch.int64 and int(labels.max()) < 40
+    assert bad_record_count(loader) == 0
+
+
+def test_loader_config_disagreement(insightface_fixtures):
+    with pytest.raises(DatasetError, match=r"config key 'num_classes' is 41 but the data in .*A has 40"):
+        get_dataloader(_cfg(os.path.join(insightface_fixtures, "A"), num_classes=41), 0, 1)
+    with pytest.raises(DatasetError, match=r"config key 'num_image' is 7 but the data in .*A has 480"):
+        get_dataloader(_cfg(os.path.join(insightface_fixtures, "A"), num_image=7), 0, 1)
+
+
+def test_corrupt_records_are_skipped_and_counted(insightface_fixtures, tmp_path):
+    folder = _copy_set(insightface_fixtures, "A", tmp_path)
+    manifest = json.load(open(os.path.join(insightface_fixtures, "A", "manifest.json")))
+    offsets = {r["key"]: r["offset"] for r in manifest["records"]}
+    with open(folder / "train.rec", "r+b") as handle:
+        handle.seek(offsets[10] + 8 + 24)  # JPEG SOI of key 10 -> undecodable
+        handle.write(b"\0\0")
+        handle.seek(offsets[200])  # magic of key 200 -> bad framing
+        handle.write(b"\0\0\0\0")
+    cfg = _cfg(str(folder), num_workers=2, batch_size=48)
+    loader = get_dataloader(cfg, 0, 1)
+    loader.sampler.set_epoch(0)
+    sizes = [images.shape[0] for images, _ in loader]
+    assert sizes == [48] * 10
+    assert bad_record_count(loader) == 2
+    strict = RecordDataset(str(folder), skip_bad_records=False)
+    with pytest.raises(recordio.BadRecordError, match=r"key 200 at offset \d+: bad magic"):
+        strict[199]

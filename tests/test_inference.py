@@ -1,0 +1,80 @@
+"""tools/inference.py: embed one image, compare two, bad inputs."""
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from backbones import get_model
+from eval.verification import read_bin
+from tools.inference import InferenceError, cosine, embed, main, read_face
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, insightface_fixtures):
+    directory = tmp_path_factory.mktemp("inference")
+    torch.manual_seed(0)
+    model = get_model("mbf").eval()
+    torch.save(model.state_dict(), directory / "model.pt")
+    encoded, _ = read_bin(os.path.join(insightface_fixtures, "pairs_py2.bin"))
+    for index in range(3):
+        (directory / f"face{index}.jpg").write_bytes(encoded[index])
+    return directory, model
+
+
+def test_embed_and_compare_in_process(workdir):
+    directory, model = workdir
+    image = read_face(str(directory / "face0.jpg"))
+    assert image.shape == (1, 3, 112, 112) and image.dtype == torch.uint8
+    feature = embed(model, image, torch.device("cpu"))
+    with torch.no_grad():
+        expected = model(((image.float() / 255) - 0.5) / 0.5)[0].double().numpy()
+    assert np.allclose(feature, expected)
+    assert cosine(feature, feature) == pytest.approx(1.0)
+    cv2.imwrite(str(directory / "big.png"), np.zeros((200, 150, 3), np.uint8))
+    assert read_face(str(directory / "big.png")).shape == (1, 3, 112, 112)
+
+
+def test_bad_images(workdir):
+    directory, _ = workdir
+    with pytest.raises(InferenceError, match=r"nope\.jpg: image not found"):
+        read_face(str(directory / "nope.jpg"))
+    (directory / "text.jpg").write_text("hello")
+    with pytest.raises(InferenceError, match=r"text\.jpg: not a readable image"):
+        read_face(str(directory / "text.jpg"))
+
+
+def test_cli(workdir, capsys):
+    directory, model = workdir
+    common = ["--model", str(directory / "model.pt"), "--network", "mbf"]
+    # one real process (script form); the other cases call main() in-process to keep the suite fast
+    done = subprocess.run([sys.executable, "tools/inference.py", *common, "--img", str(directory / "face0.jpg"),
+                           "--save", str(directory / "e.npy")], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "embedding: dim 512, norm " in done.stdout
+    saved = np.load(directory / "e.npy")
+    assert saved.shape == (512,)
+    assert f"norm {np.linalg.norm(saved):.4f}" in done.stdout
+
+    assert main([*common, "--img", str(directory / "face0.jpg"), "--img2", str(directory / "face1.jpg"),
+                 "--threshold", "-1"]) == 0
+    out = capsys.readouterr().out
+    image0, image1 = read_face(str(directory / "face0.jpg")), read_face(str(directory / "face1.jpg"))
+    expected = cosine(embed(model, image0, torch.device("cpu")), embed(model, image1, torch.device("cpu")))
+    assert f"cosine similarity: {expected:.5f}" in out
+    assert "verdict at threshold -1: same person" in out
+    assert main([*common, "--img", str(directory / "face0.jpg"), "--img2", str(directory / "face2.jpg"),
+                 "--threshold", "1"]) == 0
+    assert "verdict at threshold 1: different people" in capsys.readouterr().out
+    assert main([*common, "--img", str(directory / "missing.jpg")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {directory / 'missing.jpg'}: image not found"
+    assert main([*common, "--img", str(directory / "face0.jpg"), "--threshold", "3"]) == 2
+    assert "--threshold must be a cosine similarity in [-1, 1], got 3.0" in capsys.readouterr().err
+    assert main(["--model", str(directory / "model.pt"), "--img", str(directory / "face0.jpg")]) == 2
+    assert "--network is required for a PyTorch model" in capsys.readouterr().err

@@ -1,0 +1,386 @@
+"""partial_fc.py: exactness against a single-process full softmax (W = 1, 2, 3 gloo ranks, uneven class
+split, uneven local batches), sampling, sparse vs dense updates, optimizer semantics, label errors,
+world-size independent checkpoints, AdaFace / CurricularFace inside Partial FC, bf16 storage."""
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses
+import partial_fc
+from partial_fc import PartialFC, PartialFCError, class_range, init_weight_rows
+from tests.conftest import free_port
+from tests.spawn_helpers import run_ranks
+
+C, D = 23, 8  # 23 classes: uneven over 2 and 3 ranks
+LOCAL_BATCH = {1: [9], 2: [5, 4], 3: [4, 2, 3]}  # uneven local batches, 9 samples globally
+SEED = 3
+
+
+def global_batch(total: int = 9, seed: int = 11, num_classes: int = C):
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(total, D, generator=generator) * 3
+    labels = torch.randint(0, num_classes, (total,), generator=generator)
+    labels[:3] = torch.tensor([0, num_classes - 1, labels[5]])  # first, last class and a repeated label
+    return embeddings, labels
+
+
+def reference(margin, embeddings, labels, weight):
+    """Single-process full softmax: loss and gradients w.r.t. embeddings and centers."""
+    embeddings = embeddings.clone().requires_grad_(True)
+    weight = weight.clone().requires_grad_(True)
+    logits = F.linear(F.normalize(embeddings), F.normalize(weight)).clamp(-1, 1)
+    norms = embeddings.detach().norm(dim=1)
+    loss = F.cross_entropy(margin(logits, labels, norms=norms), labels)
+    loss.backward()
+    return loss.detach(), embeddings.grad, weight.grad
+
+
+def make_margin(kind: str):
+    if kind == "arcface":
+        return losses.CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)
+    if kind == "combined_exact":
+        return losses.CombinedMarginLoss(32.0, 1.0, 0.3, 0.2, margin_grad="exact")
+    if kind == "adaface":
+        return losses.AdaFaceLoss(s=32.0, m=0.4)
+    return losses.CurricularFaceLoss(s=32.0, m=0.5)
+
+
+def run_head(rank, world_size, kind, state=None, sample_rate=1.0):
+    """One forward/backward on this rank's slice of the global batch."""
+    sizes = LOCAL_BATCH[world_size]
+    start = sum(sizes[:rank])
+    embeddings, labels = global_batch()
+    local = embeddings[start: start + sizes[rank]].clone().requires_grad_(True)
+    head = PartialFC(make_margin(kind), D, C, sample_rate=sample_rate, seed=SEED)
+    head.configure_optimizer("sgd", momentum=0.9, weight_decay=5e-4)
+    if state is not None:
+        head.load_full_state_dict(state)
+    loss = head(local, labels[start: start + sizes[rank]].int())  # int32 labels are accepted
+    loss.backward()
+    index, center_grad = head._coalesced_grad()
+    return head, {"loss": loss.detach(), "embedding_grad": local.grad, "center_grad": center_grad,
+                  "index": index, "class_start": head.class_start, "buffers": dict(head.margin_loss.named_buffers())}
+
+
+def _pack(obj) -> bytes:
+    """Tensors cross the spawn queue as bytes: torch's shared-memory handles die with the child."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _unpack(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _spawned_worker(rank, world_size, packed_state):
+    return _pack(_exactness_worker(rank, world_size, None if packed_state is None else _unpack(packed_state)))
+
+
+ALL_KINDS = ("arcface", "combined_exact", "adaface", "curricularface")
+
+
+def kinds_for(world_size: int) -> tuple:
+    # AdaFace / CurricularFace are compared on 1 and 2 ranks; 3 ranks checks the combined margins only.
+    return ALL_KINDS if world_size < 3 else ALL_KINDS[:2]
+
+
+def _exactness_worker(rank, world_size, state_for_loading):
+    results = {}
+    for kind in kinds_for(world_size):
+        _, results[kind] = run_head(rank, world_size, kind)
+    head, _ = run_head(rank, world_size, "arcface")
+    head.step(0.1)  # non-trivial weight and momentum rows in the saved state
+    results["state"] = head.full_state_dict()
+    results["repr"] = repr(head)
+    if state_for_loading is not None:
+        _, results["loaded"] = run_head(rank, world_size, "arcface", state=state_for_loading)
+    return results
+
+
+def check_against_reference(results_by_rank, world_size):
+    embeddings, labels = global_batch()
+    weight = init_weight_rows(0, C, D, SEED, 0.01)
+    sizes = LOCAL_BATCH[world_size]
+    for kind in kinds_for(world_size):
+        loss, embedding_grad, weight_grad = reference(make_margin(kind), embeddings, labels, weight)
+        got_embedding_grad = torch.cat([r[kind]["embedding_grad"] for r in results_by_rank])
+        got_weight_grad = torch.cat([r[kind]["center_grad"] for r in results_by_rank])
+        assert got_embedding_grad.shape[0] == sum(sizes)
+        for result in results_by_rank:
+            assert result[kind]["loss"].item() == pytest.approx(loss.item(), rel=1e-5), kind
+        torch.testing.assert_close(got_embedding_grad, embedding_grad, rtol=1e-5, atol=1e-5 * embedding_grad.abs().max())
+        torch.testing.assert_close(got_weight_grad, weight_grad, rtol=1e-5, atol=1e-5 * weight_grad.abs().max())
+
+
+def test_single_process_equals_full_softmax():
+    results = _exactness_worker(0, 1, None)
+    check_against_reference([results], 1)
+    assert results["state"]["weight"].shape == (C, D)
+    assert not torch.equal(results["state"]["weight"], PartialFC(make_margin("arcface"), D, C, seed=SEED).weight)
+
+
+def test_two_and_three_ranks_equal_full_softmax_and_checkpoints_move_between_world_sizes(port):
+    two = [_unpack(data) for data in run_ranks(_spawned_worker, 2, port, None, timeout=120)]
+    check_against_reference(two, 2)
+    assert [r["class_start"] for r in (two[0]["arcface"], two[1]["arcface"])] == [0, 12]
+    # AdaFace / CurricularFace batch statistics are global: the EMA buffers match the 1-process run.
+    single = _exactness_worker(0, 1, None)
+    for kind in ("adaface", "curricularface"):
+        for name, value in single[kind]["buffers"].items():
+            for rank_result in two:
+                assert rank_result[kind]["buffers"][name].item() == pytest.approx(value.item(), rel=1e-6), name
+    state = two[0]["state"]
+    assert two[1]["state"] is None
+    for saved, expected in ((state["weight"], single["state"]["weight"]),
+                            (state["optimizer"]["momentum_buffer"], single["state"]["optimizer"]["momentum_buffer"])):
+        assert saved.shape == (C, D)
+        torch.testing.assert_close(saved, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+    three = [_unpack(data) for data in run_ranks(_spawned_worker, 3, free_port(), _pack(state), timeout=120)]
+    check_against_reference(three, 3)
+    # A 2-rank checkpoint loaded on 3 ranks and on 1 gives the same loss and gradients.
+    _, loaded_single = run_head(0, 1, "arcface", state=state)
+    for rank_result in three:
+        assert rank_result["loaded"]["loss"].item() == pytest.approx(loaded_single["loss"].item(), rel=1e-6)
+    torch.testing.assert_close(torch.cat([r["loaded"]["embedding_grad"] for r in three]),
+                               loaded_single["embedding_grad"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["loaded"]["center_grad"] for r in three]),
+                               loaded_single["center_grad"], rtol=1e-5, atol=1e-5)
+
+
+def test_class_ranges_are_contiguous_and_balanced():
+    for world_size in (1, 2, 3, 7):
+        ranges = [class_range(C, rank, world_size) for rank in range(world_size)]
+        assert ranges[0][0] == 0 and sum(count for _, count in ranges) == C
+        assert all(ranges[i][0] + ranges[i][1] == ranges[i + 1][0] for i in range(world_size - 1))
+        assert max(count for _, count in ranges) - min(count for _, count in ranges) <= 1
+    assert torch.equal(init_weight_rows(5, 10, D, 1, 0.01), init_weight_rows(0, 20, D, 1, 0.01)[5:15])
+    big = init_weight_rows(partial_fc.INIT_BLOCK_ROWS - 3, 6, 4, 1, 0.01)  # crosses an init block
+    assert torch.equal(big[3:], init_weight_rows(partial_fc.INIT_BLOCK_ROWS, 3, 4, 1, 0.01))
+
+
+# ---------------------------------------------------------------- sampling (r < 1)
+def _sampled_head(num_classes=1000, sample_rate=0.1, pfc_update="sparse", optimizer="sgd", eps=1e-8, **kwargs):
+    head = PartialFC(make_margin("arcface"), D, num_classes, sample_rate=sample_rate, pfc_update=pfc_update,
+                     seed=SEED, **kwargs)
+    head.configure_optimizer(optimizer, momentum=0.9, weight_decay=5e-4, eps=eps)
+    return head
+
+
+def test_sampling_keeps_positives_and_equals_restricted_softmax():
+    head = _sampled_head()
+    embeddings, labels = global_batch(total=40, num_classes=1000)
+    loss = head(embeddings, labels)
+    index, leaf = head._pending[0]
+    assert index.numel() == 100 and bool((index[1:] > index[:-1]).all())  # round(0.1 * 1000), sorted, unique
+    assert set(labels.tolist()) <= set(index.tolist())
+    assert torch.equal(leaf.detach(), head.weight[index])
+    # Loss = full softmax restricted to the sampled classes, labels remapped to sampled positions.
+    remapped = torch.searchsorted(index, labels)
+    ref_loss, _, ref_grad = reference(make_margin("arcface"), embeddings, remapped, head.weight[index])
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max())
+    # Different steps sample different negatives (the generator advances).
+    head.zero_grad()
+    head(embeddings, labels)
+    assert not torch.equal(head._pending[0][0], index)
+
+
+def test_more_positives_than_sample_size_keeps_all_positives():
+    head = _sampled_head(num_classes=50, sample_rate=0.1)  # num_sample = 5
+    embeddings, labels = global_batch(total=30, num_classes=50)
+    head(embeddings, labels).backward()
+    index, grad = head._coalesced_grad()
+    assert torch.equal(index, torch.unique(labels)) and grad.shape == (index.numel(), D)
+
+
+def _one_step(head, embeddings, labels, lr=0.1):
+    loss = head(embeddings, labels)
+    loss.backward()
+    index = head._pending[0][0]
+    head.step(lr)
+    head.zero_grad()
+    return index
+
+
+def test_sparse_vs_dense_sgd_one_step():
+    embeddings, labels = global_batch(total=40, num_classes=1000)
+    sparse, dense = _sampled_head(), _sampled_head(pfc_update="dense")
+    momentum = torch.randn(1000, D, generator=torch.Generator().manual_seed(0)) * 1e-3
+    for head in (sparse, dense):
+        head.momentum_buffer.copy_(momentum)
+    weight_before = sparse.weight.clone()
+    index = _one_step(sparse, embeddings, labels)
+    assert torch.equal(index, _one_step(dense, embeddings, labels))  # same seed -> same sample
+    assert torch.equal(sparse.weight[index], dense.weight[index])  # bit-identical sampled rows
+    assert torch.equal(sparse.momentum_buffer[index], dense.momentum_buffer[index])
+    unsampled = torch.ones(1000, dtype=torch.bool)
+    unsampled[index] = False
+    assert torch.equal(sparse.weight[unsampled], weight_before[unsampled])  # untouched
+    assert torch.equal(sparse.momentum_buffer[unsampled], momentum[unsampled])
+    # Dense: every unsampled row decays: buf = 0.9 buf + wd w; w -= lr buf.
+    expected_buf = momentum[unsampled] * 0.9 + 5e-4 * weight_before[unsampled]
+    torch.testing.assert_close(dense.momentum_buffer[unsampled], expected_buf, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(dense.weight[unsampled], weight_before[unsampled] - 0.1 * expected_buf,
+                               rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_dense_update_matches_torch_optimizer(optimizer):
+    """pfc_update="dense" = arcface_torch v2: a full-matrix parameter with torch's SGD / AdamW."""
+    # eps=1e-3: with eps=1e-8 Adam's update of a gradient component ~1e-8 (the normalisation projects the
+    # gradient orthogonal to the center) depends on float rounding noise, in torch as in any implementation.
+    head = _sampled_head(num_classes=200, sample_rate=0.25, pfc_update="dense", optimizer=optimizer, eps=1e-3)
+    weight = torch.nn.Parameter(head.weight.clone())
+    torch_optimizer = (torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd"
+                       else torch.optim.AdamW([weight], lr=0.01, weight_decay=5e-4, eps=1e-3))
+    lr = 0.1 if optimizer == "sgd" else 0.01
+    for step in range(3):
+        embeddings, labels = global_batch(total=12, seed=step, num_classes=200)
+        index = _one_step(head, embeddings, labels, lr)
+        # the same loss through the full matrix: the gradient of unsampled rows is zero
+        rows = weight[index]
+        logits = F.linear(F.normalize(embeddings), F.normalize(rows)).clamp(-1, 1)
+        loss = F.cross_entropy(make_margin("arcface")(logits, torch.searchsorted(index, labels)),
+                               torch.searchsorted(index, labels))
+        torch_optimizer.zero_grad()
+        loss.backward()
+        torch_optimizer.step()
+        # tolerance: 1e-4 of one update (Adam divides tiny gradients by tiny second moments)
+        torch.testing.assert_close(head.weight, weight.detach(), rtol=1e-4,
+                                   atol=max(1e-5 * weight.abs().max().item(), 1e-4 * lr))
+
+
+def test_sparse_adamw_moves_only_sampled_rows_with_per_row_bias_correction():
+    head = _sampled_head(num_classes=200, sample_rate=0.25, optimizer="adamw")
+    before = head.weight.clone()
+    embeddings, labels = global_batch(total=12, num_classes=200)
+    index = _one_step(head, embeddings, labels, lr=0.01)
+    moved = (head.weight != before).any(dim=1)
+    assert torch.equal(moved.nonzero().view(-1), index)
+    assert head.adam_steps[index].eq(1).all() and head.adam_steps.sum() == index.numel()
+    # First AdamW step: |update| = lr * |g| / (|g| + eps) ~ lr for every sampled row element with g != 0.
+    delta = (before[index] * (1 - 0.01 * 5e-4) - head.weight[index]).abs()
+    assert delta.max().item() == pytest.approx(0.01, rel=1e-3)
+
+
+def test_gradient_accumulation_sums_micro_steps():
+    embeddings, labels = global_batch(total=12, num_classes=200)
+    # r = 1: two half batches (loss / 2 each) give the same update as the whole batch.
+    whole, halves = _sampled_head(200, 1.0), _sampled_head(200, 1.0)
+    whole(embeddings, labels).backward()
+    for part in (slice(0, 6), slice(6, 12)):
+        (halves(embeddings[part], labels[part]) / 2).backward()
+    whole_grad = whole._coalesced_grad()[1]
+    torch.testing.assert_close(halves._coalesced_grad()[1], whole_grad, rtol=1e-5, atol=1e-5 * whole_grad.abs().max())
+    # r < 1: the accumulated gradient is the sum of the micro-steps' rows on the union of their samples.
+    head = _sampled_head(200, 0.1)
+    parts = []
+    for part in (slice(0, 6), slice(6, 12)):
+        head(embeddings[part], labels[part]).backward()
+        parts.append((head._pending[-1][0], head._pending[-1][1].grad.clone()))
+    index, grad = head._coalesced_grad()
+    assert torch.equal(index, torch.unique(torch.cat([parts[0][0], parts[1][0]])))
+    expected = torch.zeros(200, D)
+    for rows, rows_grad in parts:
+        expected[rows] += rows_grad
+    torch.testing.assert_close(grad, expected[index])
+    head.unscale_(0.5)
+    torch.testing.assert_close(head._coalesced_grad()[1], expected[index] * 0.5)
+    assert head.grads_finite()
+    head._coalesced_grad()[1][0, 0] = float("inf")
+    assert not head.grads_finite()
+    head.zero_grad()
+    assert head.grads_finite() and head._coalesced_grad() is None
+
+
+# ---------------------------------------------------------------- inputs, precision, state
+def test_label_and_input_errors():
+    head = _sampled_head(num_classes=50, sample_rate=1.0)
+    embeddings = torch.randn(4, D)
+    with pytest.raises(PartialFCError, match=r"labels must be an integer tensor, got dtype torch.float32"):
+        head(embeddings, torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    with pytest.raises(PartialFCError, match=r"label 50 is outside \[0, num_classes=50\)"):
+        head(embeddings, torch.tensor([0, 1, 50, 3]))
+    with pytest.raises(PartialFCError, match=r"label -2 is outside \[0, num_classes=50\)"):
+        head(embeddings, torch.tensor([0, -2, 5, 3]))
+    with pytest.raises(PartialFCError, match=r"embeddings must be \[B, embedding_size=8\], got shape \(4, 3\)"):
+        head(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(PartialFCError, match=r"3 labels for 4 embeddings"):
+        head(embeddings, torch.tensor([0, 1, 2]))
+    with pytest.raises(PartialFCError, match=r"sample_rate=1.5: expected 0 < sample_rate <= 1"):
+        PartialFC(make_margin("arcface"), D, 50, sample_rate=1.5)
+    with pytest.raises(PartialFCError, match=r"pfc_update='lazy': expected one of sparse, dense"):
+        PartialFC(make_margin("arcface"), D, 50, pfc_update="lazy")
+    with pytest.raises(PartialFCError, match=r"weight_dtype='float16': expected one of float32, bfloat16"):
+        PartialFC(make_margin("arcface"), D, 50, weight_dtype="float16")
+    with pytest.raises(PartialFCError, match=r"optimizer='lamb': expected one of sgd, adamw"):
+        head.configure_optimizer("lamb")
+    with pytest.raises(PartialFCError, match=r"call configure_optimizer\(\) before step\(\)"):
+        PartialFC(make_margin("arcface"), D, 50).step(0.1)
+    with pytest.raises(PartialFCError, match=r"use full_state_dict\(\)"):
+        head.state_dict()
+    state = head.full_state_dict()
+    with pytest.raises(PartialFCError, match=r"checkpoint head has num_classes=50, embedding_size=8; this head has 60, 8"):
+        PartialFC(make_margin("arcface"), D, 60).load_full_state_dict(state)
+    adam = PartialFC(make_margin("arcface"), D, 50)
+    adam.configure_optimizer("adamw")
+    with pytest.raises(PartialFCError, match=r"checkpoint optimizer is 'sgd', this head uses 'adamw'"):
+        adam.load_full_state_dict(state)
+
+
+def test_weight_is_a_buffer_outside_parameters():
+    head = _sampled_head(num_classes=50)
+    assert list(head.parameters()) == [] and "weight" in dict(head.named_buffers())
+    head = _sampled_head(num_classes=50).to("cpu")
+    assert head.weight.device.type == "cpu" and head.momentum_buffer.shape == (50, D)
+
+
+def test_fp32_under_autocast():
+    head = _sampled_head(num_classes=50, sample_rate=1.0)
+    embeddings, labels = global_batch(total=6, num_classes=50)
+    expected = head(embeddings.bfloat16().float(), labels)
+    head.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(embeddings.bfloat16(), labels)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_bfloat16_storage_keeps_results_on_a_synthetic_problem():
+    """Reduced-precision storage is opt-in; on a small separable problem it trains like fp32."""
+    generator = torch.Generator().manual_seed(0)
+    num_classes, per_class = 64, 4
+    centers = torch.randn(num_classes, D, generator=generator)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    embeddings = centers[labels] + 0.3 * torch.randn(labels.numel(), D, generator=generator)
+    results = {}
+    for storage in ("float32", "bfloat16"):
+        head = PartialFC(losses.CombinedMarginLoss(16.0, 1.0, 0.2, 0.0), D, num_classes, sample_rate=0.5,
+                         seed=1, weight_dtype=storage, state_dtype=storage)
+        head.configure_optimizer("sgd", momentum=0.9, weight_decay=5e-4)
+        for _ in range(60):
+            head(embeddings, labels).backward()
+            head.step(0.05)
+            head.zero_grad()
+        with torch.no_grad():
+            logits = F.normalize(embeddings) @ F.normalize(head.weight.float()).t()
+            eval_loss = F.cross_entropy(16.0 * logits, labels).item()
+            accuracy = (logits.argmax(1) == labels).float().mean().item()
+        results[storage] = (eval_loss, accuracy)
+    assert head.weight.dtype == torch.bfloat16 and head.momentum_buffer.dtype == torch.bfloat16
+    assert results["float32"][1] > 0.9  # the problem is learnt ...
+    assert results["bfloat16"][1] == pytest.approx(results["float32"][1], abs=0.02)  # ... equally well
+    assert results["bfloat16"][0] == pytest.approx(results["float32"][0], rel=0.02)
+
+
+def test_stochastic_rounding_is_unbiased():
+    values = torch.full((200000,), 1.0 + 2.0 ** -10)  # a quarter of a bf16 ulp above 1.0
+    rounded = partial_fc.stochastic_round(values, torch.bfloat16, torch.Generator().manual_seed(0)).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2.0 ** -7}
+    assert rounded.mean().item() == pytest.approx(1.0 + 2.0 ** -10, abs=2e-5)
+    assert math.isclose(partial_fc.stochastic_round(torch.tensor([-3.0]), torch.bfloat16, None).item(), -3.0)

@@ -1,0 +1,366 @@
+"""Verification metrics (insightface parity), restricted .bin loading, the callback and the CLI."""
+import datetime
+import hashlib
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from eval import metrics
+from eval.embed import gather_shards, shard_bounds
+from eval.verification import (VerificationCallback, VerificationError, format_lines, load_bin, read_bin)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- reference (per-threshold loops)
+
+def reference_evaluate(embeddings, issame):
+    """insightface's algorithm written as plain loops with sklearn's KFold and scipy's BSpline."""
+    from scipy.interpolate import BSpline
+    from sklearn.model_selection import KFold
+    from sklearn.preprocessing import normalize
+
+    embeddings = normalize(np.asarray(embeddings, dtype=np.float64))
+    dist_all = np.sum(np.square(embeddings[0::2] - embeddings[1::2]), 1)
+    issame = np.asarray(issame)
+    folds = list(KFold(n_splits=10, shuffle=False).split(np.arange(len(issame))))
+
+    def accuracy(threshold, d, same):
+        predict = d < threshold
+        return float(np.sum(predict & same) + np.sum(~predict & ~same)) / d.size
+
+    accs = []
+    for train, test in folds:
+        thresholds = np.arange(0, 4, 0.01)
+        train_acc = [accuracy(t, dist_all[train], issame[train]) for t in thresholds]
+        accs.append(accuracy(thresholds[int(np.argmax(train_acc))], dist_all[test], issame[test]))
+    vals = []
+    for train, test in folds:
+        thresholds = np.arange(0, 4, 0.001)
+        diff = ~issame[train]
+        far_train = np.array([np.sum((dist_all[train] < t) & diff) / float(np.sum(diff)) for t in thresholds])
+        if far_train.max() >= 1e-3:
+            # scipy<=1.8 interp1d(kind='slinear') == degree-1 BSpline with knots [x0, x..., xlast], coefficients y
+            spline = BSpline(np.r_[far_train[0], far_train, far_train[-1]], thresholds, 1)
+            threshold = float(spline(1e-3))
+        else:
+            threshold = 0.0
+        accepted = dist_all[test] < threshold
+        vals.append(np.sum(accepted & issame[test]) / float(np.sum(issame[test])))
+    return np.array(accs), float(np.mean(vals)), float(np.std(vals))
+
+
+def unit_vectors(angles):
+    return np.stack([np.cos(angles), np.sin(angles)], 1)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_kfold_matches_sklearn():
+    from sklearn.model_selection import KFold
+    for n in (10, 57, 300, 6000):
+        ours = metrics.kfold_splits(n, 10)
+        theirs = list(KFold(n_splits=10, shuffle=False).split(np.arange(n)))
+        assert len(ours) == 10
+        for (a_train, a_test), (b_train, b_test) in zip(ours, theirs):
+            assert np.array_equal(a_train, b_train) and np.array_equal(a_test, b_test)
+
+
+def test_l2_normalize_matches_sklearn():
+    from sklearn.preprocessing import normalize
+    x = np.random.default_rng(0).normal(size=(50, 16))
+    x[3] = 0.0
+    assert np.array_equal(metrics.l2_normalize(x), normalize(x))
+
+
+def test_hand_checkable_accuracy_and_xnorm():
+    """100 pairs, 10 folds of 10 (5 genuine then 5 impostors). Genuine pairs sit at squared distance 0.5,
+    impostors at 3.0, except fold f holds f % 3 impostors at 0.2, which every threshold that keeps the
+    genuine pairs accepts. So fold accuracies are exactly 1 - (f % 3) / 10."""
+    angles, issame = [], []
+    for fold in range(10):
+        for pair in range(10):
+            genuine = pair < 5
+            if genuine:
+                gap = np.arccos(0.75)           # 2 - 2cos = 0.5
+            elif pair - 5 < fold % 3:
+                gap = np.arccos(0.9)            # 2 - 2cos = 0.2: a false accept
+            else:
+                gap = np.arccos(-0.5)           # 2 - 2cos = 3.0
+            base = 0.1 * (fold * 10 + pair)
+            angles += [base, base + gap]
+            issame.append(genuine)
+    unit = unit_vectors(np.array(angles))
+    result = metrics.verification_metrics(2.0 * unit, 4.0 * unit, issame)
+    expected = np.array([1 - (fold % 3) / 10 for fold in range(10)])
+    assert np.allclose(result.flip.fold_accuracy, expected, rtol=0, atol=1e-15)
+    assert result.flip.accuracy == pytest.approx(0.91, abs=1e-12)
+    assert result.flip.accuracy_std == pytest.approx(float(np.std(expected)), abs=1e-12)
+    assert result.plain.accuracy == pytest.approx(0.91, abs=1e-12)
+    # the first threshold of arange(0, 4, 0.01) above 0.5 wins on every train split
+    assert np.allclose(result.flip.best_thresholds, 0.51)
+    assert result.xnorm == pytest.approx(3.0)  # mean of norm 2 (images) and norm 4 (flips)
+
+
+@pytest.mark.parametrize("seed,separation", [(0, 1.5), (1, 3.0), (2, 0.5)])
+def test_matches_insightface_reference(seed, separation):
+    rng = np.random.default_rng(seed)
+    num_pairs = 600
+    issame = rng.random(num_pairs) < 0.5
+    first = rng.normal(size=(num_pairs, 32))
+    second = np.where(issame[:, None], first + rng.normal(size=first.shape) / separation, rng.normal(size=first.shape))
+    embeddings = np.empty((2 * num_pairs, 32))
+    embeddings[0::2], embeddings[1::2] = first, second
+    ours = metrics.evaluate(embeddings, issame)
+    ref_acc, ref_val, ref_val_std = reference_evaluate(embeddings, issame)
+    assert np.array_equal(ours.fold_accuracy, ref_acc)
+    assert ours.accuracy == np.mean(ref_acc) and ours.accuracy_std == np.std(ref_acc)
+    assert ours.val == ref_val and ours.val_std == ref_val_std
+
+
+def test_slinear_matches_bspline_with_duplicates():
+    from scipy.interpolate import BSpline
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        x = np.sort(rng.integers(0, 8, size=30)) / 7.0  # many duplicates
+        y = np.arange(30) * 0.001
+        spline = BSpline(np.r_[x[0], x, x[-1]], y, 1)
+        for target in list(np.unique(x)) + list(rng.uniform(x[0], x[-1], size=5)):
+            assert metrics.slinear_interpolate(x, y, target) == float(spline(target))
+
+
+def test_val_threshold_zero_when_far_never_reached():
+    # impostors far apart: FAR on train never reaches 1e-3 below 4, so insightface uses threshold 0
+    issame = np.array([True, False] * 50)
+    dist_values = np.where(issame, 0.1, 4.5)
+    val, val_std, far = metrics.calculate_val(dist_values, issame)
+    assert (val, val_std, far) == (0.0, 0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- .bin loading
+
+def test_load_bin_fixture_formats(insightface_fixtures):
+    meta = json.load(open(os.path.join(insightface_fixtures, "pairs.json")))
+    images, issame = load_bin(os.path.join(insightface_fixtures, "pairs.bin"))
+    assert images.shape == (600, 3, 112, 112) and images.dtype == torch.uint8
+    assert issame.tolist() == meta["issame"]
+    for index in (0, 1, 317, 599):  # decoded RGB pixels equal mxnet's
+        digest = hashlib.sha256(images[index].permute(1, 2, 0).contiguous().numpy().tobytes()).hexdigest()
+        assert digest == meta["images"][index]["mx_decoded_rgb_sha256"]
+    for variant in ("pairs_py2.bin", "pairs_ndarray.bin"):
+        sub_images, sub_issame = load_bin(os.path.join(insightface_fixtures, variant))
+        count = meta["variants_cover_first_pairs"]
+        assert torch.equal(sub_images, images[: 2 * count])
+        assert sub_issame.tolist() == meta["issame"][:count]
+
+
+def test_load_bin_resizes(tmp_path, insightface_fixtures):
+    import cv2
+    images, _ = read_bin(os.path.join(insightface_fixtures, "pairs_py2.bin"))
+    big = [cv2.imencode(".png", cv2.resize(cv2.imdecode(np.frombuffer(b, np.uint8), 1), (150, 150)))[1].tobytes()
+           for b in images[:4]]
+    path = tmp_path / "big.bin"
+    path.write_bytes(pickle.dumps((big, [True, False])))
+    decoded, _ = load_bin(str(path), (112, 112))
+    assert decoded.shape == (4, 3, 112, 112)
+
+
+class _RunsShell:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _RunsShell()
+    payload.marker = marker
+    path = tmp_path / "evil.bin"
+    path.write_bytes(pickle.dumps(([payload, b"x"], [True])))
+    with pytest.raises(VerificationError, match=r"evil\.bin: not a verification \.bin: refused global '(posix|os|nt)\.system'"):
+        load_bin(str(path))
+    assert not marker.exists()
+
+
+def test_float_array_is_refused(tmp_path):
+    path = tmp_path / "floats.bin"
+    path.write_bytes(pickle.dumps(([np.zeros(4, np.float32), np.zeros(4, np.float32)], [True])))
+    with pytest.raises(VerificationError, match=r"floats\.bin: not a verification \.bin: numpy dtype 'f4'"):
+        load_bin(str(path))
+    path.write_bytes(pickle.dumps(([np.zeros(4, np.float32), np.zeros(4, np.float32)], [True]), protocol=2))
+    with pytest.raises(VerificationError, match=r"floats\.bin: not a verification \.bin: numpy dtype"):
+        load_bin(str(path))
+
+
+@pytest.mark.parametrize("content,message", [
+    (([b"a", b"b", b"c"], [True]), r"issame list has 1 pairs, which need 2 images, but the file holds 3 images"),
+    (([b"a", 7], [True]), r"image 1 is a int, expected encoded image bytes"),
+    (([b"a", b"b"], ["yes"]), r"issame entry 0 is 'yes', expected a bool"),
+    ({"images": []}, r"expected a pickled \(images, issame_list\) pair, found dict"),
+    (([], []), r"holds no pairs"),
+])
+def test_bad_bin_structure(tmp_path, content, message):
+    path = tmp_path / "bad.bin"
+    path.write_bytes(pickle.dumps(content))
+    with pytest.raises(VerificationError, match=r"bad\.bin: " + message):
+        read_bin(str(path))
+
+
+def test_non_image_entry_names_index(tmp_path, insightface_fixtures):
+    images, issame = read_bin(os.path.join(insightface_fixtures, "pairs_py2.bin"))
+    images[5] = b"this is not a jpeg"
+    path = tmp_path / "broken.bin"
+    path.write_bytes(pickle.dumps((images, issame.tolist())))
+    with pytest.raises(VerificationError, match=r"broken\.bin: image 5 \(pair 2\) is not a decodable image"):
+        load_bin(str(path))
+
+
+def test_missing_and_truncated_files(tmp_path, insightface_fixtures):
+    with pytest.raises(VerificationError, match=r"nope\.bin: verification file not found"):
+        load_bin(str(tmp_path / "nope.bin"))
+    data = open(os.path.join(insightface_fixtures, "pairs.bin"), "rb").read()
+    (tmp_path / "cut.bin").write_bytes(data[:5000])
+    with pytest.raises(VerificationError, match=r"cut\.bin: not a readable pickle \(\w+Error"):
+        load_bin(str(tmp_path / "cut.bin"))
+
+
+# ----------------------------------------------------------------------------- callback
+
+class TinyNet(nn.Module):
+    """Small deterministic embedding network (BatchNorm makes eval() matter)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4), nn.BatchNorm2d(8), nn.PReLU(8),
+                                      nn.AdaptiveAvgPool2d(4))
+        self.fc = nn.Linear(128, 16)
+        self.features[1].running_mean.uniform_(-0.1, 0.1)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+def test_callback_single_process(insightface_fixtures, caplog):
+    net = TinyNet().train()
+    callback = VerificationCallback(["pairs_py2", "pairs"], insightface_fixtures, batch_size=64)
+    with caplog.at_level(logging.INFO, logger="eval.verification"):
+        results = callback(2000, net, torch.device("cpu"))
+    assert net.training  # previous mode restored
+    assert set(results) == {f"{t}/{k}" for t in ("pairs_py2", "pairs") for k in ("accuracy_flip", "best", "xnorm")}
+    # same numbers as evaluating by hand in eval mode
+    images, issame = load_bin(os.path.join(insightface_fixtures, "pairs.bin"))
+    with torch.no_grad():
+        net.eval()
+        x = ((images.float() / 255) - 0.5) / 0.5
+        expected = metrics.verification_metrics(net(x).numpy(), net(torch.flip(x, dims=[3])).numpy(), issame)
+    assert results["pairs/accuracy_flip"] == pytest.approx(expected.flip.accuracy, abs=1e-9)
+    assert results["pairs/xnorm"] == pytest.approx(expected.xnorm, rel=1e-5)
+    text = caplog.text
+    assert "[pairs][2000]XNorm: " in text
+    assert f"[pairs][2000]Accuracy-Flip: {results['pairs/accuracy_flip']:1.5f}+-" in text
+    assert "[pairs][2000]Accuracy-Highest: " in text
+    # "best" keeps the highest value seen
+    callback.highest["pairs"] = 2.0
+    assert callback(2001, net, torch.device("cpu"))["pairs/best"] == 2.0
+
+
+def test_callback_missing_target(tmp_path):
+    with pytest.raises(VerificationError, match=r"lfw\.bin: verification file not found"):
+        VerificationCallback(["lfw"], str(tmp_path))
+
+
+def _callback_worker(rank, world_size, port, data_dir, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        callback = VerificationCallback(["pairs_py2"], data_dir, batch_size=8)
+        results = callback(7, TinyNet(), torch.device("cpu"))
+        # unequal shards through the padded all_gather
+        local = torch.arange(rank * 10, rank * 10 + (3 - rank), dtype=torch.float32)[:, None].repeat(1, 2)
+        gathered = gather_shards(local, sum(3 - r for r in range(world_size)) if world_size == 2 else 0,
+                                 torch.device("cpu")) if world_size == 2 else None
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+            json.dump({"results": results, "gathered": None if gathered is None else gathered.tolist()}, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_callback_distributed_matches_single(tmp_path, insightface_fixtures, port, world_size):
+    context = mp.start_processes(_callback_worker, args=(world_size, port, insightface_fixtures, str(tmp_path)),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.time() + 90
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("distributed verification workers did not finish in 90 s")
+    single = VerificationCallback(["pairs_py2"], insightface_fixtures, batch_size=8)(7, TinyNet(), torch.device("cpu"))
+    for rank in range(world_size):
+        got = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert got["results"]["pairs_py2/accuracy_flip"] == single["pairs_py2/accuracy_flip"]
+        assert got["results"]["pairs_py2/xnorm"] == pytest.approx(single["pairs_py2/xnorm"], rel=1e-6)
+        if world_size == 2:
+            assert got["gathered"] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [10.0, 10.0], [11.0, 11.0]]
+
+
+def test_shard_bounds():
+    assert shard_bounds(40, 3) == [(0, 14), (14, 27), (27, 40)]
+    assert shard_bounds(5, 2) == [(0, 3), (3, 5)]
+
+
+def test_format_lines():
+    unit = unit_vectors(np.linspace(0, 6, 40))
+    result = metrics.verification_metrics(unit, unit, [True, False] * 10)
+    lines = format_lines("lfw", result)
+    assert lines[0].startswith("[lfw]XNorm: 1.000000")
+    assert lines[1].startswith("[lfw]Accuracy: ") and "+-" in lines[1]
+    assert lines[2].startswith("[lfw]Accuracy-Flip: ")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_cli_help_and_missing_target(tmp_path):
+    for command in ([sys.executable, "-m", "eval.verification", "--help"],
+                    [sys.executable, os.path.join("eval", "verification.py"), "--help"]):
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "--data-dir" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "eval.verification", "--model", "m.pt", "--network", "mbf",
+                           "--data-dir", str(tmp_path), "--targets", "lfw", "--device", "cpu"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'lfw.bin'}: verification file not found " \
+                                                   "(target stems: lfw)"
+
+
+def test_cli_evaluates_a_model_file(tmp_path, insightface_fixtures, capsys):
+    from backbones import get_model
+    from eval.verification import main
+    torch.manual_seed(0)
+    model = get_model("mbf").eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    code = main(["--model", str(tmp_path / "model.pt"), "--network", "mbf", "--data-dir", insightface_fixtures,
+                 "--targets", "pairs_py2", "--device", "cpu", "--no-progress", "--batch-size", "16"])
+    out = capsys.readouterr().out
+    assert code == 0
+    images, issame = load_bin(os.path.join(insightface_fixtures, "pairs_py2.bin"))
+    with torch.no_grad():
+        x = ((images.float() / 255) - 0.5) / 0.5
+        expected = metrics.verification_metrics(model(x).numpy(), model(torch.flip(x, dims=[3])).numpy(), issame)
+    for line in format_lines("pairs_py2", expected):
+        assert line.split(":")[0] in out
+    assert f"[pairs_py2]Accuracy-Flip: {expected.flip.accuracy:1.5f}+-{expected.flip.accuracy_std:1.5f}" in out
+    assert f"[pairs_py2]Accuracy: {expected.plain.accuracy:1.5f}+-" in out
+    assert "VAL@FAR=1e-3" in out

@@ -1,0 +1,87 @@
+"""Data pipeline images/s: raw RecordIO reads, decode, per-worker pipeline, DataLoader scaling.
+
+    python tools/benchmark.py data                      # on a generated 112x112 JPEG set
+    python tools/benchmark.py data --rec /data/ms1m-retinaface-t1 --workers 1 2 4 8
+
+Stages, each on the same records: raw ``read_idx``; a bare ``cv2.imdecode`` loop over bytes already
+in memory (the reference); read + unpack + decode + flip as one worker does (``dataset[i]``);
+the full DataLoader (uint8 batches, drop_last) with each worker count.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rec", default=None, help="folder with train.rec/train.idx (default: generate one)")
+    parser.add_argument("--num-images", type=int, default=3000, help="records to time (and to generate)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N passes for the single-process stages")
+
+
+def _best_rate(function, count: int, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return count / best
+
+
+def run(args: argparse.Namespace) -> None:
+    import cv2
+    import numpy as np
+    import torch
+    from easydict import EasyDict
+
+    from dataset import RecordDataset, get_dataloader
+    from utils import recordio
+    from utils.synthetic import make_identity_set
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = args.rec
+        if root is None:
+            root = os.path.join(scratch, "set")
+            identities = max(2, args.num_images // 50)
+            make_identity_set(root, identities, -(-args.num_images // identities), 0, 0, seed=0)
+        data = RecordDataset(root, flip=True)
+        count = min(args.num_images, len(data))
+        keys = data.image_keys[:count].tolist()
+        reader = data.reader
+        print(f"data: {root} layout={data.layout} images={len(data)} timing {count} records, "
+              f"cv2 {cv2.__version__}, torch {torch.__version__}")
+
+        raw = _best_rate(lambda: [reader.read_idx(k) for k in keys], count, args.repeat)
+        jpegs = [recordio.unpack(reader.read_idx(k))[1] for k in keys]
+        bare = _best_rate(lambda: [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in jpegs],
+                          count, args.repeat)
+        pipeline = _best_rate(lambda: [data[i] for i in range(count)], count, args.repeat)
+        print(f"raw record reads (read_idx)          {raw:10.0f} images/s")
+        print(f"bare cv2.imdecode loop (reference)   {bare:10.0f} images/s")
+        print(f"read+decode+flip per worker          {pipeline:10.0f} images/s  "
+              f"({bare / pipeline:.2f}x the bare decode time)")
+
+        single = None
+        for workers in args.workers:
+            cfg = EasyDict(rec=root, num_classes=None, num_image=None, image_size=(112, 112), num_workers=workers,
+                           seed=0, batch_size=args.batch_size, skip_bad_records=True, dali=False)
+            loader = get_dataloader(cfg, 0, 1)
+            loader.sampler.set_epoch(0)
+            batches = iter(loader)
+            next(batches)  # start the workers and fill the prefetch queue outside the timing
+            time.sleep(0.5)
+            start = time.perf_counter()
+            seen = 0
+            for images, _ in batches:
+                seen += images.shape[0]
+            rate = seen / (time.perf_counter() - start)
+            single = single or rate
+            print(f"DataLoader batch {args.batch_size}, {workers} worker(s)   {rate:10.0f} images/s  "
+                  f"(x{rate / single:.2f} of the first worker count)")
+            del batches, loader

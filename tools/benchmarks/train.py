@@ -1,0 +1,60 @@
+"""End-to-end training throughput (samples/s, data-wait fraction) through train.py itself.
+
+    python tools/benchmark.py train --networks r18,r50,mbf --nprocs 1,2 --steps 12 --batch 32
+
+Each case runs ``train.py`` (under torchrun when nproc > 1) on arcface_torch's "synthetic" speed
+mode data, skips the first logged interval (warm-up) and prints the mean of the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STATUS = re.compile(r"([0-9.]+) samples/s \| data wait (\d+)%")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--networks", default="r18,r50,mbf", help="comma-separated backbone names")
+    parser.add_argument("--nprocs", default="1,2", help="comma-separated process counts")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per case")
+    parser.add_argument("--batch", type=int, default=32, help="per-process batch size")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | npu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--num-classes", type=int, default=10000)
+    parser.add_argument("--workers", type=int, default=1)
+
+
+def run_case(args: argparse.Namespace, network: str, nproc: int, workdir: str) -> tuple[float, float]:
+    overrides = {"device": args.device, "network": network, "rec": "synthetic", "num_classes": args.num_classes,
+                 "num_image": args.batch * nproc * args.steps * 2, "batch_size": args.batch,
+                 "max_steps": args.steps, "frequent": 3, "verbose": 0, "val_targets": [],
+                 "num_workers": args.workers, "tensorboard": False, "fp16": args.precision == "fp16",
+                 "bf16": args.precision == "bf16", "output": os.path.join(workdir, f"{network}_{nproc}")}
+    sets = [item for key, value in overrides.items() for item in ("--set", f"{key}={value!r}")]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={nproc}", "--master_port=29611"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    result = subprocess.run(launcher + ["train.py", "configs/base.py"] + sets, cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{network} x{nproc} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    intervals = [(float(rate), int(wait) / 100) for rate, wait in STATUS.findall(result.stdout)][1:]
+    if not intervals:
+        raise SystemExit(f"{network} x{nproc}: too few steps to measure; raise --steps")
+    return (sum(rate for rate, _ in intervals) / len(intervals), sum(wait for _, wait in intervals) / len(intervals))
+
+
+def run(args: argparse.Namespace) -> None:
+    print(f"device={args.device} precision={args.precision} batch/process={args.batch} steps={args.steps} "
+          f"classes={args.num_classes} workers={args.workers}")
+    print(f"{'network':<10}{'procs':>6}{'samples/s':>12}{'data wait':>11}")
+    with tempfile.TemporaryDirectory() as workdir:
+        for network in args.networks.split(","):
+            for nproc in (int(n) for n in args.nprocs.split(",")):
+                rate, wait = run_case(args, network, nproc, workdir)
+                print(f"{network:<10}{nproc:>6}{rate:>12.1f}{100 * wait:>10.0f}%", flush=True)
