@@ -365,6 +365,9 @@ def _reconcile(cfg: Any, dataset: _FaceDataset) -> None:
 
 def _seed_worker(worker_id: int) -> None:
     # torch seeds each worker from the loader's generator; numpy and random follow it.
+    import cv2
+
+    cv2.setNumThreads(1)  # one decode thread per worker: workers are the parallelism
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

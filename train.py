@@ -282,7 +282,8 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
         sampler.set_epoch(epoch)
         batches = iter(loader)
         steps_this_epoch = len(loader) // accumulation
-        for _ in range(steps_this_epoch):
+        steps_to_run = min(steps_this_epoch, total_steps - step)
+        for _ in range(steps_to_run):
             model.train()
             loss_sum, data_wait = 0.0, 0.0
             for micro_step in range(accumulation):
@@ -357,10 +358,10 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
                 checkpoint()
             if not keep_going:
                 stop.requested = True
-            if stop.requested or step >= total_steps:
                 break
         else:
-            epoch += 1  # the epoch ran to its end
+            if steps_to_run == steps_this_epoch:
+                epoch += 1  # the epoch ran to its end
             checkpoint()
             continue
         break

@@ -49,7 +49,8 @@ class IBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
         identity = x if self.downsample is None else self.downsample(x)
-        return out + identity
+        out += identity  # in place: BN backward keeps its input, not its output, so this is safe
+        return out
 
 
 class IResNet(nn.Module):

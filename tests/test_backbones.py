@@ -21,6 +21,15 @@ IRESNET = {  # blocks per stage, len(state_dict()), parameters in millions (the 
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core runner, 2 OpenMP threads per op are several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def on_meta(name, **kwargs):
     with torch.device("meta"):
         return get_model(name, **kwargs)
@@ -184,10 +193,16 @@ def small_models():
 
 
 def settle_batch_norm(model, images):
-    """One train-mode pass so BN running stats are realistic (fresh iresnets overflow fp16 in eval)."""
+    """Running stats := this batch's stats, so eval mode is well scaled (fresh iresnets explode in eval)."""
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    momenta = [module.momentum for module in norms]
+    for module in norms:
+        module.momentum = 1.0
     model.train()
     with torch.no_grad():
         model(images)
+    for module, momentum in zip(norms, momenta):
+        module.momentum = momentum
 
 
 @pytest.mark.parametrize("name", ["r18", "mbf", "vit_t"])
@@ -225,17 +240,19 @@ def conv_output_dtypes(model, run):
 
 @pytest.mark.parametrize("name", ["iresnet", "mbf", "vit"])
 def test_fp16_trunk_autocast_and_fp32_output(small_models, name):
-    model = copy.deepcopy(small_models[name]).train()
-    images = torch.rand(2, 3, 112, 112) * 2 - 1
+    model = copy.deepcopy(small_models[name])
+    images = torch.rand(4, 3, 112, 112) * 2 - 1
+    settle_batch_norm(model, images)
+    model.eval()  # no batch coupling in BN1d, no random token masking
     with torch.no_grad():
-        torch.manual_seed(3)  # same token masking / drop-path draws for both runs
         reference = model(images)
         model.fp16 = True
-        torch.manual_seed(3)
         half, dtypes = conv_output_dtypes(model, lambda: model(images))
     assert dtypes == [torch.float16]
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
-    torch.testing.assert_close(half, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+    # Embeddings are compared by angle, so that is what fp16 must preserve.
+    cosine = torch.nn.functional.cosine_similarity(half, reference, dim=1)
+    assert cosine.min() > 0.999, cosine
 
 
 def test_outer_bf16_autocast_is_respected_head_stays_fp32(small_models):

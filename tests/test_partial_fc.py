@@ -146,10 +146,10 @@ def test_two_and_three_ranks_equal_full_softmax_and_checkpoints_move_between_wor
     _, loaded_single = run_head(0, 1, "arcface", state=state)
     for rank_result in three:
         assert rank_result["loaded"]["loss"].item() == pytest.approx(loaded_single["loss"].item(), rel=1e-6)
-    torch.testing.assert_close(torch.cat([r["loaded"]["embedding_grad"] for r in three]),
-                               loaded_single["embedding_grad"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.cat([r["loaded"]["center_grad"] for r in three]),
-                               loaded_single["center_grad"], rtol=1e-5, atol=1e-5)
+    for key in ("embedding_grad", "center_grad"):
+        expected = loaded_single[key]
+        torch.testing.assert_close(torch.cat([r["loaded"][key] for r in three]), expected, rtol=1e-5,
+                                   atol=1e-5 * expected.abs().max())
 
 
 def test_class_ranges_are_contiguous_and_balanced():

@@ -95,6 +95,17 @@ def _embedding_hint(file_state: Mapping[str, torch.Tensor], model: nn.Module) ->
     return ""
 
 
+def _load_failure(exc: BaseException) -> str:
+    """The informative sentence of torch.load's multi-paragraph error, plus what to do about it."""
+    root = exc.__cause__ or exc.__context__ or exc
+    text = " ".join(str(root).split()) or type(root).__name__
+    sentence = text.split(". ")[0][:200]
+    if "Unsupported global" in text:
+        return (f"{sentence} (the file pickles Python objects, e.g. a whole model; load it once with "
+                f"weights_only=False where you trust it and save model.state_dict() instead)")
+    return f"{type(root).__name__}: {sentence}"
+
+
 def load_backbone(path: str, name: str | None = None, model: nn.Module | None = None, strict: bool = True,
                   map_location: str | torch.device = "cpu", **model_kwargs: Any) -> nn.Module:
     """Load backbone weights from ``path`` into ``model``, or into a new ``get_model(name, **model_kwargs)``.
@@ -111,9 +122,7 @@ def load_backbone(path: str, name: str | None = None, model: nn.Module | None = 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling refused, truncated or not a torch file
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(f"{path}: cannot read with torch.load(weights_only=True): "
-                              f"{type(exc).__name__}: {detail[:200]}") from exc
+        raise CheckpointError(f"{path}: cannot read with torch.load(weights_only=True): {_load_failure(exc)}") from exc
     file_state, config = extract_backbone_state(obj, path)
 
     built_here = model is None
