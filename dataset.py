@@ -57,8 +57,10 @@ class _FaceDataset(Dataset):
         self.skip_bad_records = skip_bad_records
         # Shared memory, so counts made inside DataLoader workers are visible to the trainer.
         self.bad_record_counter = torch.zeros(_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
-        self._rng: random.Random | None = None
-        self._rng_seed: int | None = None
+        # Flips are a pure function of (seed, epoch, index), so a resumed run flips exactly the
+        # same samples as an uninterrupted one; the sampler writes the epoch here (shared memory).
+        self.flip_seed = 0
+        self.flip_epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         """RGB uint8 HWC image (already image_size) and class of sample ``index``."""
@@ -67,11 +69,13 @@ class _FaceDataset(Dataset):
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def _flip_rng(self) -> random.Random:
-        seed = torch.initial_seed()  # differs per worker and per epoch; seeded from the loader
-        if self._rng is None or seed != self._rng_seed:
-            self._rng, self._rng_seed = random.Random(seed), seed
-        return self._rng
+    def _should_flip(self, index: int) -> bool:
+        # splitmix64 finaliser over (seed, epoch, index): cheap, well mixed, no RNG state to carry.
+        value = (self.flip_seed * 0x9E3779B97F4A7C15 + int(self.flip_epoch[0]) * 0xBF58476D1CE4E5B9
+                 + index * 0x94D049BB133111EB + 1) & 0xFFFFFFFFFFFFFFFF
+        value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        return bool((value ^ (value >> 31)) & 1)
 
     def _count_bad(self) -> None:
         info = get_worker_info()
@@ -97,7 +101,7 @@ class _FaceDataset(Dataset):
                                f"the data looks broadly corrupt")
         import cv2
 
-        if self.flip and self._flip_rng().random() < 0.5:
+        if self.flip and self._should_flip(int(index)):
             image = cv2.flip(image, 1)
         # HWC -> CHW with cv2.split into the planes of one array: several times faster than a
         # numpy transpose copy, which matters next to a ~0.3 ms JPEG decode.
@@ -280,12 +284,15 @@ class ResumableDistributedSampler(Sampler[int]):
         self.seed, self.shuffle = int(seed), shuffle
         self.epoch, self.consumed = 0, 0
         self._resume_epoch: int | None = None
+        self.shared_epoch: torch.Tensor | None = None  # get_dataloader links the dataset's flip epoch
 
     def set_epoch(self, epoch: int) -> None:
         if self._resume_epoch is None or self._resume_epoch != epoch:
             self.consumed = 0
         self._resume_epoch = None
         self.epoch = int(epoch)
+        if self.shared_epoch is not None:
+            self.shared_epoch.fill_(self.epoch)
 
     def advance(self, num_global_samples: int) -> None:
         self.consumed = min(self.consumed + int(num_global_samples), self.num_samples)
@@ -381,6 +388,8 @@ def get_dataloader(cfg: Any, rank: int, world_size: int, pin_memory: bool = Fals
     dataset = build_dataset(cfg)
     _reconcile(cfg, dataset)
     sampler = ResumableDistributedSampler(len(dataset), rank, world_size, cfg.seed)
+    dataset.flip_seed = int(cfg.seed)
+    sampler.shared_epoch = dataset.flip_epoch
     generator = torch.Generator().manual_seed(int(cfg.seed) * 1009 + int(rank))
     num_workers = int(cfg.num_workers)
     return DataLoader(

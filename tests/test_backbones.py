@@ -315,3 +315,26 @@ def test_vit_masking_only_in_training(small_models):
 def test_iresnet_dropout_reaches_the_model():
     assert on_meta("r18", dropout=0.4).dropout.p == 0.4
     assert on_meta("r18").dropout.p == 0.0
+
+
+def tiny_iresnet_gradients(rank, world_size, checkpointing):
+    """Gradient of one rank's half-batch loss, averaged over ranks by DDP when a group exists."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = IResNet((1, 1, 1, 1), num_features=16, gradient_checkpointing=checkpointing).train()
+    images = torch.rand(4, 3, 112, 112, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    shard = images[2 * rank:2 * rank + 2]
+    if torch.distributed.is_initialized():
+        model = nn.parallel.DistributedDataParallel(model)
+    (model(shard) * torch.linspace(-1, 1, 16)).sum().backward()
+    return {name: param.grad.numpy().copy() for name, param in model.named_parameters() if param.grad is not None}
+
+
+def test_gradient_checkpointing_under_ddp(port):
+    from tests.spawn_helpers import run_ranks
+    ranks = run_ranks(tiny_iresnet_gradients, 2, port, True, timeout=90)
+    reference = [tiny_iresnet_gradients(rank, 2, False) for rank in range(2)]
+    for key, value in ranks[0].items():
+        expected = (reference[0][key.removeprefix("module.")] + reference[1][key.removeprefix("module.")]) / 2
+        torch.testing.assert_close(torch.from_numpy(value), torch.from_numpy(expected), msg=key)
+        torch.testing.assert_close(torch.from_numpy(ranks[1][key]), torch.from_numpy(value), msg=key)

@@ -93,7 +93,12 @@ def test_resize_and_flip(tmp_path):
     assert tuple(sample.shape) == (3, 112, 112)
     assert sample[0, 50, 5] == 255 and sample[0, 50, 106] == 0
     flipped = ImageFolderDataset(str(tmp_path), flip=True)
-    seen = {int(flipped[0][0][0, 50, 5]) for _ in range(40)}
+    seen = set()
+    for epoch in range(40):
+        flipped.flip_epoch.fill_(epoch)
+        first, again = int(flipped[0][0][0, 50, 5]), int(flipped[0][0][0, 50, 5])
+        assert first == again  # a pure function of (seed, epoch, index)
+        seen.add(first)
     assert seen == {0, 255}
 
 
@@ -262,3 +267,17 @@ def test_corrupt_records_are_skipped_and_counted(insightface_fixtures, tmp_path)
     strict = RecordDataset(str(folder), skip_bad_records=False)
     with pytest.raises(recordio.BadRecordError, match=r"key 200 at offset \d+: bad magic"):
         strict[199]
+
+
+def test_resumed_loader_yields_exactly_the_remaining_batches(insightface_fixtures):
+    root = os.path.join(insightface_fixtures, "A")
+    straight = get_dataloader(_cfg(root, batch_size=32, num_workers=0), 0, 1)
+    straight.sampler.set_epoch(1)
+    expected = list(straight)
+    resumed = get_dataloader(_cfg(root, batch_size=32, num_workers=2), 0, 1)
+    resumed.sampler.load_state_dict({"epoch": 1, "seed": 3, "consumed": 64})
+    resumed.sampler.set_epoch(1)
+    actual = list(resumed)
+    assert len(actual) == len(expected) - 2
+    for (images, labels), (want_images, want_labels) in zip(actual, expected[2:]):
+        assert torch.equal(labels, want_labels) and torch.equal(images, want_images)
