@@ -403,6 +403,9 @@ def get_dataloader(cfg: Any, rank: int, world_size: int, pin_memory: bool = Fals
         generator=generator,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        # Fresh worker processes: forking a trainer whose OpenCV/OpenMP thread pools have already
+        # run (synthetic-set generation, verification decoding) can deadlock the child.
+        multiprocessing_context="spawn" if num_workers > 0 else None,
     )
 
 

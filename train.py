@@ -277,6 +277,9 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
             save_checkpoint(cfg, ctx, backbone, head, optimizer, scaler, scheduler, sampler, step, epoch)
             saved_at_step = step
 
+    if verification is not None and cfg.verify_at_start and step == 0:
+        log_scalars(writer, wandb_run, verification(0, backbone, ctx.device), 0)
+
     # ---- the loop: one iteration = one optimizer step of `accumulation` micro-batches
     while epoch < cfg.num_epoch and step < total_steps and not stop.requested:
         sampler.set_epoch(epoch)

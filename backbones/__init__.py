@@ -12,6 +12,7 @@ from torch import nn
 from backbones.common import BackboneError
 from backbones.iresnet import IRESNET_LAYERS, build_iresnet
 from backbones.mobilefacenet import MBF_VARIANTS, build_mobilefacenet
+from backbones.tiny import build_tiny
 from backbones.vit import VIT_VARIANTS, build_vit
 
 __all__ = ["BackboneError", "MODEL_NAMES", "get_model"]
@@ -26,6 +27,7 @@ for _name in MBF_VARIANTS:
     _REGISTRY[_name] = (build_mobilefacenet, (), False)
 for _name in VIT_VARIANTS:
     _REGISTRY[_name] = (build_vit, ("drop_path_rate", "mask_ratio"), False)
+_REGISTRY["tiny"] = (build_tiny, (), True)  # CPU demo/test network, not an insightface model
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 

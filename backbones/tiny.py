@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from backbones.common import check_input, fp32_region, run_block, trunk_autocast
+
 # (out_channels, stride) per conv: 112 -> 56 -> 28 -> 14 -> 14 -> 7
 TINY_STAGES = ((16, 2), (32, 2), (64, 2), (64, 1), (128, 2))
 
@@ -23,6 +25,7 @@ class TinyFaceNet(nn.Module):
     def __init__(self, num_features: int = 512, fp16: bool = False, gradient_checkpointing: bool = False,
                  dropout: float = 0.0, name: str = "tiny") -> None:
         super().__init__()
+        self.name = name
         self.fp16 = fp16
         self.gradient_checkpointing = gradient_checkpointing
         layers, in_channels = [], 3
@@ -35,14 +38,16 @@ class TinyFaceNet(nn.Module):
         self.features = nn.BatchNorm1d(num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=self.fp16):
+        check_input(x, self.name)
+        use_checkpoint = self.gradient_checkpointing and self.training
+        # Same precision rules as the zoo models: fp16 trunk on request, any outer autocast kept,
+        # embedding head always float32.
+        with trunk_autocast(x, self.fp16):
             for layer in self.layers:
-                if self.gradient_checkpointing and self.training:
-                    x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-                else:
-                    x = layer(x)
+                x = run_block(layer, x, use_checkpoint)
             x = self.dropout(torch.flatten(x, 1))
-        return self.features(self.fc(x.float()))
+        with fp32_region(x):
+            return self.features(self.fc(x.float()))
 
 
 def build_tiny(name: str, **kwargs) -> TinyFaceNet:

@@ -78,6 +78,7 @@ config.verbose = 2000           # run verification every N optimizer steps (0 = 
 config.val_targets = []         # stems of <val_data_dir>/<target>.bin
 config.val_data_dir = None      # None -> the data folder (cfg.rec)
 config.val_batch_size = 256
+config.verify_at_start = False  # also verify the untrained model (a baseline for the curve)
 config.tensorboard = True
 config.using_wandb = False      # key from WANDB_API_KEY in the environment
 config.wandb_project = "arcscale"

@@ -71,7 +71,8 @@ def num_params(model):
 
 
 def test_registry_has_every_name_of_the_issue():
-    assert sorted(MODEL_NAMES) == sorted(ISSUE_NAMES)
+    assert set(ISSUE_NAMES) <= set(MODEL_NAMES)
+    assert set(MODEL_NAMES) - set(ISSUE_NAMES) <= {"tiny"}  # the CPU demo network
 
 
 def test_unknown_name_lists_valid_names():
@@ -166,7 +167,7 @@ def test_vit_variant_defaults():
     assert isinstance(model.blocks[0].drop_path, nn.Identity)
 
 
-@pytest.mark.parametrize("name", ISSUE_NAMES)
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_output_shape_every_model(name):
     # Shape propagation on "meta" runs every layer's shape logic without the memory of vit_l.
     model = on_meta(name, num_features=128)
