@@ -29,7 +29,7 @@ def identity_set(tmp_path_factory) -> str:
 
 
 def write_config(tmp_path, name: str = "job", **keys) -> str:
-    defaults = dict(device="cpu", network="mbf", embedding_size=32, batch_size=8, num_epoch=1, lr=0.05,
+    defaults = dict(device="cpu", network="tiny", embedding_size=32, batch_size=8, num_epoch=1, lr=0.05,
                     num_workers=0, frequent=1, verbose=0, tensorboard=False, keep_checkpoints=20,
                     output=str(tmp_path / f"out_{name}"))
     defaults.update(keys)
@@ -81,7 +81,7 @@ def test_single_process_run_writes_model_checkpoint_and_logs(tmp_path, identity_
     config = write_config(tmp_path, rec=identity_set, val_targets=["synthetic_unseen"])
     assert train.main([config]) == 0
     output = str(tmp_path / "out_job")
-    model = get_model("mbf", num_features=32)
+    model = get_model("tiny", num_features=32)
     model.load_state_dict(backbone_state(output))  # bare, insightface-style state_dict
     checkpoints = list_checkpoints(output)
     state = load_checkpoint(checkpoints[-1])
@@ -204,3 +204,18 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, identity_set):
 def test_legacy_local_rank_argument_is_accepted():
     args = train.parse_args(["cfg.py", "--local_rank=3"])
     assert args.local_rank == 3 and train.parse_args(["cfg.py", "--local-rank", "1"]).local_rank == 1
+
+
+@pytest.mark.timeout(400)
+def test_demo_config_learns_unseen_identities(tmp_path):
+    """The README demo, shortened to 120 steps: verification on unseen identities must clear 0.80."""
+    output = tmp_path / "demo"
+    result = run_subprocess([PYTHON, "train.py", "configs/demo_cpu.py", "--set", f"output={str(output)!r}",
+                             "--set", f"synthetic.cache_dir={str(tmp_path / 'cache')!r}", "--set", "max_steps=120",
+                             "--set", "verbose=0"], timeout=380, env={"OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = training_log(str(output))
+    start = float(re.search(r"\[synthetic_unseen\]\[0\]Accuracy-Flip: ([0-9.]+)", log).group(1))
+    final = float(re.search(r"\[synthetic_unseen\]\[120\]Accuracy-Flip: ([0-9.]+)", log).group(1))
+    assert start < 0.80 <= final, (start, final)
+    assert "model.pt: " in result.stdout
