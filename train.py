@@ -235,7 +235,12 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
     total_steps = steps_per_epoch * cfg.num_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, int(cfg.max_steps))
-    scheduler = PolyWarmupLR(lr, total_steps, int(steps_per_epoch * cfg.warmup_epoch), cfg.lr_power)
+    warmup_steps = int(steps_per_epoch * cfg.warmup_epoch)
+    if warmup_steps >= total_steps:  # e.g. a short max_steps performance run
+        logger.warning("warmup of %d steps is longer than the run (%d steps); using %d", warmup_steps,
+                       total_steps, total_steps - 1)
+        warmup_steps = total_steps - 1
+    scheduler = PolyWarmupLR(lr, total_steps, warmup_steps, cfg.lr_power)
     logger.info("%s: %d images, %d classes, world size %d, global batch %d (%d x %d ranks x %d acc), lr %.5g, "
                 "%d steps/epoch, %d steps", cfg.config_name, cfg.num_image, cfg.num_classes, ctx.world_size,
                 global_batch, cfg.batch_size, ctx.world_size, accumulation, lr, steps_per_epoch, total_steps)

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 
+class SchedulerError(ValueError):
+    """A schedule that cannot be built from the config; one line for the user."""
+
+
 class PolyWarmupLR:
     """lr(step) = base * step / warmup during warmup, then base * (1 - progress) ** power.
 
@@ -11,9 +15,9 @@ class PolyWarmupLR:
 
     def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0, power: float = 2.0) -> None:
         if total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {total_steps} (is the dataset smaller than one global batch?)")
+            raise SchedulerError(f"total_steps must be positive, got {total_steps} (is the dataset smaller than one global batch?)")
         if not 0 <= warmup_steps < total_steps:
-            raise ValueError(f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps})")
+            raise SchedulerError(f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps})")
         self.base_lr = base_lr
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
