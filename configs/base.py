@@ -70,7 +70,7 @@ config.max_nonfinite_steps = 20 # abort after this many non-finite losses in a r
 config.fp16 = False             # autocast fp16 + GradScaler (apex O1 equivalent)
 config.bf16 = False             # autocast bf16 (no scaler)
 config.fp16_grad_compression = False  # CUDA: compress DDP gradient buckets to fp16
-config.static_graph = True      # DDP static graph (turned off with gradient checkpointing)
+config.static_graph = True      # DDP static graph: the same parameters get gradients every step
 
 # ---------------------------------------------------------------- logging, eval, checkpoints
 config.frequent = 10            # log every N optimizer steps
