@@ -17,34 +17,25 @@ MBF_VARIANTS = {
 
 
 class ConvBlock(nn.Module):
-    """conv -> BN -> PReLU."""
+    """conv -> BN -> PReLU (``activation=False``: conv -> BN, insightface's LinearBlock)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1,
-                 padding: int = 0, groups: int = 1) -> None:
+                 padding: int = 0, groups: int = 1, activation: bool = True) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.PReLU(out_channels),
-        )
+        layers = [nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups, bias=False),
+                  nn.BatchNorm2d(out_channels)]
+        if activation:
+            layers.append(nn.PReLU(out_channels))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
 
-class LinearBlock(nn.Module):
-    """conv -> BN, no activation."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1,
-                 padding: int = 0, groups: int = 1) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+def LinearBlock(in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1, padding: int = 0,
+                groups: int = 1) -> ConvBlock:
+    """conv -> BN, no activation (same state_dict keys as insightface's LinearBlock)."""
+    return ConvBlock(in_channels, out_channels, kernel, stride, padding, groups, activation=False)
 
 
 class DepthWise(nn.Module):
