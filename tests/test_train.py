@@ -219,3 +219,12 @@ def test_demo_config_learns_unseen_identities(tmp_path):
     final = float(re.search(r"\[synthetic_unseen\]\[120\]Accuracy-Flip: ([0-9.]+)", log).group(1))
     assert start < 0.80 <= final, (start, final)
     assert "model.pt: " in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_legacy_torch_distributed_launch(tmp_path, identity_set):
+    config = write_config(tmp_path, "legacy", rec=identity_set, max_steps=2)
+    result = run_subprocess([PYTHON, "-m", "torch.distributed.launch", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", "train.py", config], timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "world size 2" in training_log(str(tmp_path / "out_legacy"))
