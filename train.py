@@ -248,7 +248,8 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
     # ---- model, head, optimizers
     backbone = build_backbone(cfg, ctx)
     head = PartialFC(build_margin_loss(cfg), cfg.embedding_size, cfg.num_classes,
-                     sample_rate=cfg.sample_rate, pfc_update=cfg.pfc_update).to(ctx.device)
+                     sample_rate=cfg.sample_rate, pfc_update=cfg.pfc_update, weight_dtype=cfg.pfc_weight_dtype,
+                     state_dtype=cfg.pfc_state_dtype, seed=cfg.seed).to(ctx.device)
     head.configure_optimizer(cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                              betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
     optimizer = build_optimizer(cfg, backbone, lr)
