@@ -459,6 +459,15 @@ class PartialFC(nn.Module):
         None on other ranks."""
         weight = self._gather_to_rank0(self.weight)
         optimizer = {name: self._gather_to_rank0(self._buffers[name]) for name in self.optimizer_state_names()}
+        # Every rank's sampling/rounding generator, so a resume on the same world size draws the same
+        # negatives as an uninterrupted run (on another world size the streams restart from the seed).
+        generator_state = None if self._generator is None else self._generator.get_state()
+        generator_states = [generator_state]
+        if dist_utils.is_distributed():
+            import torch.distributed as dist
+
+            generator_states = [None] * self.world_size
+            dist.all_gather_object(generator_states, generator_state)
         if self.rank != 0:
             return None
         return {
@@ -468,6 +477,7 @@ class PartialFC(nn.Module):
             "optimizer": None if self.optimizer_name is None else {"name": self.optimizer_name, **optimizer},
             "margin": {key: value.detach().cpu().clone() for key, value in self.margin_loss.state_dict().items()}
             if isinstance(self.margin_loss, nn.Module) else {},
+            "generators": {"world_size": self.world_size, "states": generator_states},
         }
 
     def load_full_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -498,6 +508,9 @@ class PartialFC(nn.Module):
                             self._buffers[name].zero_()
             if state.get("margin") and isinstance(self.margin_loss, nn.Module):
                 self.margin_loss.load_state_dict(state["margin"])
+        generators = state.get("generators")
+        if generators and generators["world_size"] == self.world_size and generators["states"][self.rank] is not None:
+            self._get_generator(self.weight.device).set_state(generators["states"][self.rank])
         self.zero_grad()
 
     def extra_repr(self) -> str:

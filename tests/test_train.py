@@ -92,8 +92,11 @@ def test_single_process_run_writes_model_checkpoint_and_logs(tmp_path, identity_
     assert "global batch 8 (8 x 1 ranks x 1 acc)" in log
 
 
-def test_resume_mid_epoch_gives_the_same_weights_as_a_straight_run(tmp_path, identity_set):
-    common = dict(rec=identity_set, num_epoch=2, save_every_steps=4)  # 16 steps; checkpoints at 4, 8, 12, 16
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_resume_mid_epoch_gives_the_same_weights_as_a_straight_run(tmp_path, identity_set, sample_rate):
+    # Batch 2 of 8 classes: 64 steps, checkpoints every 4. At sample_rate 0.5 each step draws random
+    # negatives (at most 2 positives < 4 sampled rows), so the head's generator must resume too.
+    common = dict(rec=identity_set, num_epoch=2, save_every_steps=4, sample_rate=sample_rate, batch_size=2)
     straight = write_config(tmp_path, "straight", **common)
     assert train.main([straight]) == 0
     resumed_out = tmp_path / "out_resumed"
