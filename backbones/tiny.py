@@ -1,4 +1,5 @@
-"""``tiny``: a ~20 MMAC plain CNN for CPU demos and tests (not an insightface model).
+"""``tiny``: a ~20 MMAC stack of MobileFaceNet's conv-BN-PReLU block, for CPU demos and tests
+(not an insightface model).
 
 MobileFaceNet costs 0.45 GMAC per 112x112 image, which on a 2-core CPU allows only a few
 thousand training images in a few minutes. This network keeps the same interface (112x112 in,
@@ -11,14 +12,10 @@ import torch
 from torch import nn
 
 from backbones.common import check_input, fp32_region, run_block, trunk_autocast
+from backbones.mobilefacenet import ConvBlock
 
 # (out_channels, stride) per conv: 112 -> 56 -> 28 -> 14 -> 14 -> 7
 TINY_STAGES = ((16, 2), (32, 2), (64, 2), (64, 1), (128, 2))
-
-
-def _conv_bn_prelu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.PReLU(out_channels))
 
 
 class TinyFaceNet(nn.Module):
@@ -30,7 +27,7 @@ class TinyFaceNet(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         layers, in_channels = [], 3
         for out_channels, stride in TINY_STAGES:
-            layers.append(_conv_bn_prelu(in_channels, out_channels, stride))
+            layers.append(ConvBlock(in_channels, out_channels, kernel=3, stride=stride, padding=1))
             in_channels = out_channels
         self.layers = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
