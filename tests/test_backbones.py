@@ -21,13 +21,8 @@ IRESNET = {  # blocks per stage, len(state_dict()), parameters in millions (the 
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core runner, 2 OpenMP threads per op are several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread for the whole module (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def on_meta(name, **kwargs):
