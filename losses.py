@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -111,10 +112,32 @@ def _check_scale(s: float) -> float:
     return float(s)
 
 
+@dataclass
+class FusedMargin:
+    """What ``margin.fused_(cos, ...)`` did to the logits, for Partial FC's hand-written backward:
+    d logits / d cos = ``scale`` everywhere, times ``target_slope`` at the targets (None: 1, the
+    straight-through or pure-cosine case), and 0 where ``zeroed`` (inter-class filtering) is True."""
+
+    scale: float
+    target_slope: torch.Tensor | None = None
+    zeroed: torch.Tensor | None = None
+
+
 class _MarginBase(nn.Module):
-    """Shared input checks and target lookup. Subclasses set ``needs_norms``."""
+    """Shared input checks and target lookup. Subclasses set ``needs_norms``.
+
+    Margins whose gradient touches only the target logits (plus a constant scale and a mask) also
+    implement ``fused_``: an in-place, autograd-free forward that Partial FC's fused head uses to
+    avoid [N, C]-sized autograd temporaries. ``supports_fused`` says whether it exists.
+    """
 
     needs_norms = False
+    supports_fused = False
+
+    def fused_(self, cos: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
+               norms: torch.Tensor | None = None) -> FusedMargin:
+        """Turn cosine logits into final logits in place; return how to map gradients back."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused form; use forward()")
 
     def _prepare(self, logits: torch.Tensor, labels: torch.Tensor, inplace: bool):
         if logits.dim() != 2:
@@ -173,6 +196,26 @@ class CombinedMarginLoss(_MarginBase):
         logits = logits.index_put_((rows, columns), target)
         return logits.mul_(self.s)
 
+    supports_fused = True
+
+    @torch.no_grad()
+    def fused_(self, cos: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
+               norms: torch.Tensor | None = None) -> FusedMargin:
+        zeroed = None
+        if self.interclass_filtering_threshold > 0:
+            zeroed = cos > self.interclass_filtering_threshold
+            zeroed[rows, columns] = False
+            cos.masked_fill_(zeroed, 0.0)
+        target = cos[rows, columns]
+        slope = None
+        if self.m1 != 1.0 or self.m2 != 0.0:
+            if self.margin_grad == "exact":
+                slope = margin_curve_slope(target, self.m1, self.m2)
+            target = margin_curve(target, self.m1, self.m2)
+        cos[rows, columns] = target - self.m3 if self.m3 != 0.0 else target
+        cos.mul_(self.s)
+        return FusedMargin(self.s, slope, zeroed)
+
     def extra_repr(self) -> str:
         return (f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, margin_grad={self.margin_grad}, "
                 f"interclass_filtering_threshold={self.interclass_filtering_threshold}")
@@ -206,23 +249,43 @@ class AdaFaceLoss(_MarginBase):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None,
                 inplace: bool = False, model_parallel: bool = False) -> torch.Tensor:
-        if norms is None or norms.shape != (logits.shape[0],):
-            raise MarginLossError(f"AdaFaceLoss needs norms=[N={logits.shape[0]}] (embedding norms), got "
-                                  f"{None if norms is None else tuple(norms.shape)}")
+        self._check_norms(norms, logits.shape[0])
         logits, rows, columns = self._prepare(logits, labels, inplace)
-        safe_norms = norms.detach().float().clamp(0.001, 100.0)
-        if self.training:
-            with torch.no_grad():
-                std = safe_norms.std() if safe_norms.numel() > 1 else torch.zeros_like(self.batch_std)
-                self.batch_mean.mul_(1 - self.t_alpha).add_(self.t_alpha * safe_norms.mean())
-                self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * std)
-        quality = ((safe_norms - self.batch_mean) / (self.batch_std + self.eps) * self.h).clamp(-1.0, 1.0)
-        quality = quality[rows]
+        quality = self._quality(norms)[rows]
         target = logits[rows, columns]
         target = apply_target_margin(target, 1.0, -self.m * quality, self.margin_grad == "exact")
         target = target - (self.m + self.m * quality)
         logits = logits.index_put_((rows, columns), target)
         return logits.mul_(self.s)
+
+    @staticmethod
+    def _check_norms(norms: torch.Tensor | None, num_rows: int) -> None:
+        if norms is None or norms.shape != (num_rows,):
+            raise MarginLossError(f"AdaFaceLoss needs norms=[N={num_rows}] (embedding norms), got "
+                                  f"{None if norms is None else tuple(norms.shape)}")
+
+    @torch.no_grad()
+    def _quality(self, norms: torch.Tensor) -> torch.Tensor:
+        """z in [-1, 1] per row; in training, first moves the EMA statistics towards this batch."""
+        safe_norms = norms.detach().float().clamp(0.001, 100.0)
+        if self.training:
+            std = safe_norms.std() if safe_norms.numel() > 1 else torch.zeros_like(self.batch_std)
+            self.batch_mean.mul_(1 - self.t_alpha).add_(self.t_alpha * safe_norms.mean())
+            self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * std)
+        return ((safe_norms - self.batch_mean) / (self.batch_std + self.eps) * self.h).clamp(-1.0, 1.0)
+
+    supports_fused = True
+
+    @torch.no_grad()
+    def fused_(self, cos: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
+               norms: torch.Tensor | None = None) -> FusedMargin:
+        self._check_norms(norms, cos.shape[0])
+        quality = self._quality(norms)[rows]
+        target = cos[rows, columns]
+        slope = margin_curve_slope(target, 1.0, -self.m * quality) if self.margin_grad == "exact" else None
+        cos[rows, columns] = margin_curve(target, 1.0, -self.m * quality) - (self.m + self.m * quality)
+        cos.mul_(self.s)
+        return FusedMargin(self.s, slope, None)
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}, h={self.h}, t_alpha={self.t_alpha}, margin_grad={self.margin_grad}"

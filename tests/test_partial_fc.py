@@ -175,20 +175,21 @@ def test_sampling_keeps_positives_and_equals_restricted_softmax():
     head = _sampled_head()
     embeddings, labels = global_batch(total=40, num_classes=1000)
     loss = head(embeddings, labels)
-    index, leaf = head._pending[0]
+    index = head.last_index
     assert index.numel() == 100 and bool((index[1:] > index[:-1]).all())  # round(0.1 * 1000), sorted, unique
     assert set(labels.tolist()) <= set(index.tolist())
-    assert torch.equal(leaf.detach(), head.weight[index])
     # Loss = full softmax restricted to the sampled classes, labels remapped to sampled positions.
     remapped = torch.searchsorted(index, labels)
     ref_loss, _, ref_grad = reference(make_margin("arcface"), embeddings, remapped, head.weight[index])
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     loss.backward()
-    torch.testing.assert_close(leaf.grad, ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max())
+    grad_index, grad = head._coalesced_grad()
+    assert torch.equal(grad_index, index)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max())
     # Different steps sample different negatives (the generator advances).
     head.zero_grad()
     head(embeddings, labels)
-    assert not torch.equal(head._pending[0][0], index)
+    assert not torch.equal(head.last_index, index)
 
 
 def test_more_positives_than_sample_size_keeps_all_positives():
@@ -202,7 +203,7 @@ def test_more_positives_than_sample_size_keeps_all_positives():
 def _one_step(head, embeddings, labels, lr=0.1):
     loss = head(embeddings, labels)
     loss.backward()
-    index = head._pending[0][0]
+    index = head.last_index
     head.step(lr)
     head.zero_grad()
     return index
@@ -283,7 +284,7 @@ def test_gradient_accumulation_sums_micro_steps():
     parts = []
     for part in (slice(0, 6), slice(6, 12)):
         head(embeddings[part], labels[part]).backward()
-        parts.append((head._pending[-1][0], head._pending[-1][1].grad.clone()))
+        parts.append((head._grads[-1][0], head._grads[-1][1].clone()))
     index, grad = head._coalesced_grad()
     assert torch.equal(index, torch.unique(torch.cat([parts[0][0], parts[1][0]])))
     expected = torch.zeros(200, D)
@@ -297,6 +298,67 @@ def test_gradient_accumulation_sums_micro_steps():
     assert not head.grads_finite()
     head.zero_grad()
     assert head.grads_finite() and head._coalesced_grad() is None
+
+
+# ---------------------------------------------------------------- fused head path
+def _generic(margin):
+    """The same margin as a plain callable: PartialFC then takes the generic autograd path."""
+    return lambda logits, labels: margin(logits, labels, norms=None)
+
+
+@pytest.mark.parametrize("margin", [
+    losses.CombinedMarginLoss(64.0, 1.0, 0.5, 0.0),
+    losses.CombinedMarginLoss(32.0, 1.2, 0.3, 0.2, margin_grad="exact"),
+    losses.CombinedMarginLoss(64.0, 1.0, 0.0, 0.4),
+    losses.CombinedMarginLoss(64.0, 1.0, 0.5, 0.0, interclass_filtering_threshold=0.05),
+], ids=["arcface", "combined_exact", "cosface", "interclass_filtering"])
+def test_fused_path_equals_generic_autograd_path(margin):
+    embeddings, labels = global_batch(total=40, num_classes=300)
+    results = []
+    for head_margin in (margin, _generic(margin)):
+        head = PartialFC(head_margin, D, 300, sample_rate=0.3, seed=SEED)
+        local = embeddings.clone().requires_grad_(True)
+        loss = head(local, labels)
+        loss.backward()
+        results.append((loss.detach(), local.grad, *head._coalesced_grad()))
+    (fused_loss, fused_embedding_grad, fused_index, fused_grad), (loss, embedding_grad, index, grad) = results
+    assert torch.equal(fused_index, index)
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    torch.testing.assert_close(fused_embedding_grad, embedding_grad, rtol=1e-5, atol=1e-6 * embedding_grad.abs().max())
+    torch.testing.assert_close(fused_grad, grad, rtol=1e-5, atol=1e-6 * grad.abs().max())
+
+
+def test_workspace_buffers_are_reused_and_never_shared():
+    embeddings, labels = global_batch(total=40, num_classes=300)
+    head, generic = (PartialFC(margin, D, 300, sample_rate=0.3, seed=SEED)
+                     for margin in (make_margin("arcface"), _generic(make_margin("arcface"))))
+    for step in range(3):  # later steps reuse the first step's buffers
+        for each in (head, generic):  # same calls, so both draw the same samples
+            each(embeddings, labels).backward()
+            each.zero_grad()
+        if step == 0:
+            buffers = {name: buffer.data_ptr() for name, buffer in head._workspace.buffers.items()}
+    assert set(buffers) == {"centers", "logits", "center_grad"} and not head._workspace.busy
+    assert {name: buffer.data_ptr() for name, buffer in head._workspace.buffers.items()} == buffers
+    # Two graphs alive at once: the second forward must not overwrite the first one's saved buffers.
+    first, second = head(embeddings[:20], labels[:20]), head(embeddings[20:], labels[20:])
+    (first + 2 * second).backward()
+    expected_first, expected_second = generic(embeddings[:20], labels[:20]), generic(embeddings[20:], labels[20:])
+    (expected_first + 2 * expected_second).backward()
+    assert (first + 2 * second).item() == pytest.approx((expected_first + 2 * expected_second).item(), rel=1e-6)
+    (index, grad), (expected_index, expected_grad) = head._coalesced_grad(), generic._coalesced_grad()
+    assert torch.equal(index, expected_index)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6 * expected_grad.abs().max())
+    head.zero_grad()
+    assert not head._workspace.busy
+    # A graph dropped without backward (e.g. a loss logged under grad mode) releases its buffers.
+    loss = head(embeddings, labels)
+    assert head._workspace.busy == {"centers", "logits"}
+    del loss
+    assert not head._workspace.busy
+    with torch.no_grad():
+        head(embeddings, labels)
+    assert not head._workspace.busy
 
 
 # ---------------------------------------------------------------- inputs, precision, state

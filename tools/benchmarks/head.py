@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after --warmup")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every configuration's modes this many times, interleaved, and report the "
+                             "median over rounds (on a shared machine the load changes between runs)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-gib", type=float, default=18.0, help="skip / kill a configuration above this RSS")
     parser.add_argument("--timeout", type=float, default=170.0, help="seconds per configuration")
@@ -51,8 +54,8 @@ def estimate_gib(mode: str, num_classes: int, sample_rate: float, batch: int, di
     logits = 3 * batch * sampled * 4
     if mode == "reference":  # weight + dense grad + momentum + the weight-decay temporary
         total = 4 * rows * 4 + 3 * sampled * dim * 4 + logits
-    else:
-        total = rows * (weight_bytes + state_bytes) + 3 * sampled * dim * 4 + logits
+    else:  # weight + state + the sampled rows and their gradient (fp32) + one [B, S] buffer
+        total = rows * (weight_bytes + state_bytes) + 2 * sampled * dim * 4 + batch * sampled * 4
     return total / 2**30 + 0.5
 
 
@@ -71,8 +74,10 @@ def _child(spec: dict) -> dict:
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     num_classes, dim, batch, rate = spec["num_classes"], spec["embedding_size"], spec["batch"], spec["sample_rate"]
     margin = losses.CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)
-    embeddings = torch.randn(batch, dim)
-    labels = torch.randint(0, num_classes, (batch,))
+    # A fresh batch every step, as in training (one repeated batch would be memorised in a few steps).
+    batches = [(torch.randn(batch, dim), torch.randint(0, num_classes, (batch,)))
+               for _ in range(spec["warmup"] + spec["steps"])]
+    batch_iter = iter(batches)
     build_start = time.perf_counter()
     if spec["mode"] == "reference":
         weight = torch.nn.Parameter(torch.empty(num_classes, dim).normal_(0, 0.01))
@@ -81,7 +86,8 @@ def _child(spec: dict) -> dict:
         num_sample = max(1, round(rate * num_classes))
 
         def step() -> float:
-            emb = embeddings.clone().requires_grad_(True)
+            embeddings, labels = next(batch_iter)
+            emb = embeddings.requires_grad_(True)
             if rate < 1.0:
                 with torch.no_grad():
                     positives = torch.unique(labels)
@@ -104,7 +110,8 @@ def _child(spec: dict) -> dict:
         head.configure_optimizer(spec["optimizer"], momentum=0.9, weight_decay=5e-4)
 
         def step() -> float:
-            emb = embeddings.clone().requires_grad_(True)
+            embeddings, labels = next(batch_iter)
+            emb = embeddings.requires_grad_(True)
             loss = head(emb, labels)
             loss.backward()
             head.step(0.1)
@@ -195,27 +202,41 @@ def run(args: argparse.Namespace) -> None:
         print(f"largest class count within {args.max_gib} GiB at r={rate} ({args.weight_dtype} weight, "
               f"{args.state_dtype} state): {best if best else 'none of those tried'}")
         return
-    results = {}
     for num_classes in args.num_classes:
         for rate in args.sample_rate:
-            for mode in args.modes:
-                spec = _spec(args, mode, num_classes, rate)
-                estimate = estimate_gib(mode, num_classes, rate, args.batch, args.embedding_size,
-                                        weight_bytes if mode != "reference" else 4,
-                                        state_bytes if mode != "reference" else 4)
-                if estimate > args.max_gib:
-                    result = {"error": f"skipped: needs ~{estimate:.1f} GiB > {args.max_gib} GiB"}
-                else:
+            rounds: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+            for round_index in range(max(1, args.rounds)):
+                for mode in args.modes:
+                    spec = _spec(args, mode, num_classes, rate)
+                    estimate = estimate_gib(mode, num_classes, rate, args.batch, args.embedding_size,
+                                            weight_bytes if mode != "reference" else 4,
+                                            state_bytes if mode != "reference" else 4)
+                    if estimate > args.max_gib:
+                        if round_index == 0:
+                            print(_line(spec, {"error": f"skipped: needs ~{estimate:.1f} GiB > {args.max_gib} GiB"}),
+                                  flush=True)
+                        continue
                     result = run_one(spec, args.max_gib, args.timeout)
-                results[(num_classes, rate, mode)] = result
-                print(_line(spec, result), flush=True)
-            base = results.get((num_classes, rate, "reference")) or results.get((num_classes, rate, "dense"))
-            sparse = results.get((num_classes, rate, "sparse"))
-            if base and sparse and "error" not in base and "error" not in sparse:
-                print(f"  sparse / {'reference' if (num_classes, rate, 'reference') in results else 'dense'}: "
-                      f"time {sparse['step_s'] / base['step_s']:.2f}x, peak RSS "
-                      f"{sparse['peak_rss_gib'] / base['peak_rss_gib']:.2f}x", flush=True)
+                    print(_line(spec, result), flush=True)
+                    if "error" not in result:
+                        rounds[mode].append(result)
+            medians = {mode: _median_result(found) for mode, found in rounds.items() if found}
+            if args.rounds > 1:
+                for mode, result in medians.items():
+                    print(f"  median of {len(rounds[mode])} rounds: " + _line(_spec(args, mode, num_classes, rate),
+                                                                             result), flush=True)
+            if "sparse" in medians:
+                for base in ("reference", "dense"):
+                    if base in medians:
+                        print(f"  sparse / {base}: time {medians['sparse']['step_s'] / medians[base]['step_s']:.2f}x, "
+                              f"peak RSS {medians['sparse']['peak_rss_gib'] / medians[base]['peak_rss_gib']:.2f}x",
+                              flush=True)
 
+
+def _median_result(results: list[dict]) -> dict:
+    """The round with the median step time (its memory figures come with it)."""
+    ordered = sorted(results, key=lambda result: result["step_s"])
+    return ordered[(len(ordered) - 1) // 2]
 
 if __name__ == "__main__":
     sys.path.insert(0, REPO_ROOT)
