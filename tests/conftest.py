@@ -1,5 +1,6 @@
 """Shared pytest fixtures: the InsightFace fixture folder and free TCP ports for gloo tests."""
 import os
+import random
 import socket
 
 import pytest
@@ -16,8 +17,28 @@ def insightface_fixtures() -> str:
     return FIXTURES
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            low, high = (int(value) for value in handle.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free TCP port below the OS's ephemeral range: between this check and the launcher binding it,
+    no outgoing connection (gloo's own pairs, other tests) can be handed the same port by the kernel."""
+    low, _ = _ephemeral_range()
+    candidates = random.Random().sample(range(20000, max(20001, low)), k=min(50, max(1, low - 20000)))
+    for candidate in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return candidate
+    with socket.socket() as sock:  # no luck below the range: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

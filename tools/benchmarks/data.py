@@ -5,7 +5,8 @@
 
 Stages, each on the same records: raw ``read_idx``; a bare ``cv2.imdecode`` loop over bytes already
 in memory (the reference); read + unpack + decode + flip as one worker does (``dataset[i]``);
-the full DataLoader (uint8 batches, drop_last) with each worker count.
+the full DataLoader (uint8 batches, drop_last) with each worker count: its first batch is untimed
+warm-up, so the set needs at least two batches of images.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rec", default=None, help="folder with train.rec/train.idx (default: generate one)")
     parser.add_argument("--num-images", type=int, default=3000, help="records to time (and to generate)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="DataLoader batch (needs 2 batches of images)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts")
     parser.add_argument("--repeat", type=int, default=3, help="best of N passes for the single-process stages")
 
@@ -32,13 +33,30 @@ def _best_rate(function, count: int, repeat: int) -> float:
     return count / best
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """One-line SystemExit for values the benchmark cannot run with (before any set is generated)."""
+    for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size),
+                        ("--repeat", args.repeat)):
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: expected a positive integer")
+    if min(args.workers) < 0:
+        raise SystemExit(f"--workers {' '.join(map(str, args.workers))}: expected worker counts of 0 or more")
+    if args.rec is None and args.num_images < 2 * args.batch_size:
+        raise SystemExit(f"--num-images {args.num_images} is too few for --batch-size {args.batch_size}: the "
+                         f"DataLoader stage needs at least 2 batches ({2 * args.batch_size} images), one untimed and "
+                         f"one timed")
+    if args.rec is not None and not os.path.isdir(args.rec):
+        raise SystemExit(f"--rec {args.rec}: no such folder (expected a folder with train.rec and train.idx)")
+
+
 def run(args: argparse.Namespace) -> None:
+    check_arguments(args)
     import cv2
     import numpy as np
     import torch
     from easydict import EasyDict
 
-    from dataset import RecordDataset, get_dataloader
+    from dataset import DatasetError, RecordDataset, get_dataloader
     from utils import recordio
     from utils.synthetic import make_identity_set
 
@@ -50,7 +68,13 @@ def run(args: argparse.Namespace) -> None:
             root = os.path.join(scratch, "set")
             identities = max(2, args.num_images // 50)
             make_identity_set(root, identities, -(-args.num_images // identities), 0, 0, seed=0)
-        data = RecordDataset(root, flip=True)
+        try:
+            data = RecordDataset(root, flip=True)
+        except (recordio.RecordIOError, DatasetError) as exc:
+            raise SystemExit(f"--rec {root}: {exc}") from None
+        if len(data) < 2 * args.batch_size:
+            raise SystemExit(f"--rec {root} has {len(data)} images, too few for --batch-size {args.batch_size}: the "
+                             f"DataLoader stage needs at least 2 batches ({2 * args.batch_size} images)")
         count = min(args.num_images, len(data))
         keys = data.image_keys[:count].tolist()
         reader = data.reader
@@ -81,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
             for images, _ in batches:
                 seen += images.shape[0]
             rate = seen / (time.perf_counter() - start)
-            single = single or rate
+            single = single if single is not None else rate
             print(f"DataLoader batch {args.batch_size}, {workers} worker(s)   {rate:10.0f} images/s  "
                   f"(x{rate / single:.2f} of the first worker count)")
             del batches, loader

@@ -17,15 +17,19 @@ import time
 import numpy as np
 import torch
 
+MIN_BIN_IMAGES = 20  # 10-fold verification needs at least 10 pairs of 2 images
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network", default="r50")
-    parser.add_argument("--num-images", type=int, default=12000, help="images in the generated .bin (lfw: 12000)")
+    parser.add_argument("--num-images", type=int, default=12000,
+                        help=f"images in the generated .bin, an even number >= {MIN_BIN_IMAGES} (lfw: 12000)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--embed-images", type=int, default=512,
                         help="images actually embedded (x2 with flip); 0 = all, else extrapolated")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | npu")
-    parser.add_argument("--ijb-pairs", type=int, default=1_000_000)
+    parser.add_argument("--ijb-pairs", type=int, default=1_000_000,
+                        help="pairs to score, at least 2 (the first two: one genuine, one impostor)")
     parser.add_argument("--ijb-templates", type=int, default=23124, help="IJB-C 1:1 has 23,124 templates")
     parser.add_argument("--embedding-size", type=int, default=512)
     parser.add_argument("--skip-bin", action="store_true", help="only the IJB scoring part")
@@ -92,6 +96,8 @@ def bench_bin(args: argparse.Namespace) -> None:
 
 
 def bench_ijb(args: argparse.Namespace) -> None:
+    import sklearn.metrics  # noqa: F401  (tar_at_far imports it on first call: ~1 s that is not ROC time)
+
     from eval.ijb import pair_scores, tar_at_far
 
     rng = np.random.default_rng(0)
@@ -101,6 +107,7 @@ def bench_ijb(args: argparse.Namespace) -> None:
     template1 = rng.choice(templates, args.ijb_pairs)
     template2 = rng.choice(templates, args.ijb_pairs)
     labels = (rng.random(args.ijb_pairs) < 0.01).astype(np.int64)
+    labels[:2] = (1, 0)  # ROC needs both kinds, which 1% genuine may not give for a few pairs
     start = time.perf_counter()
     scores = pair_scores(feats, templates, template1, template2)
     score_s = time.perf_counter() - start
@@ -113,7 +120,23 @@ def bench_ijb(args: argparse.Namespace) -> None:
     print(f"  ROC + TAR@FAR table:            {roc_s:.3f} s  = {roc_s * per_million:.3f} s per million pairs")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """One-line SystemExit for sizes the benchmark cannot run with."""
+    if not args.skip_bin:
+        if args.num_images < MIN_BIN_IMAGES or args.num_images % 2:
+            raise SystemExit(f"--num-images {args.num_images}: expected an even number >= {MIN_BIN_IMAGES} "
+                             f"(10-fold verification needs at least 10 pairs of 2 images)")
+        if args.batch_size < 1:
+            raise SystemExit(f"--batch-size {args.batch_size}: expected a positive integer")
+    if args.ijb_pairs < 2:
+        raise SystemExit(f"--ijb-pairs {args.ijb_pairs}: expected at least 2 (one genuine and one impostor pair)")
+    for flag, value in (("--ijb-templates", args.ijb_templates), ("--embedding-size", args.embedding_size)):
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: expected a positive integer")
+
+
 def run(args: argparse.Namespace) -> None:
+    check_arguments(args)
     if not args.skip_bin:
         bench_bin(args)
     bench_ijb(args)

@@ -3,42 +3,81 @@
     python tools/benchmark.py train --networks r18,r50,mbf --nprocs 1,2 --steps 12 --batch 32
 
 Each case runs ``train.py`` (under torchrun when nproc > 1) on arcface_torch's "synthetic" speed
-mode data, skips the first logged interval (warm-up) and prints the mean of the rest.
+mode data, skips the first logged interval (warm-up) and prints the mean of the rest. Each child gets
+OMP_NUM_THREADS = ``--threads`` (default: CPU count // processes) and torchrun a free port.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STATUS = re.compile(r"([0-9.]+) samples/s \| data wait (\d+)%")
+FREQUENT = 3  # train.py logs a status line every FREQUENT steps and at the last step
+MIN_STEPS = FREQUENT + 1  # the first logged interval is warm-up and dropped: one more line is needed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--networks", default="r18,r50,mbf", help="comma-separated backbone names")
     parser.add_argument("--nprocs", default="1,2", help="comma-separated process counts")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per case")
+    parser.add_argument("--steps", type=int, default=12,
+                        help=f"optimizer steps per case (at least {MIN_STEPS}: the first {FREQUENT} are warm-up)")
     parser.add_argument("--batch", type=int, default=32, help="per-process batch size")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | npu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--num-classes", type=int, default=10000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS (torch threads) per train.py process (default: CPU count // procs)")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the kernel picks it), for torchrun's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def threads_per_process(args: argparse.Namespace, nproc: int) -> int:
+    return args.threads or max(1, (os.cpu_count() or 1) // nproc)
+
+
+def check_arguments(args: argparse.Namespace) -> list[int]:
+    """One-line SystemExit for values that cannot run or cannot be measured; returns the process counts."""
+    if args.steps < MIN_STEPS:
+        raise SystemExit(f"--steps {args.steps} is too few to measure: need at least {MIN_STEPS} (train.py logs "
+                         f"every {FREQUENT} steps and the first interval is dropped as warm-up)")
+    for flag, value in (("--batch", args.batch), ("--num-classes", args.num_classes)):
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: expected a positive integer")
+    if args.workers < 0:
+        raise SystemExit(f"--workers {args.workers}: expected 0 or more")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads {args.threads}: expected a positive integer")
+    try:
+        nprocs = [int(n) for n in args.nprocs.split(",")]
+    except ValueError:
+        nprocs = []
+    if not nprocs or min(nprocs) < 1:
+        raise SystemExit(f"--nprocs {args.nprocs!r}: expected comma-separated positive integers, e.g. 1,2")
+    return nprocs
 
 
 def run_case(args: argparse.Namespace, network: str, nproc: int, workdir: str) -> tuple[float, float]:
     overrides = {"device": args.device, "network": network, "rec": "synthetic", "num_classes": args.num_classes,
                  "num_image": args.batch * nproc * args.steps * 2, "batch_size": args.batch,
-                 "max_steps": args.steps, "frequent": 3, "verbose": 0, "val_targets": [],
+                 "max_steps": args.steps, "frequent": FREQUENT, "verbose": 0, "val_targets": [],
                  "num_workers": args.workers, "tensorboard": False, "fp16": args.precision == "fp16",
                  "bf16": args.precision == "bf16", "output": os.path.join(workdir, f"{network}_{nproc}")}
     sets = [item for key, value in overrides.items() for item in ("--set", f"{key}={value!r}")]
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    f"--nproc_per_node={nproc}", "--master_port=29611"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+                                                    f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process(args, nproc)))
     result = subprocess.run(launcher + ["train.py", "configs/base.py"] + sets, cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
@@ -50,11 +89,13 @@ def run_case(args: argparse.Namespace, network: str, nproc: int, workdir: str) -
 
 
 def run(args: argparse.Namespace) -> None:
+    nprocs = check_arguments(args)
     print(f"device={args.device} precision={args.precision} batch/process={args.batch} steps={args.steps} "
           f"classes={args.num_classes} workers={args.workers}")
-    print(f"{'network':<10}{'procs':>6}{'samples/s':>12}{'data wait':>11}")
+    print(f"{'network':<10}{'procs':>6}{'threads':>8}{'samples/s':>12}{'data wait':>11}")
     with tempfile.TemporaryDirectory() as workdir:
         for network in args.networks.split(","):
-            for nproc in (int(n) for n in args.nprocs.split(",")):
+            for nproc in nprocs:
                 rate, wait = run_case(args, network, nproc, workdir)
-                print(f"{network:<10}{nproc:>6}{rate:>12.1f}{100 * wait:>10.0f}%", flush=True)
+                print(f"{network:<10}{nproc:>6}{threads_per_process(args, nproc):>8}{rate:>12.1f}{100 * wait:>10.0f}%",
+                      flush=True)

@@ -1,0 +1,395 @@
+"""Smoke tests for tools/benchmark.py and its subcommands (tools/benchmarks/*.py) at the tiniest sizes.
+
+Each subcommand runs once through the dispatcher (``tools.benchmark.main``) in this process, so the
+torch import is paid once; the benchmarks that time subprocesses (head: one per configuration,
+train: train.py) still run real ones. The assertions parse the printed tables: every rate, time and
+memory figure must be a finite positive number and the derived figures must agree with the raw ones.
+Nothing here checks speed. Scratch folders the tools create go under tmp_path.
+"""
+import math
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+
+import cv2
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT
+from tools import benchmark
+from tools.benchmarks import backbone as backbone_bench
+from tools.benchmarks import eval as eval_bench
+from tools.benchmarks import train as train_bench
+from utils.synthetic import make_identity_set
+
+NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
+
+
+@pytest.fixture(autouse=True)
+def scratch_and_threads(tmp_path, monkeypatch):
+    """Tools' TemporaryDirectory scratch goes under tmp_path; one torch thread (see conftest.one_thread), and
+    the thread counts the tools set are restored afterwards."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    cv2.setNumThreads(cv2_threads)
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    assert math.isfinite(value) and value > 0, text
+    return value
+
+
+def lines_matching(out: str, pattern: str) -> list[re.Match]:
+    return [match for match in (re.search(pattern, line) for line in out.splitlines()) if match]
+
+
+def one_line_error(argv: list[str]) -> str:
+    """The message of the SystemExit that ``argv`` raises; asserts it is one line (no traceback, no usage)."""
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(argv)
+    message = exc.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    return message
+
+
+# ---------------------------------------------------------------------------- dispatcher
+
+
+def test_dispatcher_help_lists_every_subcommand_as_a_script():
+    result = subprocess.run([sys.executable, "tools/benchmark.py", "--help"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in benchmark.SUBCOMMANDS:
+        assert re.search(rf"^\s+{name}\s+\S", result.stdout, re.MULTILINE), f"{name} missing:\n{result.stdout}"
+
+
+@pytest.mark.parametrize("argv, message", [([], "required: what"), (["bogus"], "invalid choice: 'bogus'")])
+def test_dispatcher_rejects_missing_or_unknown_subcommand(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@pytest.mark.timeout(120)
+def test_data_on_generated_set(capsys):
+    benchmark.main(["data", "--num-images", "16", "--batch-size", "4", "--workers", "0", "1", "--repeat", "1"])
+    out = capsys.readouterr().out
+    header = re.search(r"^data: (\S+) layout=header images=(\d+) timing (\d+) records", out, re.MULTILINE)
+    assert header, out
+    assert header.group(1).startswith(tempfile.gettempdir())  # generated in the (tmp_path) scratch folder
+    assert int(header.group(2)) == int(header.group(3)) == 16
+    positive(re.search(rf"raw record reads \(read_idx\)\s+{NUMBER} images/s", out).group(1))
+    bare = positive(re.search(rf"bare cv2.imdecode loop \(reference\)\s+{NUMBER} images/s", out).group(1))
+    pipeline = re.search(rf"read\+decode\+flip per worker\s+{NUMBER} images/s\s+\({NUMBER}x the bare", out)
+    assert positive(pipeline.group(2)) == pytest.approx(bare / positive(pipeline.group(1)), rel=0.05, abs=0.01)
+    loaders = lines_matching(out, rf"DataLoader batch 4, (\d+) worker\(s\)\s+{NUMBER} images/s\s+\(x{NUMBER} of")
+    assert [int(match.group(1)) for match in loaders] == [0, 1], out
+    rates = [positive(match.group(2)) for match in loaders]
+    relative = [float(match.group(3)) for match in loaders]
+    assert relative[0] == 1.0
+    assert relative[1] == pytest.approx(rates[1] / rates[0], rel=0.05, abs=0.01)
+
+
+@pytest.fixture(scope="module")
+def twelve_image_rec(tmp_path_factory) -> str:
+    return make_identity_set(str(tmp_path_factory.mktemp("rec") / "set"), num_identities=3, images_per_identity=4,
+                             num_val_identities=0, num_val_pairs=0, seed=1)
+
+
+@pytest.mark.timeout(120)
+def test_data_on_existing_rec_folder(twelve_image_rec, capsys):
+    root = twelve_image_rec
+    # batch 6 of 12 images: exactly the two batches (one untimed, one timed) the DataLoader stage needs.
+    benchmark.main(["data", "--rec", root, "--num-images", "8", "--batch-size", "6", "--workers", "0",
+                    "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert f"data: {root} layout=header images=12 timing 8 records" in out
+    loader = re.search(rf"DataLoader batch 6, 0 worker\(s\)\s+{NUMBER} images/s\s+\(x1.00 of", out)
+    positive(loader.group(1))
+
+
+@pytest.mark.parametrize("batch", ["16", "8"])  # 16: no batch at all (was StopIteration); 8: one (was 0 images/s)
+def test_data_rec_with_fewer_than_two_batches_is_a_one_line_error(twelve_image_rec, batch):
+    message = one_line_error(["data", "--rec", twelve_image_rec, "--batch-size", batch, "--workers", "0"])
+    assert message == (f"--rec {twelve_image_rec} has 12 images, too few for --batch-size {batch}: the DataLoader "
+                       f"stage needs at least 2 batches ({2 * int(batch)} images)")
+
+
+def test_data_missing_or_empty_rec_folder_is_a_one_line_error(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    assert one_line_error(["data", "--rec", missing]) == (
+        f"--rec {missing}: no such folder (expected a folder with train.rec and train.idx)")
+    empty = str(tmp_path)  # a folder, but no train.rec: RecordIOError from the reader
+    assert one_line_error(["data", "--rec", empty]) == f"--rec {empty}: {empty}/train.rec: record file not found"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-images", "7", "--batch-size", "4"], "--num-images 7 is too few for --batch-size 4: the DataLoader stage "
+                                                 "needs at least 2 batches (8 images), one untimed and one timed"),
+    (["--batch-size", "0"], "--batch-size 0: expected a positive integer"),
+    (["--workers", "1", "-1"], "--workers 1 -1: expected worker counts of 0 or more"),
+])
+def test_data_bad_sizes_are_rejected_before_generating_a_set(monkeypatch, argv, message):
+    monkeypatch.setattr("utils.synthetic.make_identity_set", lambda *args, **kwargs: pytest.fail("generated a set"))
+    assert one_line_error(["data"] + argv) == message
+
+
+# ---------------------------------------------------------------------------- backbone
+
+
+@pytest.mark.timeout(120)
+def test_backbone_tiny_fp32_and_channels_last(capsys):
+    benchmark.main(["backbone", "--network", "tiny", "--batch", "2", "--device", "cpu", "--iters", "1",
+                    "--warmup", "1", "--threads", "1", "--modes", "fp32,fp32-cl"])
+    out = capsys.readouterr().out
+    assert "network=tiny batch=2 device=cpu threads=1 iters=1 warmup=1 gradient_checkpointing=False" in out
+    model = re.search(rf"model: {NUMBER} GMACs/image = {NUMBER} GFLOP forward; fp32 GEMM {NUMBER} GFLOP/s", out)
+    assert model, out
+    gmacs, gflop = positive(model.group(1)), positive(model.group(2))
+    assert gflop == pytest.approx(2 * gmacs, abs=0.01)
+    positive(model.group(3))
+    rows = lines_matching(out, rf"^(fp32(?:-cl)?)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}%\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}%$")
+    assert [row.group(1) for row in rows] == ["fp32", "fp32-cl"], out
+    for row in rows:
+        positive(row.group(2))  # forward img/s
+        positive(row.group(5))  # train img/s
+        for column in (3, 4, 6, 7):  # GFLOP/s and "of GEMM" are rounded to integers: may print 0 for tiny
+            assert math.isfinite(float(row.group(column))) and float(row.group(column)) >= 0
+
+
+@pytest.mark.timeout(120)
+def test_backbone_unknown_mode_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setattr(backbone_bench, "gemm_gflops", lambda device, dtype, warmup: 100.0)  # skip the 2048^2 GEMMs
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["backbone", "--network", "tiny", "--batch", "2", "--device", "cpu", "--iters", "1",
+                        "--warmup", "0", "--threads", "1", "--forward-only", "--modes", "fp32,fp33"])
+    assert str(exc.value.code).startswith("unknown mode 'fp33'; use fp32, fp32-cl")
+    out = capsys.readouterr().out
+    forward_only = re.search(rf"^fp32\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}%$", out, re.MULTILINE)  # no train columns
+    assert forward_only, out
+    positive(forward_only.group(1))
+
+
+# ---------------------------------------------------------------------------- head
+
+HEAD_TINY = ["head", "--num-classes", "64", "--sample-rate", "0.5", "--batch", "4", "--embedding-size", "16",
+             "--steps", "1", "--warmup", "1", "--threads", "1", "--timeout", "120"]
+HEAD_LINE = (rf"C=\s*64 r=0.5\s+(sparse|dense|reference)\s+w=floa state=floa \| step\s+{NUMBER} s \(min {NUMBER}\) "
+             rf"\| peak RSS\s+{NUMBER} GiB \(\s*{NUMBER} above start\) \| loss {NUMBER}$")
+
+
+@pytest.mark.timeout(240)
+def test_head_two_rounds_sparse_vs_reference(capsys):
+    benchmark.main(HEAD_TINY + ["--modes", "sparse", "reference", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert out.startswith("head benchmark: batch 4, D=16, sgd, 1 threads"), out
+    per_round = [line for line in out.splitlines() if line.startswith("C=")]
+    assert [re.search(HEAD_LINE, line).group(1) for line in per_round] == ["sparse", "reference"] * 2, out
+    parsed = {}
+    for line in per_round:
+        match = re.search(HEAD_LINE, line)
+        step, min_step, peak = positive(match.group(2)), positive(match.group(3)), positive(match.group(4))
+        assert min_step <= step and peak < 18.0
+        positive(match.group(6))  # cross-entropy of a random head: positive and finite
+        parsed.setdefault(match.group(1), []).append((line, step, peak))
+
+    medians = lines_matching(out, r"^  median of 2 rounds: (.*)$")
+    assert len(medians) == 2, out
+    median_of = {}
+    for median in medians:
+        match = re.search(HEAD_LINE, median.group(1))
+        mode = match.group(1)
+        # Two rounds: the mean of both step times, with one round's (the slower's) memory figures.
+        steps = sorted(entry[1] for entry in parsed[mode])
+        assert float(match.group(2)) == pytest.approx(sum(steps) / 2, abs=1.5e-3)
+        assert float(match.group(4)) in {entry[2] for entry in parsed[mode]}
+        median_of[mode] = (median.group(1), float(match.group(2)), float(match.group(4)))
+    assert set(median_of) == {"sparse", "reference"}
+
+    ratio = re.search(rf"^  sparse / reference: time {NUMBER}x, peak RSS {NUMBER}x$", out, re.MULTILINE)
+    assert ratio, out
+    positive(ratio.group(1))
+    rss_ratio = positive(ratio.group(2))
+    assert rss_ratio == pytest.approx(median_of["sparse"][2] / median_of["reference"][2], abs=0.06)
+    assert "sparse / dense" not in out
+
+
+@pytest.mark.timeout(60)
+def test_head_skips_configurations_over_the_memory_cap(capsys):
+    benchmark.main(HEAD_TINY + ["--rounds", "2", "--max-gib", "0.01"])
+    out = capsys.readouterr().out
+    skipped = lines_matching(out, r"^C=\s*64 r=0.5\s+(\w+)\s+.*\| skipped: needs ~[\d.]+ GiB > 0.01 GiB$")
+    assert [match.group(1) for match in skipped] == ["sparse", "dense", "reference"], out  # once, not per round
+    assert "median of" not in out and "sparse / " not in out
+
+
+@pytest.mark.timeout(60)
+def test_head_find_max_watchdog_kills_over_the_cap(capsys):
+    benchmark.main(HEAD_TINY + ["--find-max", "64", "128", "--max-gib", "0.05"])
+    out = capsys.readouterr().out
+    assert re.search(r"^C=\s*64 r=0.5\s+sparse .*\| killed: RSS [\d.]+ GiB > 0.05 GiB$", out, re.MULTILINE), out
+    assert "C=      128" not in out  # stops at the first failure
+    assert "largest class count within 0.05 GiB at r=0.5 (float32 weight, float32 state): none of those tried" in out
+
+
+# ---------------------------------------------------------------------------- train
+
+
+@pytest.mark.timeout(240)
+def test_train_tiny_single_process(capsys):
+    # --threads 1: by default the child gets OMP_NUM_THREADS=cpu_count//nproc, and 2 OpenMP threads on a
+    # 2-core runner with anything else busy are ~20x slower (spin-waits).
+    # train.py logs at steps 3 and 4 (every 3 steps and the last); the first interval is warm-up: 4 is the fewest.
+    benchmark.main(["train", "--networks", "tiny", "--nprocs", "1", "--steps", str(train_bench.MIN_STEPS),
+                    "--batch", "2", "--num-classes", "10", "--workers", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "device=cpu precision=fp32 batch/process=2 steps=4 classes=10 workers=0" in out
+    row = re.search(rf"^tiny\s+1\s+1\s+{NUMBER}\s+{NUMBER}%$", out, re.MULTILINE)  # network procs threads ...
+    assert row, out
+    positive(row.group(1))
+    assert 0 <= float(row.group(2)) <= 100
+
+
+def fake_train(monkeypatch, returncode: int, stdout: str, stderr: str = "") -> list:
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append((command, kwargs))
+        return subprocess.CompletedProcess(command, returncode, stdout, stderr)
+
+    monkeypatch.setattr(train_bench.subprocess, "run", run)
+    return calls
+
+
+def test_train_failed_case_is_reported_with_its_output(monkeypatch):
+    calls = fake_train(monkeypatch, 1, "", "Traceback ...\nBackboneError: unknown network 'r9'\n")
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["train", "--networks", "r9", "--nprocs", "1", "--steps", "6"])
+    assert str(exc.value.code).startswith("r9 x1 failed:\n")
+    assert "BackboneError: unknown network 'r9'" in str(exc.value.code)
+    command = calls[0][0]
+    assert command[:3] == [sys.executable, "train.py", "configs/base.py"]
+    assert "network='r9'" in command and "max_steps=6" in command and "rec='synthetic'" in command
+
+
+def status_line(step: int, rate: float, wait: int) -> str:
+    return f"step {step}/6 epoch 0 | loss 9.0 | lr 0.1 | {rate} samples/s | data wait {wait}% | scale 1\n"
+
+
+def test_train_too_few_status_lines_asks_for_more(monkeypatch):
+    # Only the warm-up interval was logged (e.g. train.py stopped early): nothing left to average.
+    fake_train(monkeypatch, 0, status_line(3, 12.0, 5))
+    assert one_line_error(["train", "--networks", "tiny", "--nprocs", "1", "--steps", "6"]) == (
+        "tiny x1: too few steps to measure; raise --steps")
+
+
+def test_train_threads_flag_and_free_master_port(monkeypatch, capsys):
+    monkeypatch.setattr(train_bench.os, "cpu_count", lambda: 8)
+    ports = []
+
+    def run(command, **kwargs):
+        port = int(next(arg for arg in command if arg.startswith("--master_port=")).split("=")[1])
+        with socket.socket() as sock:  # free when chosen, and nothing has taken it since
+            sock.bind(("127.0.0.1", port))
+        ports.append((port, kwargs["env"]["OMP_NUM_THREADS"]))
+        assert command[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+        stdout = status_line(3, 10.0, 50) + status_line(6, 20.0, 10) + status_line(9, 40.0, 30)
+        return subprocess.CompletedProcess(command, 0, stdout, "")
+
+    monkeypatch.setattr(train_bench.subprocess, "run", run)
+    benchmark.main(["train", "--networks", "tiny", "--nprocs", "2", "--steps", "9", "--threads", "3"])
+    benchmark.main(["train", "--networks", "tiny", "--nprocs", "2", "--steps", "9"])  # default: 8 cpus // 2 procs
+    assert [threads for _, threads in ports] == ["3", "4"]
+    assert all(0 < port < 65536 and port != 29611 for port, _ in ports)
+    rows = lines_matching(capsys.readouterr().out, rf"^tiny\s+2\s+(\d+)\s+{NUMBER}\s+{NUMBER}%$")
+    assert [(row.group(1), float(row.group(2)), float(row.group(3))) for row in rows] == [("3", 30.0, 20.0),
+                                                                                          ("4", 30.0, 20.0)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "3"], "--steps 3 is too few to measure: need at least 4 (train.py logs every 3 steps and the "
+                       "first interval is dropped as warm-up)"),
+    (["--threads", "0"], "--threads 0: expected a positive integer"),
+    (["--nprocs", "1,x"], "--nprocs '1,x': expected comma-separated positive integers, e.g. 1,2"),
+    (["--nprocs", "0"], "--nprocs '0': expected comma-separated positive integers, e.g. 1,2"),
+    (["--batch", "0"], "--batch 0: expected a positive integer"),
+])
+def test_train_bad_arguments_are_rejected_before_any_run(monkeypatch, argv, message):
+    calls = fake_train(monkeypatch, 0, "")
+    assert one_line_error(["train", "--networks", "tiny"] + argv) == message
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+@pytest.mark.timeout(120)
+def test_eval_bin_extrapolated_and_ijb(capsys):
+    # 20 images = 10 pairs: the fewest the 10-fold verification metrics accept.
+    benchmark.main(["eval", "--network", "tiny", "--num-images", "20", "--batch-size", "4", "--embed-images", "4",
+                    "--ijb-pairs", "200", "--ijb-templates", "10", "--embedding-size", "16"])
+    out = capsys.readouterr().out
+    assert "verification .bin: 20 images, tiny, batch 4, device cpu, torch threads 1" in out
+    decode = re.search(rf"decode \(load_bin, measured\):\s+{NUMBER} s\s+\({NUMBER} img/s\)", out)
+    embed = re.search(rf"embed image\+flip \(extrapolated from 4 images\):\s+{NUMBER} s\s+\({NUMBER} forward img/s; "
+                      rf"measured {NUMBER} s for 4 images x 2\)", out)
+    metrics = re.search(rf"metrics \(Accuracy \+ Accuracy-Flip \+ VAL, measured\):\s+{NUMBER} s", out)
+    total = re.search(rf"total:\s+{NUMBER} s", out)
+    assert decode and embed and metrics and total, out
+    positive(decode.group(2))
+    positive(embed.group(2))
+    parts = [float(decode.group(1)), float(embed.group(1)), float(metrics.group(1))]
+    assert all(math.isfinite(part) and part >= 0 for part in parts)  # printed to 2-3 decimals: may be 0.00
+    assert float(total.group(1)) == pytest.approx(sum(parts), abs=0.02)
+    assert float(embed.group(1)) == pytest.approx(float(embed.group(3)) * 20 / 4, abs=0.04)  # linear extrapolation
+    check_ijb(out, pairs=200, templates=10, dim=16)
+
+
+@pytest.mark.timeout(60)
+def test_eval_skip_bin_only_scores_ijb(capsys):
+    benchmark.main(["eval", "--skip-bin", "--ijb-pairs", "1000", "--ijb-templates", "30", "--embedding-size", "8"])
+    out = capsys.readouterr().out
+    assert "verification .bin" not in out
+    check_ijb(out, pairs=1000, templates=30, dim=8)
+
+
+def test_eval_fewest_ijb_pairs_have_both_labels(capsys):
+    # 1% genuine at random gave two pairs no genuine one (IJBError from the ROC); the first two are fixed to 1, 0.
+    benchmark.main(["eval", "--skip-bin", "--ijb-pairs", "2", "--ijb-templates", "1", "--embedding-size", "4"])
+    check_ijb(capsys.readouterr().out, pairs=2, templates=1, dim=4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-images", "8"], "--num-images 8: expected an even number >= 20 (10-fold verification needs at least "
+                            "10 pairs of 2 images)"),  # was ValueError: cannot split 4 pairs into 10 folds
+    (["--num-images", "21"], "--num-images 21: expected an even number >= 20 (10-fold verification needs at least "
+                             "10 pairs of 2 images)"),  # was VerificationError: 10 pairs need 20 images
+    (["--batch-size", "0"], "--batch-size 0: expected a positive integer"),
+    (["--skip-bin", "--num-images", "8", "--ijb-pairs", "1"], "--ijb-pairs 1: expected at least 2 (one genuine "
+                                                              "and one impostor pair)"),
+    (["--skip-bin", "--ijb-templates", "0"], "--ijb-templates 0: expected a positive integer"),
+])
+def test_eval_bad_sizes_are_rejected_up_front(monkeypatch, argv, message):
+    monkeypatch.setattr(eval_bench, "bench_bin", lambda args: pytest.fail("ran the .bin benchmark"))
+    monkeypatch.setattr(eval_bench, "bench_ijb", lambda args: pytest.fail("ran the IJB benchmark"))
+    assert one_line_error(["eval"] + argv) == message
+
+
+def check_ijb(out: str, pairs: int, templates: int, dim: int) -> None:
+    assert f"IJB scoring: {pairs} pairs over {templates} templates, dim {dim}" in out
+    for label in ("cosine scores \\(chunks of 8192\\):", "ROC \\+ TAR@FAR table:"):
+        match = re.search(rf"{label}\s+{NUMBER} s\s+= {NUMBER} s per million pairs", out)
+        assert match, out
+        seconds, per_million = float(match.group(1)), float(match.group(2))
+        assert math.isfinite(seconds) and seconds >= 0 and math.isfinite(per_million)
+        assert per_million == pytest.approx(seconds * 1e6 / pairs, rel=0.02, abs=1e-3 * 1e6 / pairs)
