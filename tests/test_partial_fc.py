@@ -440,6 +440,19 @@ def test_bfloat16_storage_keeps_results_on_a_synthetic_problem():
     assert results["bfloat16"][0] == pytest.approx(results["float32"][0], rel=0.02)
 
 
+def test_per_step_rounding_noise_is_unbiased_and_differs_between_chunks():
+    head = PartialFC(make_margin("arcface"), D, 50, weight_dtype="bfloat16", update_chunk_rows=64)
+    values = torch.full((64, D), 1.0 + 2.0 ** -10)  # a quarter of a bf16 ulp above 1.0
+    means, windows = [], []
+    for _ in range(400):
+        head._noise_pool = None  # what step() does: one pool per step ...
+        windows = [head._rounding_noise(values) for _ in range(2)]  # ... and a window of it per chunk
+        means.append(partial_fc.stochastic_round(values, torch.bfloat16, None, noise=windows[0]).float().mean())
+    assert windows[0].shape == (64, D) and windows[0].min() >= 0 and windows[0].max() < 2 ** 16
+    assert torch.stack(means).mean().item() == pytest.approx(1.0 + 2.0 ** -10, abs=5e-5)  # round-to-nearest: 1.0
+    assert not torch.equal(windows[0], windows[1])
+
+
 def test_stochastic_rounding_is_unbiased():
     values = torch.full((200000,), 1.0 + 2.0 ** -10)  # a quarter of a bf16 ulp above 1.0
     rounded = partial_fc.stochastic_round(values, torch.bfloat16, torch.Generator().manual_seed(0)).float()
