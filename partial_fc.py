@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 STATE_FORMAT = "arcscale-partial-fc"
 STATE_VERSION = 1
 PFC_UPDATES = ("sparse", "dense")
+STATE_NAMES = ("momentum_buffer", "momentum_buffer_scale", "exp_avg", "exp_avg_sq", "adam_steps")
 OPTIMIZERS = ("sgd", "adamw")
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 INIT_BLOCK_ROWS = 1 << 16  # weight init is generated per block of rows from (seed, block): world-size independent
 
 
@@ -75,6 +77,19 @@ def stochastic_round(values: torch.Tensor, dtype: torch.dtype, generator: torch.
     if noise is None:
         noise = torch.randint(0, 1 << 16, values.shape, dtype=torch.int32, device=values.device, generator=generator)
     return ((bits + noise) & -65536).view(torch.float32).to(dtype)
+
+
+def quantize_rows_int8(values: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8 with stochastic rounding (unbiased): returns (int8 rows, fp32 scale per row)
+    with ``values ~= int8 * scale[:, None]``. ``noise``: int32 uniform in [0, 2^16) like ``values``."""
+    scale = values.abs().amax(dim=1).div_(127.0)
+    scaled = values / scale.clamp_min(1e-30)[:, None]
+    uniform = torch.rand_like(values) if noise is None else noise.float().mul_(1.0 / 65536)
+    return scaled.add_(uniform).floor_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_rows_int8(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return rows.float().mul_(scale[:, None])
 
 
 class _Lease:
@@ -260,8 +275,9 @@ class PartialFC(nn.Module):
     ``loss = head(local_embeddings, local_labels)``; then backward, optionally ``unscale_`` /
     ``grads_finite``, ``step(lr)`` and ``zero_grad()``. ``pfc_update="sparse"`` (default) moves only
     sampled rows and their optimizer state; ``"dense"`` decays every row every step (arcface_torch
-    v2). ``weight_dtype`` / ``state_dtype`` ("float32" or "bfloat16", stochastic rounding) are explicit
-    memory options; logits, margin and cross-entropy are always fp32 (``fp16`` is accepted for
+    v2). ``weight_dtype`` ("float32" or "bfloat16") and ``state_dtype`` ("float32", "bfloat16" or,
+    for SGD momentum, "int8" with a per-row scale), all with stochastic rounding, are explicit memory
+    options; logits, margin and cross-entropy are always fp32 (``fp16`` is accepted for
     arcface_torch compatibility and changes nothing).
     """
 
@@ -279,9 +295,10 @@ class PartialFC(nn.Module):
             raise PartialFCError(f"PartialFC: sample_rate={sample_rate!r}: expected 0 < sample_rate <= 1")
         if pfc_update not in PFC_UPDATES:
             raise PartialFCError(f"PartialFC: pfc_update={pfc_update!r}: expected one of {', '.join(PFC_UPDATES)}")
-        for key, value in (("weight_dtype", weight_dtype), ("state_dtype", state_dtype)):
-            if value not in STORAGE_DTYPES:
-                raise PartialFCError(f"PartialFC: {key}={value!r}: expected one of {', '.join(STORAGE_DTYPES)}")
+        for key, value, choices in (("weight_dtype", weight_dtype, WEIGHT_DTYPES),
+                                    ("state_dtype", state_dtype, STATE_DTYPES)):
+            if value not in choices:
+                raise PartialFCError(f"PartialFC: {key}={value!r}: expected one of {', '.join(choices)}")
         self.rank, self.world_size = dist_utils.get_rank(), dist_utils.get_world_size()
         if not isinstance(num_classes, int) or num_classes < self.world_size:
             raise PartialFCError(f"PartialFC: num_classes={num_classes!r}: expected an int >= world size "
@@ -289,7 +306,7 @@ class PartialFC(nn.Module):
         self.margin_loss = margin_loss
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.sample_rate, self.pfc_update = float(sample_rate), pfc_update
-        self.weight_dtype, self.state_dtype = STORAGE_DTYPES[weight_dtype], STORAGE_DTYPES[state_dtype]
+        self.weight_dtype, self.state_dtype = WEIGHT_DTYPES[weight_dtype], STATE_DTYPES[state_dtype]
         self.seed, self.update_chunk_rows = int(seed), int(update_chunk_rows)
         self.class_start, self.num_local = class_range(num_classes, self.rank, self.world_size)
         self.num_sample = max(1, int(round(self.sample_rate * self.num_local)))
@@ -305,7 +322,7 @@ class PartialFC(nn.Module):
         self._gathered_rows: tuple[torch.Tensor, torch.Tensor, int, _Lease | None] | None = None
         self._workspace = _Workspace()
         self.last_index: torch.Tensor | None = None  # sampled rows of the latest forward (None: all rows)
-        self._generator: torch.Generator | None = None
+        self._generators: dict[str, torch.Generator] = {}
         self._noise_pool: torch.Tensor | None = None
         if fp16:
             logger.info("PartialFC: fp16=True ignored; logits, margin and cross-entropy always run in fp32")
@@ -321,7 +338,10 @@ class PartialFC(nn.Module):
                                  f"0 <= momentum < 1 and weight_decay >= 0")
         if len(tuple(betas)) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
             raise PartialFCError(f"PartialFC: adam betas={betas!r}: expected two numbers in [0, 1)")
-        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "adam_steps"):
+        if self.state_dtype == torch.int8 and name != "sgd":
+            raise PartialFCError(f"PartialFC: state_dtype='int8' holds SGD momentum only; optimizer={name!r} needs "
+                                 f"state_dtype float32 or bfloat16")
+        for key in STATE_NAMES:
             if key in self._buffers:
                 del self._buffers[key]
         self.optimizer_name = name
@@ -332,6 +352,9 @@ class PartialFC(nn.Module):
             if momentum > 0:
                 self.register_buffer("momentum_buffer", torch.zeros(shape, dtype=self.state_dtype, device=device),
                                      persistent=False)
+                if self.state_dtype == torch.int8:
+                    self.register_buffer("momentum_buffer_scale", torch.zeros(self.num_local, device=device),
+                                         persistent=False)
         else:
             for key in ("exp_avg", "exp_avg_sq"):
                 self.register_buffer(key, torch.zeros(shape, dtype=self.state_dtype, device=device), persistent=False)
@@ -339,7 +362,7 @@ class PartialFC(nn.Module):
                                  persistent=False)
 
     def optimizer_state_names(self) -> list[str]:
-        return [key for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "adam_steps") if key in self._buffers]
+        return [key for key in STATE_NAMES if key in self._buffers]
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
@@ -362,11 +385,15 @@ class PartialFC(nn.Module):
             raise PartialFCError(f"PartialFC: label {bad} is outside [0, num_classes={self.num_classes}); check "
                                  f"config key 'num_classes' against the dataset's labels")
 
-    def _get_generator(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed * 7919 + 104729 * (self.rank + 1))
-        return self._generator
+    def _get_generator(self, device: torch.device, purpose: str = "sampling") -> torch.Generator:
+        """Per-rank generators: "sampling" (negatives) and "rounding" (stochastic rounding noise), apart
+        so that the storage dtype never changes which negatives are drawn."""
+        generator = self._generators.get(purpose)
+        if generator is None or generator.device != device:
+            generator = self._generators[purpose] = torch.Generator(device=device)
+            offset = 0 if purpose == "sampling" else 0x9E3779B9
+            generator.manual_seed((self.seed * 7919 + 104729 * (self.rank + 1) + offset) % 2**62)
+        return generator
 
     def sample(self, shard_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted sampled row indices, labels remapped to positions in them; -1 stays -1): every
@@ -523,10 +550,15 @@ class PartialFC(nn.Module):
                 self._update_rows(index[rows], None, rows_grad[rows], lr,
                                   weight_rows=gathered[1][rows] if reuse else None)
 
-    def _load_rows(self, tensor: torch.Tensor, rows) -> torch.Tensor:
+    def _load_rows(self, tensor: torch.Tensor, rows, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 rows of a stored tensor (int8 ones with their per-row ``scale``); fp32 slices are views."""
         if isinstance(rows, slice):
             view = tensor[rows]
+            if view.dtype == torch.int8:
+                return dequantize_rows_int8(view, scale[rows])
             return view if view.dtype == torch.float32 else view.float()  # fp32 slices update in place
+        if tensor.dtype == torch.int8:
+            return dequantize_rows_int8(tensor.index_select(0, rows), scale.index_select(0, rows))
         return tensor.index_select(0, rows).float()
 
     def _rounding_noise(self, values: torch.Tensor) -> torch.Tensor | None:
@@ -536,7 +568,7 @@ class PartialFC(nn.Module):
         the value it rounds, hence the rounding unbiased."""
         if values.dim() != 2:
             return None
-        generator = self._get_generator(values.device)
+        generator = self._get_generator(values.device, "rounding")
         rows = values.shape[0]
         pool = self._noise_pool
         if pool is None or pool.shape[0] < 2 * rows or pool.shape[1] != values.shape[1] or pool.device != values.device:
@@ -546,16 +578,24 @@ class PartialFC(nn.Module):
         offset = int(torch.randint(0, pool.shape[0] - rows + 1, (1,), device=values.device, generator=generator))
         return pool[offset: offset + rows]
 
-    def _store_rows(self, tensor: torch.Tensor, rows, values: torch.Tensor) -> None:
+    def _store_rows(self, tensor: torch.Tensor, rows, values: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         if tensor.dtype == torch.float32:
             if not isinstance(rows, slice):  # fp32 slices were updated in place
                 tensor.index_copy_(0, rows, values)
             return
-        rounded = stochastic_round(values, tensor.dtype, None, noise=self._rounding_noise(values))
+        row_scale = None
+        if tensor.dtype == torch.int8:
+            rounded, row_scale = quantize_rows_int8(values, noise=self._rounding_noise(values))
+        else:
+            rounded = stochastic_round(values, tensor.dtype, None, noise=self._rounding_noise(values))
         if isinstance(rows, slice):
             tensor[rows] = rounded
+            if row_scale is not None:
+                scale[rows] = row_scale
         else:
             tensor.index_copy_(0, rows, rounded)
+            if row_scale is not None:
+                scale.index_copy_(0, rows, row_scale)
 
     def _update_rows(self, rows, local_index: torch.Tensor | None, grad: torch.Tensor, lr: float,
                      weight_rows: torch.Tensor | None = None) -> None:
@@ -574,7 +614,7 @@ class PartialFC(nn.Module):
 
         if self.optimizer_name == "sgd":
             if "momentum_buffer" in self._buffers:
-                buf = self._load_rows(self.momentum_buffer, rows)
+                buf = self._load_rows(self.momentum_buffer, rows, self._buffers.get("momentum_buffer_scale"))
                 buf.mul_(hyper["momentum"])
             else:
                 buf = torch.zeros_like(weight)
@@ -582,7 +622,7 @@ class PartialFC(nn.Module):
             add_grad(buf, grad)
             weight.add_(buf, alpha=-lr)
             if "momentum_buffer" in self._buffers:
-                self._store_rows(self.momentum_buffer, rows, buf)
+                self._store_rows(self.momentum_buffer, rows, buf, self._buffers.get("momentum_buffer_scale"))
         else:
             beta1, beta2 = hyper["betas"]
             exp_avg, exp_avg_sq = self._load_rows(self.exp_avg, rows), self._load_rows(self.exp_avg_sq, rows)
@@ -639,9 +679,9 @@ class PartialFC(nn.Module):
         None on other ranks."""
         weight = self._gather_to_rank0(self.weight)
         optimizer = {name: self._gather_to_rank0(self._buffers[name]) for name in self.optimizer_state_names()}
-        # Every rank's sampling/rounding generator, so a resume on the same world size draws the same
+        # Every rank's sampling and rounding generators, so a resume on the same world size draws the same
         # negatives as an uninterrupted run (on another world size the streams restart from the seed).
-        generator_state = None if self._generator is None else self._generator.get_state()
+        generator_state = {purpose: generator.get_state() for purpose, generator in self._generators.items()}
         generator_states = [generator_state]
         if dist_utils.is_distributed():
             import torch.distributed as dist
@@ -680,18 +720,42 @@ class PartialFC(nn.Module):
                     raise PartialFCError(f"PartialFC: checkpoint optimizer is {optimizer['name']!r}, this head "
                                          f"uses {self.optimizer_name!r}")
                 else:
-                    for name in self.optimizer_state_names():
-                        if name in optimizer:
-                            self._buffers[name].copy_(optimizer[name][rows])
-                        else:
-                            logger.warning("PartialFC: checkpoint has no %s; starting it from zero", name)
-                            self._buffers[name].zero_()
+                    self._load_optimizer_rows(optimizer, rows)
             if state.get("margin") and isinstance(self.margin_loss, nn.Module):
                 self.margin_loss.load_state_dict(state["margin"])
         generators = state.get("generators")
         if generators and generators["world_size"] == self.world_size and generators["states"][self.rank] is not None:
-            self._get_generator(self.weight.device).set_state(generators["states"][self.rank])
+            saved = generators["states"][self.rank]
+            if isinstance(saved, torch.Tensor):  # written before the rounding generator existed
+                saved = {"sampling": saved}
+            for purpose, generator_state in saved.items():
+                self._get_generator(self.weight.device, purpose).set_state(generator_state)
         self.zero_grad()
+
+    def _load_optimizer_rows(self, optimizer: Mapping[str, Any], rows: slice) -> None:
+        """Copy this shard's optimizer rows, converting between float32 / bfloat16 / int8 storage."""
+        for name in self.optimizer_state_names():
+            if name.endswith("_scale"):
+                continue  # loaded with its int8 tensor
+            target = self._buffers[name]
+            if name not in optimizer:
+                logger.warning("PartialFC: checkpoint has no %s; starting it from zero", name)
+                target.zero_()
+                self._buffers.get(name + "_scale", torch.zeros(0)).zero_()
+                continue
+            source, source_scale = optimizer[name][rows], optimizer.get(name + "_scale")
+            if source.dtype != torch.int8 and target.dtype != torch.int8:
+                target.copy_(source)
+                continue
+            for chunk in _chunks(self.num_local, self.update_chunk_rows):  # bounded fp32 temporaries
+                values = source[chunk]
+                if values.dtype == torch.int8:
+                    values = dequantize_rows_int8(values, source_scale[rows][chunk])
+                values = values.to(device=target.device, dtype=torch.float32)
+                if target.dtype == torch.float32:
+                    target[chunk] = values
+                else:
+                    self._store_rows(target, chunk, values, self._buffers.get(name + "_scale"))
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, rank={self.rank}/"

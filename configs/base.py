@@ -49,7 +49,7 @@ config.interclass_filtering_threshold = 0.0
 config.sample_rate = 1.0        # Partial FC: fraction of local class centers sampled per step
 config.pfc_update = "sparse"    # sparse (PFC v1: only sampled rows move) | dense (arcface_torch v2)
 config.pfc_weight_dtype = "float32"  # float32 | bfloat16 (stochastic rounding; ~2x the classes per GiB)
-config.pfc_state_dtype = "float32"   # optimizer rows of the head: float32 | bfloat16
+config.pfc_state_dtype = "float32"   # optimizer rows of the head: float32 | bfloat16 | int8 (SGD momentum, per-row scale)
 
 # ---------------------------------------------------------------- optimisation
 config.optimizer = "sgd"        # sgd | adamw

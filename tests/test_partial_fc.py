@@ -413,7 +413,8 @@ def test_fp32_under_autocast():
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_bfloat16_storage_keeps_results_on_a_synthetic_problem():
+@pytest.mark.parametrize("weight_dtype, state_dtype", [("bfloat16", "bfloat16"), ("float32", "int8")])
+def test_reduced_precision_storage_keeps_results_on_a_synthetic_problem(weight_dtype, state_dtype):
     """Reduced-precision storage is opt-in; on a small separable problem it trains like fp32."""
     generator = torch.Generator().manual_seed(0)
     num_classes, per_class = 64, 4
@@ -421,9 +422,10 @@ def test_bfloat16_storage_keeps_results_on_a_synthetic_problem():
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     embeddings = centers[labels] + 0.3 * torch.randn(labels.numel(), D, generator=generator)
     results = {}
-    for storage in ("float32", "bfloat16"):
+    for storage, (weight_storage, state_storage) in (("float32", ("float32", "float32")),
+                                                     ("reduced", (weight_dtype, state_dtype))):
         head = PartialFC(losses.CombinedMarginLoss(16.0, 1.0, 0.2, 0.0), D, num_classes, sample_rate=0.5,
-                         seed=1, weight_dtype=storage, state_dtype=storage)
+                         seed=1, weight_dtype=weight_storage, state_dtype=state_storage)
         head.configure_optimizer("sgd", momentum=0.9, weight_decay=5e-4)
         for _ in range(60):
             head(embeddings, labels).backward()
@@ -434,10 +436,61 @@ def test_bfloat16_storage_keeps_results_on_a_synthetic_problem():
             eval_loss = F.cross_entropy(16.0 * logits, labels).item()
             accuracy = (logits.argmax(1) == labels).float().mean().item()
         results[storage] = (eval_loss, accuracy)
-    assert head.weight.dtype == torch.bfloat16 and head.momentum_buffer.dtype == torch.bfloat16
+    assert head.weight.dtype == partial_fc.WEIGHT_DTYPES[weight_dtype]
+    assert head.momentum_buffer.dtype == partial_fc.STATE_DTYPES[state_dtype]
     assert results["float32"][1] > 0.9  # the problem is learnt ...
-    assert results["bfloat16"][1] == pytest.approx(results["float32"][1], abs=0.02)  # ... equally well
-    assert results["bfloat16"][0] == pytest.approx(results["float32"][0], rel=0.02)
+    assert results["reduced"][1] == pytest.approx(results["float32"][1], abs=0.02)  # ... equally well
+    assert results["reduced"][0] == pytest.approx(results["float32"][0], rel=0.02)
+
+
+def test_int8_rows_are_unbiased_and_bounded():
+    torch.manual_seed(0)  # the rounding noise comes from the global generator
+    values = torch.randn(6, 64) * torch.tensor([1e-6, 1e-3, 1.0, 10.0, 0.0, 1e3])[:, None]
+    draws = []
+    for _ in range(300):
+        rows, scale = partial_fc.quantize_rows_int8(values)
+        assert rows.dtype == torch.int8 and rows.abs().max() <= 127
+        restored = partial_fc.dequantize_rows_int8(rows, scale)
+        assert bool(((restored - values).abs() <= scale[:, None] * 1.0001).all())  # within one step
+        draws.append(restored)
+    assert torch.equal(draws[0][4], torch.zeros(64))  # an all-zero row stays zero
+    # Unbiased: the mean of 300 draws is within 5 standard errors (at most step / 2 / sqrt(300) = 0.029
+    # steps) of the value in every row, whatever its magnitude; round-to-nearest would be off by up to 0.5.
+    for row in range(6):
+        error = (torch.stack(draws)[:, row].mean(0) - values[row]).abs().max()
+        assert error <= scale[row] * 0.15 + 1e-30
+
+
+def test_int8_momentum_steps_close_to_fp32_and_checkpoints_convert():
+    embeddings, labels = global_batch(total=40, num_classes=300)
+    heads = {}
+    for state_dtype in ("float32", "int8"):
+        head = PartialFC(make_margin("arcface"), D, 300, sample_rate=0.3, seed=SEED, state_dtype=state_dtype)
+        head.configure_optimizer("sgd", momentum=0.9, weight_decay=5e-4)
+        for step in range(3):
+            _one_step(head, embeddings, labels)
+            if step == 0:  # the first update uses the exact fp32 momentum, before it is stored
+                first = head.weight.clone()
+        heads[state_dtype] = (head, first)
+    (exact, exact_first), (int8, int8_first) = heads["float32"], heads["int8"]
+    assert torch.equal(int8_first, exact_first)
+    assert int8.momentum_buffer.dtype == torch.int8 and int8.momentum_buffer_scale.shape == (300,)
+    moved = (exact.weight - init_weight_rows(0, 300, D, SEED, 0.01)).abs().max()
+    assert (int8.weight - exact.weight).abs().max() <= 0.02 * moved  # three steps: within 2% of the motion
+    # Checkpoints: int8 -> fp32 head dequantizes; fp32 -> int8 head quantizes (within one int8 step per row).
+    momentum = partial_fc.dequantize_rows_int8(int8.momentum_buffer, int8.momentum_buffer_scale)
+    plain = PartialFC(make_margin("arcface"), D, 300, sample_rate=0.3)
+    plain.configure_optimizer("sgd", momentum=0.9)
+    plain.load_full_state_dict(int8.full_state_dict())
+    torch.testing.assert_close(plain.momentum_buffer, momentum)
+    back = PartialFC(make_margin("arcface"), D, 300, sample_rate=0.3, state_dtype="int8")
+    back.configure_optimizer("sgd", momentum=0.9)
+    back.load_full_state_dict(exact.full_state_dict())
+    restored = partial_fc.dequantize_rows_int8(back.momentum_buffer, back.momentum_buffer_scale)
+    step = exact.momentum_buffer.abs().amax(1, keepdim=True) / 127
+    assert bool(((restored - exact.momentum_buffer).abs() <= step * 1.0001).all())
+    with pytest.raises(PartialFCError, match=r"state_dtype='int8' holds SGD momentum only; optimizer='adamw'"):
+        back.configure_optimizer("adamw")
 
 
 def test_per_step_rounding_noise_is_unbiased_and_differs_between_chunks():

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     parser.add_argument("--weight-dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--state-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                        help="optimizer state storage (int8: SGD momentum with a per-row scale)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after --warmup")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1,
@@ -190,7 +191,7 @@ def _line(spec: dict, result: dict) -> str:
 
 def run(args: argparse.Namespace) -> None:
     weight_bytes = 4 if args.weight_dtype == "float32" else 2
-    state_bytes = (4 if args.state_dtype == "float32" else 2) * (1 if args.optimizer == "sgd" else 2)
+    state_bytes = {"float32": 4, "bfloat16": 2, "int8": 1}[args.state_dtype] * (1 if args.optimizer == "sgd" else 2)
     print(f"head benchmark: batch {args.batch}, D={args.embedding_size}, {args.optimizer}, {args.threads} threads, "
           f"max {args.max_gib} GiB; one subprocess per configuration", flush=True)
     if args.find_max:
