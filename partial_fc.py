@@ -298,7 +298,8 @@ class PartialFC(nn.Module):
         for key, value, choices in (("weight_dtype", weight_dtype, WEIGHT_DTYPES),
                                     ("state_dtype", state_dtype, STATE_DTYPES)):
             if value not in choices:
-                raise PartialFCError(f"PartialFC: {key}={value!r}: expected one of {', '.join(choices)}")
+                raise PartialFCError(f"PartialFC: {key}={value!r} (config key 'pfc_{key}'): expected one of "
+                                     f"{', '.join(choices)}")
         self.rank, self.world_size = dist_utils.get_rank(), dist_utils.get_world_size()
         if not isinstance(num_classes, int) or num_classes < self.world_size:
             raise PartialFCError(f"PartialFC: num_classes={num_classes!r}: expected an int >= world size "
@@ -340,7 +341,7 @@ class PartialFC(nn.Module):
             raise PartialFCError(f"PartialFC: adam betas={betas!r}: expected two numbers in [0, 1)")
         if self.state_dtype == torch.int8 and name != "sgd":
             raise PartialFCError(f"PartialFC: state_dtype='int8' holds SGD momentum only; optimizer={name!r} needs "
-                                 f"state_dtype float32 or bfloat16")
+                                 f"state_dtype float32 or bfloat16 (config key 'pfc_state_dtype')")
         for key in STATE_NAMES:
             if key in self._buffers:
                 del self._buffers[key]

@@ -379,7 +379,8 @@ def test_label_and_input_errors():
         PartialFC(make_margin("arcface"), D, 50, sample_rate=1.5)
     with pytest.raises(PartialFCError, match=r"pfc_update='lazy': expected one of sparse, dense"):
         PartialFC(make_margin("arcface"), D, 50, pfc_update="lazy")
-    with pytest.raises(PartialFCError, match=r"weight_dtype='float16': expected one of float32, bfloat16"):
+    with pytest.raises(PartialFCError, match=r"weight_dtype='float16' \(config key 'pfc_weight_dtype'\): "
+                                             r"expected one of float32, bfloat16"):
         PartialFC(make_margin("arcface"), D, 50, weight_dtype="float16")
     with pytest.raises(PartialFCError, match=r"optimizer='lamb': expected one of sgd, adamw"):
         head.configure_optimizer("lamb")
