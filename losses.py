@@ -122,13 +122,40 @@ class FusedMargin:
     target_slope: torch.Tensor | None = None
     zeroed: torch.Tensor | None = None
 
+    def backward_(self, grad: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
+                  multiplier: float | torch.Tensor) -> torch.Tensor:
+        """d loss / d logits -> d loss / d cos, in place; ``multiplier`` is ``scale`` times any
+        outer factor the caller folds into the same pass."""
+        grad.mul_(multiplier)
+        if self.target_slope is not None:
+            grad[rows, columns] *= self.target_slope
+        if self.zeroed is not None:
+            grad.masked_fill_(self.zeroed, 0.0)
+        return grad
+
+
+class _ApplyFusedMargin(torch.autograd.Function):
+    """Autograd wrapper around a margin's ``fused_`` form: the same numbers in and out of Partial FC."""
+
+    @staticmethod
+    def forward(ctx, logits, margin, rows, columns, norms):
+        ctx.mark_dirty(logits)  # fused_ writes in place; callers pass a copy unless inplace=True
+        ctx.fused, ctx.rows, ctx.columns = margin.fused_(logits, rows, columns, norms=norms), rows, columns
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = ctx.fused.backward_(grad.clone(), ctx.rows, ctx.columns, ctx.fused.scale)
+        return grad, None, None, None, None
+
 
 class _MarginBase(nn.Module):
     """Shared input checks and target lookup. Subclasses set ``needs_norms``.
 
-    Margins whose gradient touches only the target logits (plus a constant scale and a mask) also
-    implement ``fused_``: an in-place, autograd-free forward that Partial FC's fused head uses to
-    avoid [N, C]-sized autograd temporaries. ``supports_fused`` says whether it exists.
+    Margins whose gradient touches only the target logits (plus a constant scale and a mask) implement
+    ``fused_``: an in-place, autograd-free forward that returns how to map gradients back. Their
+    ``forward`` wraps it in autograd; Partial FC's fused head calls it directly, avoiding [N, C]-sized
+    autograd temporaries. ``supports_fused`` says whether it exists.
     """
 
     needs_norms = False
@@ -183,18 +210,7 @@ class CombinedMarginLoss(_MarginBase):
                 inplace: bool = False, model_parallel: bool = False) -> torch.Tensor:
         """``inplace=True`` lets the loss overwrite ``logits`` (saves one [N, C] copy; Partial FC uses it)."""
         logits, rows, columns = self._prepare(logits, labels, inplace)
-        if self.interclass_filtering_threshold > 0:
-            with torch.no_grad():
-                dirty = logits > self.interclass_filtering_threshold
-                dirty[rows, columns] = False
-            logits = logits.masked_fill_(dirty, 0.0)
-        target = logits[rows, columns]
-        if self.m1 != 1.0 or self.m2 != 0.0:
-            target = apply_target_margin(target, self.m1, self.m2, self.margin_grad == "exact")
-        if self.m3 != 0.0:
-            target = target - self.m3
-        logits = logits.index_put_((rows, columns), target)
-        return logits.mul_(self.s)
+        return _ApplyFusedMargin.apply(logits, self, rows, columns, norms)
 
     supports_fused = True
 
@@ -251,12 +267,7 @@ class AdaFaceLoss(_MarginBase):
                 inplace: bool = False, model_parallel: bool = False) -> torch.Tensor:
         self._check_norms(norms, logits.shape[0])
         logits, rows, columns = self._prepare(logits, labels, inplace)
-        quality = self._quality(norms)[rows]
-        target = logits[rows, columns]
-        target = apply_target_margin(target, 1.0, -self.m * quality, self.margin_grad == "exact")
-        target = target - (self.m + self.m * quality)
-        logits = logits.index_put_((rows, columns), target)
-        return logits.mul_(self.s)
+        return _ApplyFusedMargin.apply(logits, self, rows, columns, norms)
 
     @staticmethod
     def _check_norms(norms: torch.Tensor | None, num_rows: int) -> None:

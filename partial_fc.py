@@ -131,9 +131,6 @@ class _Workspace:
         self.busy.add(name)
         return buffer[:numel].view(shape), _Lease(self, name)
 
-    def clear(self) -> None:
-        self.buffers.clear()
-
 
 def _chunks(rows: int, chunk: int = 4096):
     """Row ranges small enough (8 MiB at D = 512) that their temporaries stay in cache and in the heap."""
@@ -248,11 +245,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         grad, rows, columns, fused = ctx.probs, ctx.rows, ctx.columns, ctx.fused
         ctx.probs = None
         grad[rows, columns] -= 1.0  # d loss / d logits = (softmax - onehot) / total_rows
-        grad.mul_(grad_loss * (fused.scale / ctx.total_rows))
-        if fused.target_slope is not None:
-            grad[rows, columns] *= fused.target_slope
-        if fused.zeroed is not None:
-            grad.masked_fill_(fused.zeroed, 0.0)
+        fused.backward_(grad, rows, columns, grad_loss * (fused.scale / ctx.total_rows))
         grad.mul_(inv_norm)  # now d loss / d (e_i . w_j) for normalized e_i
         grad_embeddings = grad.mm(centers) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1]:
@@ -532,22 +525,20 @@ class PartialFC(nn.Module):
         index, rows_grad = grad
         self._noise_pool = None  # fresh rounding noise every step
         dense = index is None or self.pfc_update == "dense"
-        chunk = self.update_chunk_rows
         if dense:
-            for start in range(0, self.num_local, chunk):
-                stop = min(start + chunk, self.num_local)
+            for rows in _chunks(self.num_local, self.update_chunk_rows):
                 if index is None:
-                    local_index, grad_rows = None, rows_grad[start:stop]
+                    local_index, grad_rows = None, rows_grad[rows]
                 else:
-                    lo, hi = torch.searchsorted(index, torch.tensor([start, stop], device=index.device)).tolist()
-                    local_index, grad_rows = index[lo:hi] - start, rows_grad[lo:hi]
-                self._update_rows(slice(start, stop), local_index, grad_rows, lr)
+                    bounds = torch.tensor([rows.start, rows.stop], device=index.device)
+                    lo, hi = torch.searchsorted(index, bounds).tolist()
+                    local_index, grad_rows = index[lo:hi] - rows.start, rows_grad[lo:hi]
+                self._update_rows(rows, local_index, grad_rows, lr)
         else:
             gathered = self._gathered_rows
             # The forward's fp32 copy of weight[index] is still exact if the weight has not changed since.
             reuse = gathered is not None and gathered[0] is index and gathered[2] == self.weight._version
-            for start in range(0, index.numel(), chunk):
-                rows = slice(start, start + chunk)
+            for rows in _chunks(index.numel(), self.update_chunk_rows):
                 self._update_rows(index[rows], None, rows_grad[rows], lr,
                                   weight_rows=gathered[1][rows] if reuse else None)
 
@@ -562,13 +553,11 @@ class PartialFC(nn.Module):
             return dequantize_rows_int8(tensor.index_select(0, rows), scale.index_select(0, rows))
         return tensor.index_select(0, rows).float()
 
-    def _rounding_noise(self, values: torch.Tensor) -> torch.Tensor | None:
+    def _rounding_noise(self, values: torch.Tensor) -> torch.Tensor:
         """Stochastic-rounding noise for ``values``: a random window of rows of one pool drawn per step.
         Drawing fresh noise for every element was 3/4 of a bf16 step on CPU (the generator makes ~100M
         values/s); a window at a random offset keeps every element's noise uniform and independent of
-        the value it rounds, hence the rounding unbiased."""
-        if values.dim() != 2:
-            return None
+        the value it rounds, hence the rounding unbiased. ``values`` are [rows, D]."""
         generator = self._get_generator(values.device, "rounding")
         rows = values.shape[0]
         pool = self._noise_pool
@@ -738,25 +727,27 @@ class PartialFC(nn.Module):
         for name in self.optimizer_state_names():
             if name.endswith("_scale"):
                 continue  # loaded with its int8 tensor
-            target = self._buffers[name]
+            target, target_scale = self._buffers[name], self._buffers.get(name + "_scale")
             if name not in optimizer:
                 logger.warning("PartialFC: checkpoint has no %s; starting it from zero", name)
                 target.zero_()
-                self._buffers.get(name + "_scale", torch.zeros(0)).zero_()
+                if target_scale is not None:
+                    target_scale.zero_()
                 continue
-            source, source_scale = optimizer[name][rows], optimizer.get(name + "_scale")
+            source = optimizer[name][rows]
             if source.dtype != torch.int8 and target.dtype != torch.int8:
                 target.copy_(source)
                 continue
+            source_scale = optimizer[name + "_scale"][rows] if source.dtype == torch.int8 else None
             for chunk in _chunks(self.num_local, self.update_chunk_rows):  # bounded fp32 temporaries
                 values = source[chunk]
-                if values.dtype == torch.int8:
-                    values = dequantize_rows_int8(values, source_scale[rows][chunk])
+                if source_scale is not None:
+                    values = dequantize_rows_int8(values, source_scale[chunk])
                 values = values.to(device=target.device, dtype=torch.float32)
                 if target.dtype == torch.float32:
                     target[chunk] = values
                 else:
-                    self._store_rows(target, chunk, values, self._buffers.get(name + "_scale"))
+                    self._store_rows(target, chunk, values, target_scale)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, rank={self.rank}/"

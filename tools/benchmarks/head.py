@@ -209,18 +209,19 @@ def run(args: argparse.Namespace) -> None:
         return
     for num_classes in args.num_classes:
         for rate in args.sample_rate:
-            rounds: dict[str, list[dict]] = {mode: [] for mode in args.modes}
-            for round_index in range(max(1, args.rounds)):
-                for mode in args.modes:
+            rounds: dict[str, list[dict]] = {}
+            for mode in args.modes:
+                estimate = estimate_gib(mode, num_classes, rate, args.batch, args.embedding_size,
+                                        weight_bytes if mode != "reference" else 4,
+                                        state_bytes if mode != "reference" else 4)
+                if estimate > args.max_gib:
+                    print(_line(_spec(args, mode, num_classes, rate),
+                                {"error": f"skipped: needs ~{estimate:.1f} GiB > {args.max_gib} GiB"}), flush=True)
+                else:
+                    rounds[mode] = []
+            for _ in range(max(1, args.rounds)):
+                for mode in rounds:
                     spec = _spec(args, mode, num_classes, rate)
-                    estimate = estimate_gib(mode, num_classes, rate, args.batch, args.embedding_size,
-                                            weight_bytes if mode != "reference" else 4,
-                                            state_bytes if mode != "reference" else 4)
-                    if estimate > args.max_gib:
-                        if round_index == 0:
-                            print(_line(spec, {"error": f"skipped: needs ~{estimate:.1f} GiB > {args.max_gib} GiB"}),
-                                  flush=True)
-                        continue
                     result = run_one(spec, args.max_gib, args.timeout)
                     print(_line(spec, result), flush=True)
                     if "error" not in result:
