@@ -7,14 +7,25 @@ import pytest
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(os.path.dirname(REPO_ROOT), "shared", "fixtures", "insightface")
+# Copies of the reference libraries' own outputs (see each folder's README for provenance), kept in
+# the repo so a user's fresh clone runs the suite without any sibling folder.
+FIXTURES_ROOT = os.path.join(REPO_ROOT, "tests", "fixtures")
+FIXTURES = os.path.join(FIXTURES_ROOT, "insightface")
+FACENET_FIXTURES = os.path.join(FIXTURES_ROOT, "facenet")
 
 
 @pytest.fixture(scope="session")
 def insightface_fixtures() -> str:
-    """``<repo>/../shared/fixtures/insightface``; CI always has it, so absence is a failure."""
-    assert os.path.isdir(FIXTURES), f"missing shared fixtures at {FIXTURES}"
+    """``tests/fixtures/insightface``: RecordIO packs and .bin sets written by mxnet itself."""
+    assert os.path.isdir(FIXTURES), f"missing fixtures at {FIXTURES} (part of the repository)"
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def facenet_fixtures() -> str:
+    """``tests/fixtures/facenet``: real photos and facenet-pytorch's own outputs on them."""
+    assert os.path.isdir(FACENET_FIXTURES), f"missing fixtures at {FACENET_FIXTURES} (part of the repository)"
+    return FACENET_FIXTURES
 
 
 def _ephemeral_range() -> tuple[int, int]:
