@@ -6,9 +6,13 @@ workers move a quarter of the bytes float32 would need.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import logging.handlers
 import os
 import random
+import threading
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -57,6 +61,9 @@ class _FaceDataset(Dataset):
         self.skip_bad_records = skip_bad_records
         # Shared memory, so counts made inside DataLoader workers are visible to the trainer.
         self.bad_record_counter = torch.zeros(_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
+        # One flag per sample (shared memory too): check_bad_records counts distinct corrupt samples,
+        # so a bad record met again in every epoch is still one record. Subclasses size it.
+        self.bad_record_flags: torch.Tensor | None = None
         # Flips are a pure function of (seed, epoch, index), so a resumed run flips exactly the
         # same samples as an uninterrupted one; the sampler writes the epoch here (shared memory).
         self.flip_seed = 0
@@ -77,10 +84,15 @@ class _FaceDataset(Dataset):
         value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
         return bool((value ^ (value >> 31)) & 1)
 
-    def _count_bad(self) -> None:
+    def _allocate_bad_record_flags(self) -> None:
+        self.bad_record_flags = torch.zeros(len(self), dtype=torch.uint8).share_memory_()
+
+    def _count_bad(self, index: int) -> None:
         info = get_worker_info()
         slot = 0 if info is None else 1 + info.id % (_COUNTER_SLOTS - 1)
         self.bad_record_counter[slot] += 1
+        if self.bad_record_flags is not None:
+            self.bad_record_flags[index] = 1
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         candidate = int(index)
@@ -91,7 +103,7 @@ class _FaceDataset(Dataset):
             except BadRecordError as exc:
                 if not self.skip_bad_records:
                     raise
-                self._count_bad()
+                self._count_bad(candidate)
                 logger.warning("skipping bad sample (skip_bad_records=True): %s", exc)
                 # Substitute another sample so the batch keeps its size; a large odd stride
                 # keeps the substitute away from a corrupt neighbourhood.
@@ -148,6 +160,37 @@ class RecordDataset(_FaceDataset):
             self.image_keys = self.reader.key_array.copy()
             self.num_classes = self._plain_num_classes()
         self.num_image = len(self.image_keys)
+        self._check_pairing()
+        self._allocate_bad_record_flags()
+
+    def _check_pairing(self) -> None:
+        """Refuse a .idx/.rec/property set that cannot belong together (cheap: no image is read)."""
+        reader, keys, offsets = self.reader, self.reader.key_array, self.reader.offset_array
+        hint = "the .idx and .rec come from different packs, or one of them is truncated"
+        past = offsets >= reader.file_size
+        if past.any():
+            first = int(np.argmax(past))
+            raise DatasetError(f"{self.idx_path}: {int(past.sum())} of {len(keys)} entries point past the end of "
+                               f"{self.rec_path} ({reader.file_size} bytes), e.g. key {int(keys[first])} at offset "
+                               f"{int(offsets[first])}: {hint}")
+        if self.layout == "header":
+            end = self.header0[1]
+            outside = (keys < 0) | (keys >= end)
+            if outside.any():
+                raise DatasetError(f"{self.idx_path}: {len(keys)} entries, {int(outside.sum())} of them outside the "
+                                   f"keys 0..{end - 1} that header0 of {self.rec_path} describes (e.g. key "
+                                   f"{int(keys[np.argmax(outside)])}): {hint}")
+            prop = os.path.join(self.root, "property")
+            if os.path.isfile(prop) and read_property(prop)[0] != self.num_classes:
+                raise DatasetError(f"{prop}: says {read_property(prop)[0]} classes, but header0 of {self.rec_path} "
+                                   f"describes {self.num_classes}: the files come from different packs")
+        # A record starts with the RecordIO magic: sample up to 64 offsets spread over the file.
+        sample = offsets[np.unique(np.linspace(0, len(offsets) - 1, min(64, len(offsets))).astype(np.int64))]
+        fd = reader._fd_for_process()
+        wrong = sum(os.pread(fd, 4, int(offset)) != recordio.MAGIC_BYTES for offset in sample)
+        if wrong * 2 > len(sample):  # a few bad records are skipped later; most of them means a wrong pair
+            raise DatasetError(f"{self.idx_path}: {wrong} of {len(sample)} sampled offsets do not point at a record "
+                               f"in {self.rec_path} (no RecordIO magic there): {hint}")
 
     def _plain_num_classes(self) -> int:
         prop = os.path.join(self.root, "property")
@@ -202,24 +245,37 @@ def write_property(path: str, num_classes: int, image_size: Any) -> None:
 
 
 def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
-    """``root/<identity>/<image>``: (paths, labels, identity names); classes by sorted folder name."""
+    """``root/<identity>/<image>``: (paths, labels, identity names); classes by sorted folder name.
+
+    Class ids are the positions of the identity folders in sorted order, so they must not shift: an
+    identity folder without any image file is an error (remove it or add images) rather than being
+    skipped. Hidden folders (``.name``, e.g. ``.ipynb_checkpoints``) are not identities.
+    """
     if not os.path.isdir(root):
         raise DatasetError(f"{root}: not a folder, expected root/<identity>/<image>.jpg")
-    identities = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    paths, labels, names = [], [], []
-    for identity in identities:
+    entries = list(os.scandir(root))
+    identities = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    if not identities:
+        loose = sum(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
+        found = f"found {loose} images directly in it" if loose else "found none"
+        raise DatasetError(f"{root}: no identity folders ({found}), expected root/<identity>/<image> files ending "
+                           f"in {'/'.join(IMAGE_EXTENSIONS)}")
+    paths, labels, empty = [], [], []
+    for label, identity in enumerate(identities):
         folder = os.path.join(root, identity)
         files = sorted(e.name for e in os.scandir(folder) if e.name.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            continue  # an empty identity folder gets no class id
-        label = len(names)
-        names.append(identity)
+            empty.append(folder)
         paths.extend(os.path.join(folder, f) for f in files)
         labels.extend([label] * len(files))
     if not paths:
-        raise DatasetError(f"{root}: no images found, expected root/<identity>/<image> files ending in "
-                           f"{'/'.join(IMAGE_EXTENSIONS)}")
-    return paths, labels, names
+        raise DatasetError(f"{root}: no images found in its {len(identities)} identity folders, expected "
+                           f"root/<identity>/<image> files ending in {'/'.join(IMAGE_EXTENSIONS)}")
+    if empty:
+        raise DatasetError(f"{empty[0]}: identity folder holds no image file ({'/'.join(IMAGE_EXTENSIONS)}); "
+                           f"{len(empty)} of {len(identities)} identity folders are empty: class ids follow the "
+                           f"sorted folder names, so remove the empty folders or add images")
+    return paths, labels, identities
 
 
 def read_image_file(path: str, image_size: tuple[int, int]) -> np.ndarray:
@@ -241,12 +297,17 @@ class ImageFolderDataset(_FaceDataset):
         self.labels_array = np.asarray(labels, dtype=np.int64)
         self.num_classes = len(self.identities)
         self.num_image = len(self.paths)
+        self._allocate_bad_record_flags()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         return read_image_file(self.paths[index], self.image_size), int(self.labels_array[index])
+
+    def labels(self) -> np.ndarray:
+        """Class of every image (from the folder names; no image is read)."""
+        return self.labels_array.copy()
 
 
 class SyntheticDataset(_FaceDataset):
@@ -265,6 +326,10 @@ class SyntheticDataset(_FaceDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.image, int(index) % self.num_classes
+
+    def labels(self) -> np.ndarray:
+        """Class of every sample: index modulo num_classes, as ``__getitem__`` gives."""
+        return np.arange(self.num_image, dtype=np.int64) % self.num_classes
 
 
 class ResumableDistributedSampler(Sampler[int]):
@@ -330,14 +395,19 @@ class ResumableDistributedSampler(Sampler[int]):
         self._resume_epoch = self.epoch
 
 
-def normalize_batch(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 in [-1, 1] as (x / 255 - 0.5) / 0.5, on the tensor's device."""
-    return images.float().div_(255).sub_(0.5).div_(0.5)
+def normalize_batch(images: torch.Tensor, spec: Any = None) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 model input: ``backbones.normalize`` with ``spec`` (the model's
+    ``input_spec``); without one, insightface's (x - 127.5) / 127.5 at the images' own size."""
+    from backbones.common import InputSpec, normalize
+
+    if spec is None:
+        spec = InputSpec(tuple(images.shape[-2:]), 127.5, 127.5)
+    return normalize(images, spec)
 
 
-def build_dataset(cfg: Any) -> _FaceDataset:
-    """The dataset ``cfg.rec`` names: "synthetic", a RecordIO folder or an image folder."""
-    source = cfg.rec
+def build_dataset(cfg: Any, source: str | None = None) -> _FaceDataset:
+    """The dataset ``source`` (default ``cfg.rec``) names: "synthetic", a RecordIO folder or an image folder."""
+    source = cfg.rec if source is None else source
     image_size = _as_hw(cfg.image_size)
     skip = bool(cfg.get("skip_bad_records", True))
     if source == "synthetic":
@@ -359,18 +429,35 @@ def build_dataset(cfg: Any) -> _FaceDataset:
     return ImageFolderDataset(source, image_size, flip=True, skip_bad_records=skip)
 
 
-def _reconcile(cfg: Any, dataset: _FaceDataset) -> None:
+@dataclass(frozen=True)
+class DataInfo:
+    """What the data setup found (the config is input only: nothing here is written back into it)."""
+
+    source: str          # the folder trained on, or "synthetic" for random tensors
+    kind: str            # recordio | image_folder | random
+    num_classes: int
+    num_images: int
+    layout: str | None   # RecordIO: header | plain
+
+
+def describe_data(cfg: Any, dataset: _FaceDataset, source: str) -> DataInfo:
+    """Counts from the data, checked against the config's ``num_classes`` / ``num_image`` when set."""
     for key in ("num_classes", "num_image"):
         from_data = int(getattr(dataset, key))
         configured = cfg.get(key)
-        if configured is None:
-            cfg[key] = from_data
-        elif int(configured) != from_data:
-            raise DatasetError(f"config key '{key}' is {configured} but the data in {cfg.rec} has {from_data}; "
+        if configured is not None and int(configured) != from_data:
+            raise DatasetError(f"config key '{key}' is {configured} but the data in {source} has {from_data}; "
                                f"set it to {from_data} or to None")
+    kind = {RecordDataset: "recordio", ImageFolderDataset: "image_folder"}.get(type(dataset), "random")
+    return DataInfo(str(source), kind, int(dataset.num_classes), int(dataset.num_image),
+                    getattr(dataset, "layout", None))
 
 
 def _seed_worker(worker_id: int) -> None:
+    # The main process owns shutdown: a signal to the whole process group must not kill workers.
+    from utils.stop import ignore_stop_signals
+
+    ignore_stop_signals()
     # torch seeds each worker from the loader's generator; numpy and random follow it.
     import cv2
 
@@ -380,26 +467,30 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def get_dataloader(cfg: Any, rank: int, world_size: int, pin_memory: bool = False) -> DataLoader:
-    """DataLoader over ``cfg.rec`` yielding (uint8 [B, 3, H, W] RGB, int64 [B]) with exact batch sizes."""
+def get_dataloader(cfg: Any, rank: int, world_size: int, pin_memory: bool = False,
+                   source: str | None = None) -> DataLoader:
+    """DataLoader over ``source`` (default ``cfg.rec``) yielding (uint8 [B, 3, H, W] RGB, int64 [B]) with
+    exact batch sizes; ``loader.data_info`` (a :class:`DataInfo`) says what was found."""
     if getattr(cfg, "dali", False):
         raise DatasetError("config key 'dali': True is not supported by ArcScale's loader; set dali=False "
                            "(the native loader reads the same .rec files; see docs/data.md)")
-    dataset = build_dataset(cfg)
-    _reconcile(cfg, dataset)
-    sampler = ResumableDistributedSampler(len(dataset), rank, world_size, cfg.seed)
+    source = cfg.rec if source is None else source
+    dataset = build_dataset(cfg, source)
+    data_info = describe_data(cfg, dataset, source)
+    sampler = build_sampler(cfg, dataset, rank, world_size)
     dataset.flip_seed = int(cfg.seed)
     sampler.shared_epoch = dataset.flip_epoch
     generator = torch.Generator().manual_seed(int(cfg.seed) * 1009 + int(rank))
     num_workers = int(cfg.num_workers)
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=int(cfg.batch_size),
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=True,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=functools.partial(_init_worker, _worker_log_queue(), logging.getLogger().getEffectiveLevel())
+        if num_workers > 0 else None,
         generator=generator,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
@@ -407,9 +498,204 @@ def get_dataloader(cfg: Any, rank: int, world_size: int, pin_memory: bool = Fals
         # run (synthetic-set generation, verification decoding) can deadlock the child.
         multiprocessing_context="spawn" if num_workers > 0 else None,
     )
+    loader.data_info = data_info
+    return loader
 
 
 def bad_record_count(loader: DataLoader) -> int:
     """Corrupt samples skipped so far by this loader, summed over all its workers."""
     counter = getattr(loader.dataset, "bad_record_counter", None)
     return int(counter.sum()) if counter is not None else 0
+
+
+def check_bad_records(loader: DataLoader, max_fraction: float, key: str = "max_bad_records") -> int:
+    """Distinct corrupt samples skipped so far; DatasetError once they exceed ``max_fraction`` of the data.
+
+    The trainer calls it every log interval (and logs/checkpoints the count), so a badly broken copy
+    of a dataset stops with one line instead of training on substitutes.
+    """
+    dataset = loader.dataset
+    flags = getattr(dataset, "bad_record_flags", None)
+    if flags is None:
+        return 0
+    count, total = int(flags.sum()), len(dataset)
+    if count > max_fraction * total:
+        source = getattr(dataset, "root", None) or type(dataset).__name__
+        raise DatasetError(f"{count} corrupt samples skipped in {source} ({count / total:.4%} of {total}), above "
+                           f"config key '{key}'={max_fraction:g} ({max_fraction:.4%}); list them with "
+                           f"`python tools/rec_info.py DIR --verify` (RecordIO) or fix the files named in the log")
+    return count
+
+
+# ---------------------------------------------------------------- worker logging
+_log_queue: Any = None
+
+
+def _forward_worker_logs(queue: Any) -> None:
+    # Spawned workers have no logging config: their records come here and go through this
+    # process's handlers (console and training.log), exactly as if logged by the trainer.
+    while True:
+        try:
+            record = queue.get()
+        except (EOFError, OSError, ValueError):  # the queue was closed at shutdown
+            return
+        target = logging.getLogger(record.name)
+        if target.isEnabledFor(record.levelno):
+            target.handle(record)
+
+
+def _worker_log_queue() -> Any:
+    """The queue DataLoader workers log into (created, with its forwarding thread, once per process)."""
+    global _log_queue
+    if _log_queue is None:
+        import multiprocessing
+
+        _log_queue = multiprocessing.get_context("spawn").Queue()
+        threading.Thread(target=_forward_worker_logs, args=(_log_queue,), name="worker-log-forwarder",
+                         daemon=True).start()
+    return _log_queue
+
+
+def _init_worker(log_queue: Any, level: int, worker_id: int) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(logging.handlers.QueueHandler(log_queue))
+    root.setLevel(level)
+    _seed_worker(worker_id)
+
+
+# ---------------------------------------------------------------- P x K identity sampler (triplet loss)
+def dataset_labels(dataset: Any) -> np.ndarray:
+    """int64 class of every sample of ``dataset`` (its ``labels()``; a generated identity set's from its
+    synthetic.json without reading the records)."""
+    labels = None
+    root = getattr(dataset, "root", None)
+    if isinstance(dataset, RecordDataset) and root:
+        from utils.synthetic import identity_set_labels
+
+        labels = identity_set_labels(root)
+    if labels is None:
+        if not callable(getattr(dataset, "labels", None)):
+            raise DatasetError(f"config key 'sampler'='pk': {type(dataset).__name__} cannot list its labels")
+        logger.info("pk sampler: reading the label of every sample of %s", root or type(dataset).__name__)
+        labels = dataset.labels()
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(dataset),):
+        raise DatasetError(f"{root or type(dataset).__name__}: {labels.shape[0]} labels for {len(dataset)} samples")
+    return labels
+
+
+class PKSampler(ResumableDistributedSampler):
+    """Global batches of P identities x K images (P = batch_size * world_size / K), for triplet mining.
+
+    The epoch's sample stream depends only on (labels, K, seed, epoch), never on the batch size or the
+    world size: rounds, each a shuffled order of all identities, and identity i's r-th appearance takes
+    the next K of its images in an epoch-shuffled cycle (an identity with fewer than K images repeats
+    some: drawn with replacement). Round r+1 starts with M = n_identities // 2 identities absent from
+    round r's last M, so ANY P <= M consecutive groups hold P distinct identities; hence a checkpoint
+    (``consumed`` global samples, always a multiple of K) resumes the same stream on another world
+    size or batch size. An epoch is floor(num_images / global_batch) global batches, as for the
+    random sampler (about one pass's worth of samples; identities are drawn uniformly, as in
+    Hermans et al.'s P x K batches, not in proportion to their image counts).
+    Rank r yields samples [r*B, (r+1)*B) of every global batch: whole identities when K divides
+    batch_size, otherwise the identity at a rank boundary is split between two ranks (the triplet
+    loss gathers the global batch, so the mining is the same either way).
+    """
+
+    def __init__(self, labels: Any, images_per_identity: int, batch_size: int, rank: int, world_size: int,
+                 seed: int) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        super().__init__(len(labels), rank, world_size, seed)
+        k, batch_size = int(images_per_identity), int(batch_size)
+        global_batch = batch_size * self.world_size
+        if k < 2:
+            raise DatasetError(f"config key 'images_per_identity'={images_per_identity!r}: sampler='pk' needs "
+                               f"K >= 2 images per identity (positive pairs)")
+        if batch_size < 1 or global_batch % k:
+            raise DatasetError(f"config keys 'images_per_identity'={k} and 'batch_size'={batch_size}: the global "
+                               f"batch {global_batch} (batch_size x {self.world_size} ranks) must be a multiple of K")
+        self.identities, self.image_counts = np.unique(labels, return_counts=True)
+        n = len(self.identities)
+        if n < 2:
+            raise DatasetError(f"config key 'sampler'='pk': the data has {n} identity, need at least 2")
+        self.k, self.batch_size, self.global_batch = k, batch_size, global_batch
+        self.p = global_batch // k
+        if self.p > n // 2:
+            raise DatasetError(f"config keys 'images_per_identity'={k} and 'batch_size'={batch_size}: P={self.p} "
+                               f"identities per global batch needs at least {2 * self.p} identities, the data has {n}")
+        self.labels = labels
+        self.epoch_samples = (len(labels) // global_batch) * global_batch
+        if self.epoch_samples == 0:
+            raise DatasetError(f"config key 'batch_size'={batch_size}: the global batch {global_batch} is larger "
+                               f"than the {len(labels)} images")
+        few = int((self.image_counts < k).sum())
+        if few:
+            logger.info("pk sampler: %d of %d identities have fewer than K=%d images; their images repeat "
+                        "(drawn with replacement)", few, n, k)
+        self._cache: tuple[tuple[int, int], np.ndarray] | None = None
+
+    def stream(self) -> np.ndarray:
+        """This epoch's global sample order (at least ``epoch_samples`` indices; cached per epoch/seed)."""
+        key = (self.seed, self.epoch)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._build_stream())
+        return self._cache[1]
+
+    def _build_stream(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch, 0x504B])
+        n, k, half = len(self.identities), self.k, len(self.identities) // 2
+        # Images grouped by identity (np.unique's order), shuffled within each identity.
+        images = np.lexsort((rng.random(len(self.labels)), self.labels))
+        starts = np.concatenate([[0], np.cumsum(self.image_counts)[:-1]])
+        num_rounds = -(-(-(-len(self.labels) // k)) // n)  # ceil(ceil(N / K) / n)
+        rounds, recent = [], np.zeros(n, dtype=bool)
+        for r in range(num_rounds):
+            order = rng.permutation(n)
+            if r:
+                # Keep the previous round's last M identities out of this round's first M.
+                fresh, stale = order[~recent[order]], order[recent[order]]
+                rest = np.concatenate([fresh[half:], stale])
+                order = np.concatenate([fresh[:half], rng.permutation(rest)])
+                recent[:] = False
+            recent[order[n - half:]] = True
+            rounds.append(order)
+        groups = np.concatenate(rounds)                              # identity slot of each group
+        appearance = np.repeat(np.arange(num_rounds), n)             # = round: once per round
+        offsets = (appearance[:, None] * k + np.arange(k)[None, :]) % self.image_counts[groups][:, None]
+        return images[starts[groups][:, None] + offsets].reshape(-1)
+
+    def _indices(self) -> torch.Tensor:
+        rest = self.stream()[self.consumed:self.epoch_samples]
+        batches = len(rest) // self.global_batch
+        rest = rest[:batches * self.global_batch].reshape(batches, self.global_batch)
+        mine = rest[:, self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return torch.from_numpy(np.ascontiguousarray(mine).reshape(-1))
+
+    def __len__(self) -> int:
+        return max(0, self.epoch_samples - self.consumed) // self.global_batch * self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        """epoch/seed/consumed like the random sampler, plus K (a different K changes the stream)."""
+        return {**super().state_dict(), "images_per_identity": self.k}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the checkpoint's epoch; ``consumed`` is in global samples, so any world size works."""
+        super().load_state_dict(state)
+        if state.get("images_per_identity", self.k) != self.k:
+            logger.warning("pk sampler: checkpoint has images_per_identity=%s, config %s; the rest of the epoch "
+                           "follows a different order", state["images_per_identity"], self.k)
+
+
+SAMPLERS = ("random", "pk")
+
+
+def build_sampler(cfg: Any, dataset: Any, rank: int, world_size: int) -> ResumableDistributedSampler:
+    """The sampler ``cfg.sampler`` names: "random" (seeded shuffle) or "pk" (P identities x K images)."""
+    kind = cfg.get("sampler", "random")
+    if kind == "random":
+        return ResumableDistributedSampler(len(dataset), rank, world_size, cfg.seed)
+    if kind == "pk":
+        return PKSampler(dataset_labels(dataset), cfg.get("images_per_identity", 0), int(cfg.batch_size), rank,
+                         world_size, int(cfg.seed))
+    raise DatasetError(f"config key 'sampler'={kind!r}: expected one of {', '.join(SAMPLERS)}")

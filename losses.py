@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ def _check_scale(s: float) -> float:
 
 @dataclass
 class FusedMargin:
-    """What ``margin.fused_(cos, ...)`` did to the logits, for Partial FC's hand-written backward:
+    """What ``margin.fused_(cos, ...)`` did to the logits (the fused-margin protocol's return value):
     d logits / d cos = ``scale`` everywhere, times ``target_slope`` at the targets (None: 1, the
     straight-through or pure-cosine case), and 0 where ``zeroed`` (inter-class filtering) is True."""
 
@@ -149,22 +149,38 @@ class _ApplyFusedMargin(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-class _MarginBase(nn.Module):
-    """Shared input checks and target lookup. Subclasses set ``needs_norms``.
+@runtime_checkable
+class FusedMarginLoss(Protocol):
+    """The fused-margin protocol: a margin whose gradient touches only the target logits (plus a
+    constant scale and a mask) may implement it, and Partial FC then runs cosine, margin and softmax
+    cross-entropy as one function with a hand-written backward (no [N, C] autograd temporaries).
 
-    Margins whose gradient touches only the target logits (plus a constant scale and a mask) implement
-    ``fused_``: an in-place, autograd-free forward that returns how to map gradients back. Their
-    ``forward`` wraps it in autograd; Partial FC's fused head calls it directly, avoiding [N, C]-sized
-    autograd temporaries. ``supports_fused`` says whether it exists.
+    ``fused_(cos, rows, columns, norms)`` turns the cosine logits [N, C] into final logits in place,
+    without autograd, where ``cos[rows, columns]`` are the target logits (rows whose target is in
+    another shard are absent), and returns a ``FusedMargin`` saying how to map d loss / d logits back
+    to d loss / d cos (``FusedMargin.backward_``). ``needs_norms``: ``norms`` (the embedding norms of
+    the N rows) must be passed. CombinedMarginLoss and AdaFaceLoss implement it; CurricularFaceLoss
+    (its hard negatives depend on every logit) does not.
     """
 
-    needs_norms = False
-    supports_fused = False
+    needs_norms: bool
 
     def fused_(self, cos: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
                norms: torch.Tensor | None = None) -> FusedMargin:
         """Turn cosine logits into final logits in place; return how to map gradients back."""
-        raise NotImplementedError(f"{type(self).__name__} has no fused form; use forward()")
+
+
+class MarginLoss(nn.Module):
+    """Base of the margin losses: input checks and target lookup.
+
+    The calling convention Partial FC relies on: ``margin(logits, labels, norms=None, inplace=False,
+    model_parallel=False)`` on cosine logits [N, C_shard], ``labels[i] = -1`` when row i's target is in
+    another shard; ``norms`` is given when ``needs_norms`` is True, ``inplace=True`` lets the margin
+    overwrite ``logits``, ``model_parallel=True`` says the classes are split over ranks (a margin that
+    needs whole-row statistics all-reduces them). Subclasses may also implement ``FusedMarginLoss``.
+    """
+
+    needs_norms = False
 
     def _prepare(self, logits: torch.Tensor, labels: torch.Tensor, inplace: bool):
         if logits.dim() != 2:
@@ -180,7 +196,7 @@ class _MarginBase(nn.Module):
         return logits, rows, columns
 
 
-class CombinedMarginLoss(_MarginBase):
+class CombinedMarginLoss(MarginLoss):
     """Target logit ``cos(m1*theta + m2) - m3``, all logits times ``s``.
 
     ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4), SphereFace-style m1 > 1 and true combinations such as
@@ -212,11 +228,10 @@ class CombinedMarginLoss(_MarginBase):
         logits, rows, columns = self._prepare(logits, labels, inplace)
         return _ApplyFusedMargin.apply(logits, self, rows, columns, norms)
 
-    supports_fused = True
-
     @torch.no_grad()
     def fused_(self, cos: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
                norms: torch.Tensor | None = None) -> FusedMargin:
+        """FusedMarginLoss protocol: filter, margin and scale ``cos`` in place."""
         zeroed = None
         if self.interclass_filtering_threshold > 0:
             zeroed = cos > self.interclass_filtering_threshold
@@ -237,7 +252,7 @@ class CombinedMarginLoss(_MarginBase):
                 f"interclass_filtering_threshold={self.interclass_filtering_threshold}")
 
 
-class AdaFaceLoss(_MarginBase):
+class AdaFaceLoss(MarginLoss):
     """AdaFace (Kim et al., CVPR 2022): the margin adapts to the embedding norm (image quality).
 
     With z = clip(h * (norm - mean) / (std + eps), -1, 1) from EMA batch statistics of the norms,
@@ -285,11 +300,10 @@ class AdaFaceLoss(_MarginBase):
             self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * std)
         return ((safe_norms - self.batch_mean) / (self.batch_std + self.eps) * self.h).clamp(-1.0, 1.0)
 
-    supports_fused = True
-
     @torch.no_grad()
     def fused_(self, cos: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
                norms: torch.Tensor | None = None) -> FusedMargin:
+        """FusedMarginLoss protocol: the quality-adaptive margin and the scale, in place."""
         self._check_norms(norms, cos.shape[0])
         quality = self._quality(norms)[rows]
         target = cos[rows, columns]
@@ -302,7 +316,7 @@ class AdaFaceLoss(_MarginBase):
         return f"s={self.s}, m={self.m}, h={self.h}, t_alpha={self.t_alpha}, margin_grad={self.margin_grad}"
 
 
-class CurricularFaceLoss(_MarginBase):
+class CurricularFaceLoss(MarginLoss):
     """CurricularFace (Huang et al., CVPR 2020): ArcFace target plus hard negatives re-weighted as
     ``cos * (t + cos)`` where t is an EMA (momentum 0.01) of the mean target cosine.
 
@@ -375,3 +389,14 @@ def build_margin_loss(cfg: Mapping[str, Any]) -> nn.Module:
     if head == "adaface":
         return AdaFaceLoss(scale, m=m2, margin_grad=margin_grad)
     return CurricularFaceLoss(scale, m=m2, margin_grad=margin_grad)
+
+
+# ---------------------------------------------------------------- metric losses (metric_losses.py)
+def __getattr__(name: str):
+    """``from losses import TripletLoss`` / ``build_triplet_loss``: re-exported lazily, because
+    metric_losses imports MarginLossError from this module (an eager import here would be circular)."""
+    if name in ("TripletLoss", "build_triplet_loss"):
+        import metric_losses
+
+        return getattr(metric_losses, name)
+    raise AttributeError(f"module 'losses' has no attribute {name!r}")

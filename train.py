@@ -4,18 +4,19 @@
     torchrun --nproc_per_node=8 [--nnodes=N --node_rank=R --master_addr=H --master_port=P] train.py CONFIG
     python -m torch.distributed.launch --nproc_per_node=8 train.py CONFIG      (legacy launcher)
 
-Reads top to bottom: config -> device/process group -> data -> backbone (DDP) + Partial FC head
--> optimizer/schedule -> optional resume -> the loop (micro-steps, AMP, clipping, one optimizer
+Reads top to bottom: config -> device/process group -> output folder and resume decision -> data
+-> run plan (steps and LR from progress in samples) -> backbone (DDP) + head -> optimizer -> resume
+-> the loop (fetch a step's batches, agree on all ranks to go on, micro-steps with AMP, one optimizer
 step, logging, verification, checkpoints) -> final model.pt and verification table.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -33,9 +34,11 @@ from utils import device as devices
 from utils.checkpoint import load_backbone
 from utils.config import ConfigError, load_config, to_plain
 from utils.logging_utils import RunningMean, StepTimer, format_eta, setup_logging
-from utils.lr_scheduler import PolyWarmupLR
-from utils.resume import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, capture_rng_state, checkpoint_path,
-                          latest_checkpoint, load_checkpoint, prune_checkpoints, restore_rng_state)
+from utils.resume import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, atomic_save, capture_rng_state,
+                          checkpoint_path, clean_partial_writes, newest_loadable, previous_run_files,
+                          prune_checkpoints, restore_rng_state)
+from utils.run_plan import RunPlan, make_plan, make_schedule, resume_position
+from utils.stop import StopRequest, stop_signals_blocked
 
 logger = logging.getLogger("arcscale.train")
 
@@ -48,6 +51,7 @@ class TrainingError(RuntimeError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line: the config file, ``--set key=value`` overrides, the legacy launcher's --local_rank."""
     parser = argparse.ArgumentParser(description="Train a face-recognition model from a config file.")
     parser.add_argument("config", help="path to a config file, e.g. configs/ms1mv3_r50.py")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -55,26 +59,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # torch.distributed.launch (legacy) passes the local rank as an argument instead of LOCAL_RANK.
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits 0 (preemptible clusters)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def __enter__(self) -> "StopRequest":
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        # Give the previous handlers back (matters when train() runs inside another program).
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
 
 
 def all_ranks_min(values: list[float], ctx: devices.DeviceContext) -> list[float]:
@@ -85,21 +69,54 @@ def all_ranks_min(values: list[float], ctx: devices.DeviceContext) -> list[float
     return tensor.tolist()
 
 
-def resolve_data(cfg: Any, ctx: devices.DeviceContext) -> None:
-    """Generate the synthetic identity set once (local rank 0 of each node builds, others wait)."""
-    if not cfg.synthetic.num_identities:
-        return
+def rank0_decides(value: float, ctx: devices.DeviceContext) -> float:
+    """Rank 0's ``value`` on every rank (decisions about the output folder are rank 0's to make)."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=ctx.device if ctx.kind != "cpu" else "cpu")
+    if ctx.distributed:
+        dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
+def prepare_output(cfg: Any, ctx: devices.DeviceContext) -> tuple[str | None, dict | None]:
+    """Clean interrupted writes, refuse to clobber a previous run, find the checkpoint to resume from."""
+    if ctx.is_main:
+        os.makedirs(cfg.output, exist_ok=True)
+        clean_partial_writes(cfg.output)
+    path, state = newest_loadable(cfg.output) if cfg.resume else (None, None)
+    found = rank0_decides(float(path is not None), ctx)
+    if cfg.resume is True and not found:
+        raise ConfigError(f"resume=True but {cfg.output} holds no usable checkpoint; use resume=\"auto\" to start "
+                          f"fresh when there is none, or check `output`")
+    if cfg.resume == "auto" and not found:
+        logger.info("resume=\"auto\": no checkpoint in %s, starting fresh", cfg.output)
+    if not cfg.resume:
+        existing = previous_run_files(cfg.output) if ctx.is_main else []
+        if rank0_decides(float(bool(existing)), ctx) and not cfg.overwrite:
+            raise ConfigError(f"output folder {cfg.output} already holds a run ({len(existing) or 'some'} checkpoint/"
+                              f"model files); continue it with resume=True (or \"auto\"), choose another `output`, "
+                              f"or set overwrite=True to delete them")
+        if ctx.is_main and existing:
+            for old in existing:
+                os.remove(old)
+            logger.warning("overwrite=True: deleted %d file(s) of the previous run in %s", len(existing), cfg.output)
+    return (path, state) if found else (None, None)
+
+
+def resolve_data(cfg: Any, ctx: devices.DeviceContext) -> str:
+    """The data source to train on: an explicit ``rec`` always wins; otherwise the generated identity
+    set when the config describes one (local rank 0 of each node builds it once, others wait)."""
+    if cfg.rec != "synthetic" or not cfg.synthetic.num_identities:
+        return cfg.rec
     from utils.synthetic import ensure_identity_set
 
-    if ctx.local_rank == 0:
-        cfg.rec = ensure_identity_set(cfg)
+    source = ensure_identity_set(cfg) if ctx.local_rank == 0 else None
     if ctx.distributed:
         dist.barrier()
-    if ctx.local_rank != 0:
-        cfg.rec = ensure_identity_set(cfg)
+    return source or ensure_identity_set(cfg)
 
 
 def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> torch.nn.Module:
+    """The configured network, optionally initialised from ``init_backbone``, on the training device."""
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
                          gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.init_backbone:
@@ -112,15 +129,19 @@ def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> torch.nn.Module:
 
 
 def build_optimizer(cfg: Any, backbone: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD (arcface_torch), AdamW (ViTs) or Adam (facenet-pytorch) over the backbone's parameters."""
     params = [p for p in backbone.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    raise ConfigError(f"config key 'optimizer': expected 'sgd' or 'adamw', got {cfg.optimizer!r}")
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"config key 'optimizer': expected 'sgd', 'adamw' or 'adam', got {cfg.optimizer!r}")
 
 
 def wrap_ddp(backbone: torch.nn.Module, cfg: Any, ctx: devices.DeviceContext) -> torch.nn.Module:
+    """DDP with summed (not averaged) gradients; the backbone itself without a process group."""
     if not ctx.distributed:
         return backbone
     model = DistributedDataParallel(backbone, device_ids=[ctx.local_rank] if ctx.kind != "cpu" else None,
@@ -130,6 +151,7 @@ def wrap_ddp(backbone: torch.nn.Module, cfg: Any, ctx: devices.DeviceContext) ->
 
 
 def gather_rng_states(ctx: devices.DeviceContext) -> list:
+    """Every rank's RNG state (rank 0 writes them all into the checkpoint)."""
     state = capture_rng_state()
     if not ctx.distributed:
         return [state]
@@ -138,30 +160,46 @@ def gather_rng_states(ctx: devices.DeviceContext) -> list:
     return states
 
 
-def save_checkpoint(cfg, ctx, backbone, head, optimizer, scaler, scheduler, sampler, step, epoch) -> None:
-    """Collective: every rank takes part (head shards are gathered); rank 0 writes atomically."""
+def save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples_in_epoch, bad_records, source) -> None:
+    """Collective: every rank takes part (head shards are gathered); rank 0 writes atomically.
+
+    A failed write (disk full, permissions) leaves the previous checkpoint intact and, with
+    ``on_save_error="stop"``, stops every rank with one line naming the path.
+    """
+    backbone, head, optimizer, scaler, sampler = parts
     head_state = head.full_state_dict()
     rng_states = gather_rng_states(ctx)
+    path, error = checkpoint_path(cfg.output, step), ""
     if ctx.is_main:
         state = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "step": step, "epoch": epoch, "world_size": ctx.world_size,
+            "progress": {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "global_batch": plan.global_batch,
+                         "step": step},
+            "data": {"source": str(source), "num_images": plan.num_images, "bad_records": bad_records},
             "backbone": backbone.state_dict(), "head": head_state,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
             "rng": rng_states, "config": to_plain(cfg),
         }
-        path = checkpoint_path(cfg.output, step)
-        atomic_save(state, path)
-        prune_checkpoints(cfg.output, cfg.keep_checkpoints)
-        atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
-        logger.info("saved checkpoint %s (step %d, epoch %d)", path, step, epoch)
-    if ctx.distributed:
-        dist.barrier()
+        try:
+            atomic_save(state, path)
+            prune_checkpoints(cfg.output, cfg.keep_checkpoints, protect=path)
+            atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
+            logger.info("saved checkpoint %s (step %d, epoch %d)", path, step, epoch)
+        except OSError as exc:
+            error = f"cannot write checkpoint {path}: {exc.strerror or exc} (the previous checkpoint is intact)"
+    saved = all_ranks_min([0.0 if error else 1.0], ctx)[0]
+    if not saved:
+        error = error or f"cannot write checkpoint {path} on rank 0 (see its log)"
+        if cfg.on_save_error == "warn":
+            logger.warning("%s; training goes on (on_save_error=\"warn\")", error)
+        else:
+            raise TrainingError(f"{error}; stopping (on_save_error=\"stop\"; \"warn\" trains on)")
 
 
-def restore_checkpoint(path, ctx, backbone, head, optimizer, scaler, sampler) -> tuple[int, int]:
-    state = load_checkpoint(path)
+def restore_checkpoint(path, state, ctx, plan, parts) -> tuple[int, int]:
+    """Load every part of a training checkpoint; returns (step, epoch) converted to the current plan."""
+    backbone, head, optimizer, scaler, sampler = parts
     try:
         backbone.load_state_dict(state["backbone"])
     except RuntimeError as exc:
@@ -171,16 +209,19 @@ def restore_checkpoint(path, ctx, backbone, head, optimizer, scaler, sampler) ->
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     sampler.load_state_dict(state["sampler"])
+    step, epoch, samples = resume_position(state["progress"], plan)
     if state["world_size"] == ctx.world_size:
         restore_rng_state(state["rng"][ctx.rank])
     else:
         logger.info("resuming %d-rank checkpoint on %d ranks: head shards re-split, RNG reseeded",
                     state["world_size"], ctx.world_size)
-    logger.info("resumed from %s at step %d (epoch %d)", path, state["step"], state["epoch"])
-    return state["step"], state["epoch"]
+    logger.info("resumed from %s at step %d of %d (epoch %d, %d samples into it)", path, step, plan.total_steps,
+                epoch, samples)
+    return step, epoch
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch."""
     import random
 
     random.seed(seed)
@@ -209,6 +250,7 @@ def open_summary_writers(cfg: Any, ctx: devices.DeviceContext) -> tuple[Any, Any
 
 
 def log_scalars(writer: Any, run: Any, scalars: dict[str, float], step: int) -> None:
+    """Write scalars to TensorBoard and wandb when they are open."""
     if writer is not None:
         for key, value in scalars.items():
             writer.add_scalar(key, value, step)
@@ -216,170 +258,180 @@ def log_scalars(writer: Any, run: Any, scalars: dict[str, float], step: int) -> 
         run.log(scalars, step=step)
 
 
-def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, float]:
-    seed_everything(cfg.seed + ctx.rank)
-    resolve_data(cfg, ctx)
-    loader = get_dataloader(cfg, ctx.rank, ctx.world_size, pin_memory=devices.pin_memory(ctx))
-    sampler = loader.sampler
+def build_verification(cfg: Any, source: str) -> Any:
+    """The verification callback over the ``val_targets`` that exist; a missing one is a warning."""
+    if not cfg.val_targets:
+        return None
+    from eval.verification import VerificationCallback, target_path
 
-    # ---- sizes and learning rate
-    accumulation = int(cfg.gradient_acc)
-    if accumulation < 1:
-        raise ConfigError(f"config key 'gradient_acc': expected an integer >= 1, got {cfg.gradient_acc!r}")
-    global_batch = cfg.batch_size * ctx.world_size * accumulation
-    lr = cfg.lr_per_512 * global_batch / 512 if cfg.lr_per_512 else cfg.lr
-    steps_per_epoch = cfg.num_image // (cfg.batch_size * ctx.world_size) // accumulation
-    if steps_per_epoch < 1:
-        raise ConfigError(f"num_image={cfg.num_image} is smaller than one global batch ({global_batch} = "
-                          f"batch_size {cfg.batch_size} x {ctx.world_size} ranks x gradient_acc {accumulation})")
-    total_steps = steps_per_epoch * cfg.num_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, int(cfg.max_steps))
-    warmup_steps = int(steps_per_epoch * cfg.warmup_epoch)
-    if warmup_steps >= total_steps:  # e.g. a short max_steps performance run
-        logger.warning("warmup of %d steps is longer than the run (%d steps); using %d", warmup_steps,
-                       total_steps, total_steps - 1)
-        warmup_steps = total_steps - 1
-    scheduler = PolyWarmupLR(lr, total_steps, warmup_steps, cfg.lr_power)
-    logger.info("%s: %d images, %d classes, world size %d, global batch %d (%d x %d ranks x %d acc), lr %.5g, "
-                "%d steps/epoch, %d steps", cfg.config_name, cfg.num_image, cfg.num_classes, ctx.world_size,
-                global_batch, cfg.batch_size, ctx.world_size, accumulation, lr, steps_per_epoch, total_steps)
+    data_dir = cfg.val_data_dir or (source if os.path.isdir(str(source)) else ".")
+    targets = []
+    for name in cfg.val_targets:
+        if os.path.isfile(target_path(data_dir, name)):
+            targets.append(name)
+        else:
+            logger.warning("verification target %r: %s not found; training goes on without it", name,
+                           target_path(data_dir, name))
+    if not targets:
+        return None
+    return VerificationCallback(targets, data_dir, batch_size=cfg.val_batch_size, image_size=tuple(cfg.image_size))
+
+
+def fetch_step(batches: Any, accumulation: int) -> tuple[list | None, str]:
+    """The micro-batches of one optimizer step, or (None, why) when a DataLoader worker died."""
+    try:
+        return [next(batches) for _ in range(accumulation)], ""
+    except RuntimeError as exc:
+        if "DataLoader worker" not in str(exc):
+            raise
+        return None, str(exc).splitlines()[0]
+
+
+def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> float:
+    """Micro-steps of one optimizer step; returns the step's mean loss (DDP syncs only on the last)."""
+    model.train()
+    loss_sum, accumulation = 0.0, len(micro_batches)
+    for micro_step, (images, labels) in enumerate(micro_batches):
+        images = normalize_batch(images.to(ctx.device, non_blocking=True))
+        labels = labels.to(ctx.device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        sync = model.no_sync() if ctx.distributed and micro_step < accumulation - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                embeddings = model(images)
+            loss = head(embeddings.float(), labels)
+            scaler.scale(loss / accumulation).backward()
+        loss_sum += loss.item() / accumulation
+    return loss_sum
+
+
+def optimizer_step(cfg, ctx, backbone, head, optimizer, scaler, lr: float, loss: float) -> str:
+    """Unscale, clip, agree on every rank whether the step is finite, then step or skip.
+
+    Returns "stepped", "overflow" (fp16 gradients overflowed: the scaler backs off, the normal
+    GradScaler contract) or "nonfinite_loss" (counted towards max_nonfinite_steps).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+        head.unscale_(1.0 / scaler.get_scale())
+    grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(),
+                                               cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf"))
+    loss_finite, grads_finite = all_ranks_min(
+        [float(math.isfinite(loss)), float(head.grads_finite() and bool(torch.isfinite(grad_norm)))], ctx)
+    outcome = "stepped" if loss_finite and grads_finite else ("overflow" if loss_finite else "nonfinite_loss")
+    if outcome == "stepped":
+        scaler.step(optimizer)
+        head.step(lr)
+        scaler.update()
+    elif scaler.is_enabled():  # overflow or a bad batch: back off, nothing moves (the GradScaler contract)
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    optimizer.zero_grad(set_to_none=True)
+    head.zero_grad()
+    return outcome
+
+
+def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, float]:
+    """Train ``cfg`` on this rank; returns the last verification results (empty without val_targets)."""
+    seed_everything(cfg.seed + ctx.rank)
+    resume_path, resume_state = prepare_output(cfg, ctx)
+    logger.info("config %s: %s", cfg.config_path, json.dumps(to_plain(cfg), sort_keys=True, default=str))
+    source = resolve_data(cfg, ctx)
+    loader = get_dataloader(cfg, ctx.rank, ctx.world_size, pin_memory=devices.pin_memory(ctx), source=source)
+    sampler, data = loader.sampler, loader.data_info
+    plan = make_plan(cfg, data.num_images, ctx.world_size)
+    schedule = make_schedule(cfg, plan)
+    logger.info("%s: %s, %d images, %d classes, world size %d, global batch %d (%d x %d ranks x %d acc), "
+                "%d steps/epoch, %d steps", cfg.config_name, data.source, data.num_images, data.num_classes,
+                ctx.world_size, plan.global_batch, cfg.batch_size, ctx.world_size, plan.accumulation,
+                plan.steps_per_epoch, plan.total_steps)
 
     # ---- model, head, optimizers
+    fp16, bf16 = devices.resolve_precision(ctx, bool(cfg.fp16), bool(cfg.bf16))
     backbone = build_backbone(cfg, ctx)
-    head = PartialFC(build_margin_loss(cfg), cfg.embedding_size, cfg.num_classes,
+    head = PartialFC(build_margin_loss(cfg), cfg.embedding_size, data.num_classes,
                      sample_rate=cfg.sample_rate, pfc_update=cfg.pfc_update, weight_dtype=cfg.pfc_weight_dtype,
                      state_dtype=cfg.pfc_state_dtype, seed=cfg.seed).to(ctx.device)
     head.configure_optimizer(cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                              betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
-    optimizer = build_optimizer(cfg, backbone, lr)
-    scaler = devices.grad_scaler(ctx, cfg.fp16)
+    optimizer = build_optimizer(cfg, backbone, schedule.lr(0))
+    scaler = devices.grad_scaler(ctx, fp16)
+    parts = (backbone, head, optimizer, scaler, sampler)
 
     step, epoch = 0, 0
-    if cfg.resume:
-        path = latest_checkpoint(cfg.output)
-        if path:
-            step, epoch = restore_checkpoint(path, ctx, backbone, head, optimizer, scaler, sampler)
-        else:
-            logger.warning("resume=True but %s holds no checkpoint; starting from scratch", cfg.output)
+    if resume_path:
+        step, epoch = restore_checkpoint(resume_path, resume_state, ctx, plan, parts)
+        del resume_state
     model = wrap_ddp(backbone, cfg, ctx)
-
-    verification = None
-    if cfg.val_targets:
-        from eval.verification import VerificationCallback
-
-        data_dir = cfg.val_data_dir or (cfg.rec if os.path.isdir(str(cfg.rec)) else ".")
-        verification = VerificationCallback(list(cfg.val_targets), data_dir, batch_size=cfg.val_batch_size,
-                                            image_size=tuple(cfg.image_size))
+    verification = build_verification(cfg, source)
     writer, wandb_run = open_summary_writers(cfg, ctx)
-    autocast = devices.autocast(ctx, cfg.fp16, cfg.bf16)
+    autocast = devices.autocast(ctx, fp16, bf16)
     loss_meter, timer = RunningMean(), StepTimer()
-    start_step, nonfinite_in_a_row, results = step, 0, {}
-    saved_at_step = -1
+    start_step, nonfinite_in_a_row, results, saved_at, ended = step, 0, {}, None, ""
 
     def checkpoint() -> None:
-        nonlocal saved_at_step
-        if saved_at_step != step:
-            save_checkpoint(cfg, ctx, backbone, head, optimizer, scaler, scheduler, sampler, step, epoch)
-            saved_at_step = step
+        nonlocal saved_at
+        if saved_at != (step, epoch):  # an epoch end right after an interval save is saved again, as epoch + 1
+            samples = sampler.consumed if sampler.epoch == epoch else 0
+            save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples, bad_record_count(loader), source)
+            saved_at = (step, epoch)
 
     if verification is not None and cfg.verify_at_start and step == 0:
         log_scalars(writer, wandb_run, verification(0, backbone, ctx.device), 0)
 
     # ---- the loop: one iteration = one optimizer step of `accumulation` micro-batches
-    while epoch < cfg.num_epoch and step < total_steps and not stop.requested:
+    while epoch < plan.num_epoch and step < plan.total_steps and not ended:
         sampler.set_epoch(epoch)
-        batches = iter(loader)
-        steps_this_epoch = len(loader) // accumulation
-        steps_to_run = min(steps_this_epoch, total_steps - step)
+        with stop_signals_blocked():  # workers start with stop signals blocked (see utils/stop.py)
+            batches = iter(loader)
+        steps_this_epoch = len(loader) // plan.accumulation
+        steps_to_run = min(steps_this_epoch, plan.total_steps - step)
         for _ in range(steps_to_run):
-            model.train()
-            loss_sum, data_wait = 0.0, 0.0
-            for micro_step in range(accumulation):
-                wait_start = time.perf_counter()
-                images, labels = next(batches)
-                data_wait += time.perf_counter() - wait_start
-                images = normalize_batch(images.to(ctx.device, non_blocking=True))
-                labels = labels.to(ctx.device, non_blocking=True)
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                # Only the last micro-step all-reduces backbone gradients.
-                sync = model.no_sync() if ctx.distributed and micro_step < accumulation - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast:
-                        embeddings = model(images)
-                    loss = head(embeddings.float(), labels)
-                    scaler.scale(loss / accumulation).backward()
-                sampler.advance(cfg.batch_size * ctx.world_size)
-                loss_sum += loss.item() / accumulation
-
-            current_lr = scheduler.lr(step)
-            for group in optimizer.param_groups:
-                group["lr"] = current_lr
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-                head.unscale_(1.0 / scaler.get_scale())
-            grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf"))
-            loss_finite, grads_finite, keep_going = all_ranks_min(
-                [float(math.isfinite(loss_sum)), float(head.grads_finite() and bool(torch.isfinite(grad_norm))),
-                 float(not stop.requested)], ctx)
-            if not loss_finite:
-                nonfinite_in_a_row += 1
-                logger.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, loss_sum, nonfinite_in_a_row)
+            wait_start = time.perf_counter()
+            micro_batches, fetch_error = fetch_step(batches, plan.accumulation)
+            data_wait = time.perf_counter() - wait_start
+            # Every rank trains this step, or none does: a stop or a dead worker anywhere abandons it everywhere.
+            have_data, no_stop = all_ranks_min([float(micro_batches is not None), float(not stop.requested)], ctx)
+            if not (have_data and no_stop):
+                ended = "stop" if not no_stop else "data"
+                break
+            current_lr = schedule.lr(plan.position(epoch, sampler.consumed))
+            loss = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx)
+            outcome = optimizer_step(cfg, ctx, backbone, head, optimizer, scaler, current_lr, loss)
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if outcome == "nonfinite_loss" else 0
+            if outcome == "stepped":
+                loss_meter.update(loss)
+            elif outcome == "nonfinite_loss":
+                logger.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, loss, nonfinite_in_a_row)
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                     raise TrainingError(f"loss was non-finite for {nonfinite_in_a_row} optimizer steps in a row "
                                         f"(max_nonfinite_steps={cfg.max_nonfinite_steps}, last at step {step}); "
                                         f"lower lr, use bf16, or check the data")
-                if scaler.is_enabled():
-                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-            elif not grads_finite:
-                # fp16 overflow: the scaler backs off, nothing moves (the normal GradScaler contract).
-                nonfinite_in_a_row = 0
-                if scaler.is_enabled():
-                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-                logger.debug("step %d: non-finite gradients, step skipped", step)
-            else:
-                nonfinite_in_a_row = 0
-                scaler.step(optimizer)
-                head.step(current_lr)
-                scaler.update()
-                loss_meter.update(loss_sum)
-            optimizer.zero_grad(set_to_none=True)
-            head.zero_grad()
+            sampler.advance(plan.global_batch)
             step += 1
-            timer.add(global_batch, data_wait)
-
-            if step % cfg.frequent == 0 or step == total_steps:
-                stats = timer.report(step, total_steps, start_step)
-                scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-                logger.info("step %d/%d epoch %d | loss %.4f | lr %.5g | %.1f samples/s | data wait %.0f%% | "
-                            "scale %.0f | mem %.2f GiB | ETA %s", step, total_steps, epoch, loss_meter.mean, current_lr,
-                            stats["samples_per_s"], 100 * stats["data_wait"], scale, devices.memory_gib(ctx),
-                            format_eta(stats["eta_s"]))
-                log_scalars(writer, wandb_run, {"train/loss": loss_meter.mean, "train/lr": current_lr,
-                                                "train/samples_per_s": stats["samples_per_s"],
-                                                "train/data_wait": stats["data_wait"]}, step)
-                loss_meter.reset()
-            if verification is not None and cfg.verbose > 0 and step % cfg.verbose == 0 and step < total_steps:
+            timer.add(plan.global_batch, data_wait)
+            if step % cfg.frequent == 0 or step == plan.total_steps:
+                log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, current_lr, start_step)
+            if verification is not None and cfg.verbose > 0 and step % cfg.verbose == 0 and step < plan.total_steps:
                 results = verification(step, backbone, ctx.device)
                 log_scalars(writer, wandb_run, results, step)
             if cfg.save_every_steps and step % cfg.save_every_steps == 0:
                 checkpoint()
-            if not keep_going:
-                stop.requested = True
-                break
         else:
             if steps_to_run == steps_this_epoch:
                 epoch += 1  # the epoch ran to its end
             checkpoint()
-            continue
-        break
 
-    if stop.requested:
-        logger.warning("stop requested: saving a checkpoint at step %d and exiting", step)
-        checkpoint()
-        return results
     checkpoint()
+    if ended:
+        why = (f"{stop.signal_name or 'a signal'} received" if stop.requested else "stop requested on another rank") \
+            if ended == "stop" else (fetch_error or "a DataLoader worker died on another rank")
+        if ended == "data":
+            raise TrainingError(f"{why}; checkpoint saved at step {step}: continue with resume=True")
+        logger.warning("%s: checkpoint saved at step %d; continue with --set resume=True", why, step)
+        return results
     if verification is not None:
         results = verification(step, backbone, ctx.device)
         log_scalars(writer, wandb_run, results, step)
@@ -395,15 +447,47 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
     return results
 
 
+def log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, lr, start_step) -> None:
+    """The periodic status line (a window without a finite step shows no loss, never 0)."""
+    stats = timer.report(step, plan.total_steps, start_step)
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    loss_text = f"{loss_meter.mean:.4f}" if loss_meter.count else "n/a (all steps skipped)"
+    logger.info("step %d/%d epoch %d | loss %s | lr %.6g | %.1f samples/s | data wait %.0f%% | scale %.0f | "
+                "mem %.2f GiB | ETA %s", step, plan.total_steps, epoch, loss_text, lr, stats["samples_per_s"],
+                100 * stats["data_wait"], scale, devices.memory_gib(ctx), format_eta(stats["eta_s"]))
+    scalars = {"train/lr": lr, "train/samples_per_s": stats["samples_per_s"], "train/data_wait": stats["data_wait"]}
+    if loss_meter.count:
+        scalars["train/loss"] = loss_meter.mean
+    log_scalars(writer, wandb_run, scalars, step)
+    loss_meter.reset()
+
+
 def print_summary(cfg: Any, results: dict[str, float]) -> None:
+    """Final verification table and where every output went."""
     lines = ["", "Final verification:" if results else "Training finished (no val_targets configured)."]
     for key in sorted(results):
         lines.append(f"  {key:<40s} {results[key]:.5f}")
-    lines.append(f"model.pt: {os.path.abspath(os.path.join(cfg.output, 'model.pt'))}")
+    output = os.path.abspath(cfg.output)
+    lines.append(f"outputs in {output}:")
+    lines.append(f"  training.log     {os.path.join(output, 'training.log')}")
+    if cfg.tensorboard:
+        lines.append(f"  tensorboard/     {os.path.join(output, 'tensorboard')}  (tensorboard --logdir ...)")
+    lines.append(f"  checkpoints      {os.path.join(output, 'checkpoint_step*.pt')}  (resume=True continues)")
+    lines.append(f"  model.pt         {os.path.join(output, 'model.pt')}  (backbone state_dict)")
     logger.info("\n".join(lines))
 
 
+def one_line(exc: BaseException) -> str:
+    """A user-facing one-liner: worker exceptions carry a whole traceback in their text; keep its last line."""
+    text = str(exc).strip()
+    if "Original Traceback" in text or "\n" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines else type(exc).__name__
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 also for a graceful stop, 2 for user-facing errors)."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -411,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if type(exc).__module__.split(".")[0] not in OUR_PACKAGES:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     setup_logging(ctx.rank, cfg.output, cfg.log_level)
     try:
@@ -419,9 +503,10 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg, ctx, stop)
         return 0
     except Exception as exc:
-        if type(exc).__module__.split(".")[0] not in OUR_PACKAGES:
+        worker_died = isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+        if type(exc).__module__.split(".")[0] not in OUR_PACKAGES and not worker_died:
             raise
-        logger.error("error: %s", exc)
+        logger.error("error: %s", one_line(exc))
         return 2
     finally:
         devices.teardown()

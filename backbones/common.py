@@ -1,16 +1,120 @@
-"""Pieces shared by every backbone: precision regions, input checks, gradient checkpointing."""
+"""Pieces shared by every backbone: input convention, precision regions, input checks, gradient checkpointing."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 
 class BackboneError(ValueError):
     """A bad backbone name, keyword or input; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: RGB float [N, 3, H, W] made from uint8 pixels as ``(pixel - mean) / std``."""
+
+    image_size: tuple[int, int] = (112, 112)
+    mean: float = 127.5
+    std: float = 127.5
+
+    def __post_init__(self) -> None:
+        size = tuple(self.image_size) if isinstance(self.image_size, (tuple, list)) else ()
+        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+            raise BackboneError(f"InputSpec: image_size must be (height, width) positive integers, "
+                                f"got {self.image_size!r}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise BackboneError(f"InputSpec: {key} must be a finite number, got {value!r}")
+        if self.std <= 0:
+            raise BackboneError(f"InputSpec: std must be positive, got {self.std!r}")
+        object.__setattr__(self, "image_size", size)
+        object.__setattr__(self, "mean", float(self.mean))
+        object.__setattr__(self, "std", float(self.std))
+
+    def to_metadata(self) -> dict[str, str]:
+        """String key/values for file metadata (ONNX metadata_props); read back by :meth:`from_metadata`."""
+        return {"input_height": str(self.image_size[0]), "input_width": str(self.image_size[1]),
+                "input_mean": repr(self.mean), "input_std": repr(self.std)}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], source: str = "metadata") -> "InputSpec":
+        """The spec written by :meth:`to_metadata`; files without it get insightface's convention."""
+        if "input_height" not in metadata and "input_mean" not in metadata:
+            return ARCFACE_INPUT
+        default = ARCFACE_INPUT
+        try:
+            height = int(metadata.get("input_height", default.image_size[0]))
+            width = int(metadata.get("input_width", default.image_size[1]))
+            mean = float(metadata.get("input_mean", default.mean))
+            std = float(metadata.get("input_std", default.std))
+        except ValueError as exc:
+            raise BackboneError(f"{source}: unreadable input convention in the metadata ({exc})") from None
+        return cls((height, width), mean, std)
+
+    def describe(self) -> str:
+        """``160x160, (x - 127.5) / 128``: for log lines and CLI output."""
+        return f"{self.image_size[0]}x{self.image_size[1]}, (x - {self.mean:g}) / {self.std:g}"
+
+
+# insightface's models (iresnet, mbf, ViT): ((x / 255) - 0.5) / 0.5 on 112x112 crops.
+ARCFACE_INPUT = InputSpec((112, 112), 127.5, 127.5)
+# facenet-pytorch's InceptionResnetV1: fixed_image_standardization on 160x160 crops.
+FACENET_INPUT = InputSpec((160, 160), 127.5, 128.0)
+
+
+def declared_input_spec(model: Any) -> InputSpec | None:
+    """``model.input_spec`` through DDP/DataParallel (``.module``) and torch.compile (``._orig_mod``)
+    wrappers; None when the model declares none."""
+    for _ in range(8):  # wrappers nest at most a few deep (compile(DDP(model)))
+        spec = getattr(model, "input_spec", None)
+        if isinstance(spec, InputSpec):
+            return spec
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return None
+
+
+def input_spec(model: Any) -> InputSpec:
+    """The input convention of ``model`` (see :func:`declared_input_spec`); models that declare none
+    follow insightface's (112x112, 127.5/127.5)."""
+    return declared_input_spec(model) or ARCFACE_INPUT
+
+
+def normalize(images: torch.Tensor, spec: InputSpec, resize: bool = False) -> torch.Tensor:
+    """uint8 RGB [N, 3, H, W] -> float32 model input ``(pixel - mean) / std`` on the tensor's device.
+
+    With ``resize``, images of another size are bilinearly resized to ``spec.image_size`` (antialiased
+    when shrinking); without it a size mismatch is an error.
+    """
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
+            or images.shape[1] != 3:
+        what = f"{images.dtype} {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise BackboneError(f"normalize: expected uint8 RGB images [N, 3, H, W], got {what}")
+    size = tuple(images.shape[-2:])
+    if size != spec.image_size and not resize:
+        raise BackboneError(f"normalize: images are {size[0]}x{size[1]}, the model expects "
+                            f"{spec.image_size[0]}x{spec.image_size[1]}")
+    x = images.float()
+    if spec.mean == spec.std == 127.5:
+        # insightface's exact order of operations ((x / 255) - 0.5) / 0.5, so embeddings are bit-identical
+        # to arcface_torch's; (x - 127.5) / 128 (facenet-pytorch's) is already exact in float32.
+        x = x.div_(255).sub_(0.5).div_(0.5)
+    else:
+        x = x.sub_(spec.mean).div_(spec.std)
+    if size != spec.image_size:
+        shrink = size[0] > spec.image_size[0] or size[1] > spec.image_size[1]
+        x = F.interpolate(x, size=spec.image_size, mode="bilinear", align_corners=False, antialias=shrink)
+    return x
 
 
 def _autocast_available(device_type: str) -> bool:
@@ -49,7 +153,7 @@ def check_input(x: torch.Tensor, network: str, image_size: tuple[int, int] = (11
                             f"got {list(x.shape)}")
     if not x.is_floating_point():
         raise BackboneError(f"network '{network}': expected a float input normalised to [-1, 1], got {x.dtype} "
-                            f"(use dataset.normalize_batch on uint8 images)")
+                            f"(use backbones.normalize on uint8 images)")
 
 
 class _RestoreBuffers:

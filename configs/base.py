@@ -12,7 +12,8 @@ config = edict()
 config.output = None            # run folder; None -> work_dirs/<config file stem>
 config.seed = 2048              # seeds torch/numpy/random, the sampler and the workers
 config.device = "auto"          # auto | cuda | npu | cpu
-config.resume = False           # continue from the newest checkpoint in `output`
+config.resume = False           # False | True (continue from the newest checkpoint; error if none) | "auto" (resume when one exists: elastic restarts)
+config.overwrite = False        # allow a fresh run into an `output` holding checkpoints/model.pt (they are deleted first)
 config.init_backbone = None     # path to a backbone/model.pt to start from (fine-tuning)
 config.log_level = "INFO"
 
@@ -23,6 +24,7 @@ config.num_image = None         # read from the data; a value that disagrees is 
 config.image_size = (112, 112)  # (height, width) the backbone sees
 config.num_workers = 2          # DataLoader workers per rank
 config.skip_bad_records = True  # skip (and count) corrupt records instead of dying
+config.max_bad_records = 0.001  # stop with an error once more than this fraction of the dataset was skipped as corrupt
 config.synthetic = edict(       # used when a config asks for a generated identity set
     num_identities=0,           # 0 = no generated identity set
     images_per_identity=0,
@@ -41,7 +43,7 @@ config.gradient_checkpointing = False
 config.channels_last = False    # NHWC memory format for conv backbones
 
 # ---------------------------------------------------------------- head (losses.py / partial_fc.py)
-config.head = "combined"        # combined (ArcFace/CosFace/...) | adaface | curricularface
+config.head = "combined"        # combined (ArcFace/CosFace/...) | adaface | curricularface | softmax (linear + bias + cross-entropy, softmax_head.py: facenet fine-tuning)
 config.margin_list = (1.0, 0.5, 0.0)    # (m1, m2, m3): cos(m1*theta + m2) - m3
 config.scale = 64.0             # s: logits are multiplied by it
 config.margin_grad = "straight_through"  # straight_through (arcface_torch) | exact
@@ -52,7 +54,7 @@ config.pfc_weight_dtype = "float32"  # float32 | bfloat16 (stochastic rounding; 
 config.pfc_state_dtype = "float32"   # optimizer rows of the head: float32 | bfloat16 | int8 (SGD momentum, per-row scale)
 
 # ---------------------------------------------------------------- optimisation
-config.optimizer = "sgd"        # sgd | adamw
+config.optimizer = "sgd"        # sgd | adamw | adam
 config.lr = 0.1                 # base lr for the global batch (ignored when lr_per_512 is set)
 config.lr_per_512 = None        # lr per 512 global samples; lr = lr_per_512 * global_batch / 512
 config.momentum = 0.9
@@ -63,9 +65,12 @@ config.batch_size = 128         # per rank, per micro-step
 config.gradient_acc = 1         # micro-steps per optimizer step
 config.num_epoch = 20
 config.warmup_epoch = 0         # linear warmup length, in epochs
+config.lr_schedule = "poly"     # poly (warmup + polynomial decay, arcface_torch) | step (MultiStepLR at lr_steps)
 config.lr_power = 2.0           # polynomial decay power (arcface_torch: 2)
+config.lr_steps = ()            # lr_schedule="step": epochs at which lr is multiplied by lr_gamma (facenet: (5, 10))
+config.lr_gamma = 0.1           # lr_schedule="step": the factor per milestone
 config.clip_grad_norm = 5.0     # backbone grad-norm clip; 0 = off
-config.max_steps = None         # stop after this many optimizer steps (benchmarks, demos)
+config.max_steps = None         # stop after this many optimizer steps; the LR schedule is compressed to fit them
 config.max_nonfinite_steps = 20 # abort after this many non-finite losses in a row
 
 # ---------------------------------------------------------------- precision and DDP
@@ -87,5 +92,14 @@ config.wandb_project = "arcscale"
 config.wandb_entity = None
 config.wandb_run_name = None
 config.save_every_steps = 0     # also checkpoint every N optimizer steps (0 = per epoch only)
-config.keep_checkpoints = 3     # newest checkpoints kept in `output`
+config.keep_checkpoints = 3     # newest checkpoints kept in `output` (the one just written is never pruned)
+config.on_save_error = "stop"   # a checkpoint write that fails: stop (one-line error) | warn (log and train on)
 config.save_all_states = True   # arcface_torch compatibility; checkpoints always hold all state
+
+# ---------------------------------------------------------------- metric learning (metric_losses.py, FaceNet)
+config.loss = "margin"          # margin (the head above: Partial FC margins / softmax) | triplet (TripletLoss, no classifier)
+config.triplet_margin = 0.2     # alpha in max(d(a,p) - d(a,n) + alpha, 0); FaceNet: 0.2 (squared distances)
+config.triplet_mining = "semihard"  # semihard (FaceNet / TF rule) | batch_hard (Hermans et al.) | all (mean of active triplets)
+config.triplet_squared = True   # squared Euclidean distances (FaceNet); False: Euclidean
+config.sampler = "random"       # random (seeded shuffle) | pk (every global batch = P identities x K images; for triplet)
+config.images_per_identity = 4  # K of the pk sampler (Hermans et al.: 4); batch_size x world_size must be a multiple of it

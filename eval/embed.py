@@ -1,7 +1,9 @@
 """Batched embedding of uint8 image tensors (image and horizontal flip), sharded across ranks.
 
 Used by the verification CLI, the training callback and the IJB evaluator. A model is any
-callable ``float [N, 3, H, W] in [-1, 1] -> [N, D]``: an ``nn.Module`` or :class:`OnnxEmbedder`.
+callable ``float [N, 3, H, W] -> [N, D]``: an ``nn.Module`` or :class:`OnnxEmbedder`. Its input
+convention (size, mean, std) is read from the model (``backbones.input_spec``); images of another
+size (a 112x112 .bin given to a 160x160 model) are resized, with one log line.
 """
 from __future__ import annotations
 
@@ -14,12 +16,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from backbones.common import InputSpec, input_spec, normalize
+
 logger = logging.getLogger(__name__)
 
+_RESIZES_LOGGED: set[tuple[tuple[int, int], InputSpec]] = set()  # one log line per (source size, model input)
 
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB -> float32 ``((x / 255) - 0.5) / 0.5``, the arcface_torch order of operations."""
-    return ((images.float() / 255) - 0.5) / 0.5
+
+def _log_resize(size: tuple[int, int], spec: InputSpec) -> None:
+    if (size, spec) not in _RESIZES_LOGGED:
+        _RESIZES_LOGGED.add((size, spec))
+        logger.info("images are %dx%d, the model takes %s: resizing them (bilinear)", size[0], size[1],
+                    spec.describe())
 
 
 def distributed_info() -> tuple[int, int]:
@@ -68,8 +76,12 @@ def embed_images(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Te
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Embeddings (float32, on CPU) of ``images`` (uint8 [N, 3, H, W] on CPU) and of their mirror images."""
     outputs, flipped_outputs = [], []
+    spec = input_spec(model)
+    size = tuple(images.shape[-2:])
+    if size != spec.image_size:
+        _log_resize(size, spec)
     for start in range(0, images.shape[0], batch_size):
-        batch = normalize_images(images[start:start + batch_size].to(device, non_blocking=True))
+        batch = normalize(images[start:start + batch_size].to(device, non_blocking=True), spec, resize=True)
         outputs.append(model(batch).float().cpu())
         if flip:
             flipped_outputs.append(model(torch.flip(batch, dims=[3])).float().cpu())
@@ -119,6 +131,8 @@ class OnnxEmbedder:
             raise RuntimeError(f"{path}: onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.path = path
+        # tools/torch2onnx.py writes the input convention into the metadata; other files get insightface's.
+        self.input_spec = InputSpec.from_metadata(self.session.get_modelmeta().custom_metadata_map, path)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         feed = {self.input_name: batch.detach().cpu().numpy().astype(np.float32)}

@@ -166,6 +166,15 @@ def align_faces(image_path: str, faces: FaceList, indices, image_size: int = 112
     return crops
 
 
+def alignment_size(model) -> int:
+    """Crop size for ``model``: its input size when the ArcFace template scales to it (square, a multiple of
+    112 or 128), else 112 and embed_images resizes the crops (e.g. 160 for inception_resnet_v1, one log line)."""
+    from backbones.common import input_spec
+
+    height, width = input_spec(model).image_size
+    return height if height == width and (height % 112 == 0 or height % 128 == 0) else 112
+
+
 @torch.no_grad()
 def embed_faces(model, image_path: str, faces: FaceList, device: torch.device, batch_size: int = 128,
                 chunk: int = 4096, show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -173,9 +182,10 @@ def embed_faces(model, image_path: str, faces: FaceList, device: torch.device, b
     rank, world_size = distributed_info()
     start, end = shard_bounds(len(faces.names), world_size)[rank]
     progress = Progress(end - start, "IJB faces", show_progress and rank == 0)
+    size = alignment_size(model)
     plain, flipped = [], []
     for chunk_start in range(start, end, chunk):  # bounded memory: align a chunk, embed it, drop the pixels
-        crops = align_faces(image_path, faces, range(chunk_start, min(chunk_start + chunk, end)))
+        crops = align_faces(image_path, faces, range(chunk_start, min(chunk_start + chunk, end)), size)
         embeddings, mirrored = embed_images(model, crops, device, batch_size, True, progress)
         plain.append(embeddings)
         flipped.append(mirrored)
@@ -407,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.ijb", description="IJB-B / IJB-C 1:1 and 1:N evaluation.")
     parser.add_argument("--model", "--model-prefix", dest="model", required=True,
                         help="model.pt, a training checkpoint, or an .onnx file")
-    parser.add_argument("--network", default=None, help="backbone name (not needed for .onnx)")
-    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--network", default=None,
+                        help="backbone name; default: read from the file (not needed for .onnx)")
+    parser.add_argument("--embedding-size", type=int, default=None, help="default: read from the file")
     parser.add_argument("--image-path", required=True, help="the IJBC (or IJBB) folder holding meta/ and loose_crop/")
     parser.add_argument("--target", default="IJBC", choices=["IJBC", "IJBB"])
     parser.add_argument("--result-dir", default="ijb_results", help="where scores .npy / result .json go")

@@ -234,6 +234,11 @@ class VerificationTarget:
         if world_size > self.num_images:
             raise VerificationError(f"{path}: {self.num_images} images cannot be sharded over {world_size} ranks")
         start, end = shard_bounds(self.num_images, world_size)[rank]
+        stored = cv2.imdecode(np.frombuffer(encoded[start], dtype=np.uint8), cv2.IMREAD_COLOR)
+        if stored is not None and stored.shape[:2] != tuple(image_size) and rank == 0:
+            # e.g. a 112x112 lfw.bin for a 160x160 model (inception_resnet_v1): said once per target
+            logger.info("%s: images are %dx%d, decoding them at %dx%d (bicubic, as mxnet's resize_short)", path,
+                        stored.shape[0], stored.shape[1], image_size[0], image_size[1])
         self.local_images = decode_images(encoded[start:end], image_size, path, first_index=start)
 
     @torch.no_grad()
@@ -293,31 +298,48 @@ class VerificationCallback:
 
 # ----------------------------------------------------------------------------- command line
 
-def load_model(path: str, network: str | None, device: torch.device, embedding_size: int = 512) -> Any:
-    """A torch backbone (model.pt or training checkpoint, via utils.checkpoint) or an .onnx model."""
+def load_model(path: str, network: str | None, device: torch.device, embedding_size: int | None = None) -> Any:
+    """A torch backbone (model.pt or training checkpoint, via utils.checkpoint) or an .onnx model.
+
+    ``network`` and ``embedding_size`` default to what the file says (a training checkpoint's config,
+    else the registered network whose keys and shapes the state_dict has)."""
     if not os.path.isfile(path):
         raise VerificationError(f"{path}: model file not found")
     if path.endswith(".onnx"):
         from eval.embed import OnnxEmbedder
         return OnnxEmbedder(path, device)
-    if not network:
-        raise VerificationError(f"{path}: --network is required for a PyTorch model (e.g. r50, mbf)")
-    from utils.checkpoint import load_backbone
-    backbone = load_backbone(path, name=network, map_location="cpu", num_features=embedding_size)
+    from utils.checkpoint import load_backbone_file
+    backbone, _, _ = load_backbone_file(path, network or None, embedding_size, map_location="cpu")
     return backbone.to(device).eval()
+
+
+def format_table(rows: list[tuple[str, int, VerificationResult]]) -> list[str]:
+    """The summary table; VAL@FAR=1e-3 comes with the FAR its fitted thresholds actually reached on the
+    test folds (a collapsed model shows VAL 1.0 at FAR 1.0, not a perfect score)."""
+    header = ["target", "pairs", "XNorm", "Accuracy", "Accuracy-Flip", "VAL@FAR=1e-3", "FAR reached"]
+    table = [header] + [[name, str(pairs), f"{result.xnorm:.4f}",
+                         f"{result.plain.accuracy:.5f}+-{result.plain.accuracy_std:.5f}",
+                         f"{result.flip.accuracy:.5f}+-{result.flip.accuracy_std:.5f}",
+                         f"{result.flip.val:.5f}", f"{result.flip.far:.2e}"] for name, pairs, result in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
+    # Target names left-aligned, numbers right-aligned, every column as wide as its longest cell.
+    return [" ".join([line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:])])
+            for line in table]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval.verification",
                                      description="Evaluate a model on insightface verification .bin files.")
     parser.add_argument("--model", required=True, help="model.pt, a training checkpoint, or an .onnx file")
-    parser.add_argument("--network", default=None, help="backbone name (r18..r200, mbf, vit_*); not for .onnx")
-    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--network", default=None,
+                        help="backbone name (r18..r200, mbf, vit_*); default: read from the file; not for .onnx")
+    parser.add_argument("--embedding-size", type=int, default=None, help="default: read from the file")
     parser.add_argument("--data-dir", required=True, help="folder holding <target>.bin files")
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS[:5]),
                         help="comma-separated stems of <data-dir>/<target>.bin (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--image-size", type=int, nargs=2, default=(112, 112), metavar=("H", "W"))
+    parser.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="decode size (default: the model's input size, e.g. 160 160 for inception_resnet_v1)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -337,9 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size <= 0:
             raise VerificationError(f"--batch-size must be positive, got {args.batch_size}")
         model = load_model(args.model, args.network, ctx.device, args.embedding_size)
+        from backbones.common import input_spec
+        image_size = tuple(args.image_size) if args.image_size else input_spec(model).image_size
         rows = []
         for name in targets:
-            target = VerificationTarget(name, target_path(args.data_dir, name), tuple(args.image_size))
+            target = VerificationTarget(name, target_path(args.data_dir, name), image_size)
             result = target.evaluate(model, ctx.device, args.batch_size, show_progress=not args.no_progress)
             if ctx.is_main:
                 print("\n".join(format_lines(name, result)), flush=True)
@@ -349,11 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ctx.is_main:
         print()
-        print(f"{'target':<12s} {'pairs':>6s} {'XNorm':>9s} {'Accuracy':>18s} {'Accuracy-Flip':>18s} {'VAL@FAR=1e-3':>13s}")
-        for name, pairs, result in rows:
-            print(f"{name:<12s} {pairs:>6d} {result.xnorm:>9.4f} "
-                  f"{result.plain.accuracy:>10.5f}+-{result.plain.accuracy_std:.5f} "
-                  f"{result.flip.accuracy:>10.5f}+-{result.flip.accuracy_std:.5f} {result.flip.val:>13.5f}")
+        print("\n".join(format_table(rows)))
     devices.teardown()
     return 0
 

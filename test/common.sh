@@ -1,54 +1,133 @@
 #!/usr/bin/env bash
 # Shared by train_full_8p.sh, train_full_1p.sh and train_performance_8p.sh (Ascend ModelZoo style).
-# Environment: DEVICE (npu|cuda|cpu|auto), NPROC, CONFIG, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
-# Arguments: --data_path=DIR (sets cfg.rec), any other --key=value is passed as --set key=value.
+# Environment: DEVICE (npu|cuda|cpu|auto), NPROC, CONFIG, RUN_NAME, NNODES, NODE_RANK, MASTER_ADDR,
+#              MASTER_PORT, PYTHON, OUTPUT_ROOT (default test/output), DRY_RUN=1 (print the training
+#              command instead of running it).
+# Arguments:   --config=FILE (same as CONFIG), --data_path=DIR (sets cfg.rec), --output=DIR (run folder),
+#              --amp_cfg=True|False and --opt_level=O0|O1|O2 (apex flags -> fp16), any other --key=value
+#              is passed to train.py as --set key=value.
+# Output:      $OUTPUT_ROOT/<script>/<config stem>[-RUN_NAME]/ holds train_<node rank>.log and work/ (the run
+#              folder), so runs of different configs never share a log or prune each other's checkpoints.
 set -euo pipefail
+caller_dir=$PWD  # relative paths in arguments are the caller's, not the repository root's
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo_root"
+script_name=$(basename "$0")
+
+from_caller() {  # absolute form of a path given relative to the caller's folder
+    case "$1" in /*) echo "$1" ;; *) echo "$caller_dir/$1" ;; esac
+}
+
+launcher_error() {  # one line on stderr, exit 2 (the trainer's code for bad input)
+    echo "$script_name: error: $*" >&2
+    exit 2
+}
 
 DEVICE=${DEVICE:-npu}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
+PYTHON=${PYTHON:-python}
+OUTPUT_ROOT=$(from_caller "${OUTPUT_ROOT:-$repo_root/test/output}")
+data_path=""
+output=""
+overrides=(--set "device='$DEVICE'")
+user_keys=" "
+for arg in "$@"; do
+    case "$arg" in
+        --config=*) CONFIG=${arg#--config=} ;;
+        --data_path=*) data_path=$(from_caller "${arg#--data_path=}") ;;
+        --output=*) output=$(from_caller "${arg#--output=}") ;;
+        --amp_cfg=*)
+            case "${arg#--amp_cfg=}" in
+                True|true|1) overrides+=(--set "fp16=True") ;;
+                False|false|0) overrides+=(--set "fp16=False") ;;
+                *) launcher_error "--amp_cfg=${arg#--amp_cfg=}: expected True or False" ;;
+            esac ;;
+        --opt_level=*)
+            # apex O1/O2 both mean "fp16 autocast + loss scaling" here (docs/training.md, Mixed precision).
+            case "${arg#--opt_level=}" in
+                O0) overrides+=(--set "fp16=False") ;;
+                O1|O2|O3) overrides+=(--set "fp16=True") ;;
+                *) launcher_error "--opt_level=${arg#--opt_level=}: expected O0, O1, O2 or O3" ;;
+            esac ;;
+        --*=*) key=${arg%%=*}; key=${key#--}; user_keys+="$key "; overrides+=(--set "$key=${arg#*=}") ;;
+        *) echo "$script_name: unknown argument '$arg' (expected --data_path=DIR or --key=value)" >&2; exit 2 ;;
+    esac
+done
+
 if [ -z "${CONFIG:-}" ]; then
     if [ "$DEVICE" = cpu ]; then CONFIG=configs/demo_cpu.py; else CONFIG=configs/ms1mv3_r50.py; fi
 fi
-overrides=(--set "device='$DEVICE'")
-for arg in "$@"; do
-    case "$arg" in
-        --data_path=*) overrides+=(--set "rec='${arg#--data_path=}'") ;;
-        --*=*) key=${arg%%=*}; overrides+=(--set "${key#--}=${arg#*=}") ;;
-        *) echo "$(basename "$0"): unknown argument '$arg' (expected --data_path=DIR or --key=value)" >&2; exit 2 ;;
-    esac
-done
-if [ "$DEVICE" = npu ]; then
+# A config path is the caller's when it exists there, else the repository's (configs/<name>.py).
+if [ -f "$(from_caller "$CONFIG")" ]; then CONFIG=$(from_caller "$CONFIG"); fi
+[ -f "$CONFIG" ] || launcher_error "config file '$CONFIG' not found (set CONFIG=... or pass --config=configs/<name>.py)"
+if [ -n "$data_path" ]; then
+    [ -d "$data_path" ] || launcher_error "--data_path=$data_path is not a folder, expected a folder with train.rec/train.idx or root/<identity>/<image> files"
+    data_path=$(cd "$data_path" && pwd)
+    # An explicit data folder replaces a config's generated synthetic identity set.
+    overrides+=(--set "rec='$data_path'" --set "synthetic.num_identities=0")
+    if [ "$(basename "$CONFIG")" = demo_cpu.py ] && [[ "$user_keys" != *" val_targets "* ]]; then
+        # The demo verifies on its generated pairs, which a real data folder does not have.
+        echo "$script_name: training the demo config on $data_path; val_targets=[] (pass --val_targets=\"['lfw']\" to verify)"
+        overrides+=(--set "val_targets=[]")
+    fi
+fi
+if [ "$DEVICE" = npu ] && [ -z "${DRY_RUN:-}" ]; then
     # shellcheck disable=SC1091
     source "$repo_root/test/env_npu.sh"
 fi
 
+first_error_line() {  # the most telling line of a failed run's log
+    local log=$1 line
+    # The trainer's own errors: "error: ..." (printed or logged as "... ERROR error: ...").
+    line=$(grep -m 1 -E '(^|[] ])error: ' "$log" || true)
+    [ -z "$line" ] || line="error: ${line#*error: }"  # without the log line's time/rank prefix
+    if [ -z "$line" ]; then  # a Python exception: its "SomethingError: message" line
+        line=$(grep -E '^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)' "$log" | grep -v ChildFailedError \
+               | head -n 1 || true)
+    fi
+    [ -n "$line" ] || line=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 || true)
+    echo "${line:-(the log is empty)}"
+}
+
 run_training() {  # $1 = job name; remaining: extra --set arguments
     local name=$1; shift
-    local out_dir="$repo_root/test/output/$name"
-    mkdir -p "$out_dir"
+    local run_name
+    run_name=$(basename "$CONFIG" .py)${RUN_NAME:+-$RUN_NAME}
+    local out_dir="$OUTPUT_ROOT/$name/$run_name"
+    local work_dir=${output:-$out_dir/work}
     local log="$out_dir/train_${NODE_RANK}.log"
-    echo "$name: config $CONFIG, device $DEVICE, $NPROC process(es) x $NNODES node(s); log: $log"
-    local start=$(date +%s)
+    local command=("$PYTHON" -m torch.distributed.run --nproc_per_node="$NPROC" --nnodes="$NNODES"
+                   --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT"
+                   train.py "$CONFIG" "${overrides[@]}" --set "output='$work_dir'" "$@")
+    echo "$name: config $CONFIG, device $DEVICE, $NPROC process(es) x $NNODES node(s)"
+    echo "$name: output: $work_dir; log: $log"
+    if [ -n "${DRY_RUN:-}" ]; then
+        printf '%q ' "${command[@]}"; echo
+        return 0
+    fi
+    mkdir -p "$out_dir" || launcher_error "cannot create $out_dir"
+    local start end status fps
+    start=$(date +%s)
     set +e
-    torchrun --nproc_per_node="$NPROC" --nnodes="$NNODES" --node_rank="$NODE_RANK" \
-        --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-        train.py "$CONFIG" "${overrides[@]}" --set "output='$out_dir/work'" "$@" > "$log" 2>&1
-    local status=$?
+    "${command[@]}" > "$log" 2>&1
+    status=$?
     set -e
-    local end=$(date +%s)
+    end=$(date +%s)
     echo "E2E Training Duration sec : $((end - start))"
-    local fps
-    fps=$(grep -o '[0-9.]* samples/s' "$log" | tail -n 5 | awk '{s += $1; n += 1} END {if (n) printf "%.2f", s / n}')
+    # `|| true`: no match (a run that died before its first log line) must not end the script here.
+    fps=$(grep -o '[0-9.]* samples/s' "$log" | tail -n 5 | awk '{s += $1; n += 1} END {if (n) printf "%.2f", s / n}' || true)
     echo "Final Performance images/sec : ${fps:-n/a}"
     grep -E 'Accuracy-Flip|Accuracy-Highest' "$log" | tail -n 6 || true
     if [ $status -ne 0 ]; then
-        echo "$name: training failed with exit code $status; last lines of $log:" >&2
-        tail -n 20 "$log" >&2
+        {
+            echo "$name: training failed with exit code $status: $(first_error_line "$log")"
+            echo "$name: full log: $log; last lines:"
+            tail -n 20 "$log"
+        } >&2
+        return $status
     fi
-    return $status
+    echo "$name: done; model: $work_dir/model.pt"
 }

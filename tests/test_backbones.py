@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from backbones import MODEL_NAMES, BackboneError, get_model
+from backbones import (ARCFACE_INPUT, FACENET_INPUT, MODEL_NAMES, BackboneError, InputSpec, get_model, input_spec,
+                       normalize)
 from backbones.iresnet import IResNet
 from backbones.mobilefacenet import MobileFaceNet
 from backbones.vit import VisionTransformer
@@ -67,7 +68,7 @@ def num_params(model):
 
 def test_registry_has_every_name_of_the_issue():
     assert set(ISSUE_NAMES) <= set(MODEL_NAMES)
-    assert set(MODEL_NAMES) - set(ISSUE_NAMES) <= {"tiny"}  # the CPU demo network
+    assert set(MODEL_NAMES) - set(ISSUE_NAMES) <= {"tiny", "inception_resnet_v1"}  # CPU demo network, FaceNet
 
 
 def test_unknown_name_lists_valid_names():
@@ -167,7 +168,7 @@ def test_output_shape_every_model(name):
     # Shape propagation on "meta" runs every layer's shape logic without the memory of vit_l.
     model = on_meta(name, num_features=128)
     for mode in (model.eval(), model.train()):
-        out = mode(torch.zeros(3, 3, 112, 112, device="meta"))
+        out = mode(torch.zeros(3, 3, *input_spec(model).image_size, device="meta"))
         assert out.shape == (3, 128) and out.dtype == torch.float32
 
 
@@ -334,3 +335,73 @@ def test_gradient_checkpointing_under_ddp(port):
         expected = (reference[0][key.removeprefix("module.")] + reference[1][key.removeprefix("module.")]) / 2
         torch.testing.assert_close(torch.from_numpy(value), torch.from_numpy(expected), msg=key)
         torch.testing.assert_close(torch.from_numpy(ranks[1][key]), torch.from_numpy(value), msg=key)
+
+
+# ------------------------------------------------------------------ input convention (backbones.common)
+
+def test_every_backbone_carries_its_input_spec():
+    for name in MODEL_NAMES:
+        expected = FACENET_INPUT if name == "inception_resnet_v1" else ARCFACE_INPUT
+        assert on_meta(name).input_spec == expected, name
+    assert ARCFACE_INPUT == InputSpec((112, 112), 127.5, 127.5)
+    assert FACENET_INPUT == InputSpec((160, 160), 127.5, 128.0)
+    plain = nn.Linear(2, 2)  # declares nothing: insightface's convention
+    assert input_spec(plain) == ARCFACE_INPUT and input_spec(nn.DataParallel(plain)) == ARCFACE_INPUT
+
+
+def test_get_model_dropout_default_is_the_networks():
+    assert on_meta("r18").dropout.p == 0.0 and on_meta("tiny").dropout.p == 0.0
+    assert on_meta("inception_resnet_v1").dropout.p == 0.6
+    assert on_meta("mbf", dropout=None).input_spec == ARCFACE_INPUT  # None = no dropout layer, no error
+
+
+def test_normalize_matches_each_reference_formula():
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(9).view(3, 3, 16, 16)
+    # insightface's order of operations, bit for bit (arcface_torch training and eval)
+    assert torch.equal(normalize(pixels, InputSpec((16, 16))), ((pixels.float() / 255) - 0.5) / 0.5)
+    # facenet-pytorch's fixed_image_standardization
+    assert torch.equal(normalize(pixels, InputSpec((16, 16), 127.5, 128.0)), (pixels.float() - 127.5) / 128.0)
+    other = normalize(pixels, InputSpec((16, 16), 100.0, 50.0))
+    assert other.dtype == torch.float32 and other[0, 0, 0, :3].tolist() == pytest.approx([-2.0, -1.98, -1.96])
+
+
+def test_normalize_resizes_only_when_asked():
+    pixels = torch.randint(0, 256, (2, 3, 112, 112), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with pytest.raises(BackboneError, match=r"normalize: images are 112x112, the model expects 160x160"):
+        normalize(pixels, FACENET_INPUT)
+    up = normalize(pixels, FACENET_INPUT, resize=True)
+    assert up.shape == (2, 3, 160, 160)
+    reference = nn.functional.interpolate((pixels.float() - 127.5) / 128, size=(160, 160), mode="bilinear")
+    torch.testing.assert_close(up, reference, rtol=0, atol=1e-6)
+    flat = torch.full((1, 3, 224, 224), 200, dtype=torch.uint8)  # shrinking (antialiased) keeps a flat image flat
+    down = normalize(flat, ARCFACE_INPUT, resize=True)
+    assert down.shape == (1, 3, 112, 112) and torch.allclose(down, torch.full_like(down, 200 / 127.5 - 1))
+
+
+@pytest.mark.parametrize("images, message", [
+    (torch.zeros(1, 3, 112, 112), r"expected uint8 RGB images \[N, 3, H, W\], got torch.float32 \[1, 3, 112, 112\]"),
+    (torch.zeros(3, 112, 112, dtype=torch.uint8), r"got torch.uint8 \[3, 112, 112\]"),
+    (torch.zeros(1, 1, 112, 112, dtype=torch.uint8), r"got torch.uint8 \[1, 1, 112, 112\]"),
+])
+def test_normalize_bad_input(images, message):
+    with pytest.raises(BackboneError, match=message):
+        normalize(images, ARCFACE_INPUT)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"image_size": (112,)}, r"image_size must be \(height, width\) positive integers, got \(112,\)"),
+    ({"image_size": (0, 112)}, r"positive integers, got \(0, 112\)"),
+    ({"std": 0}, r"std must be positive, got 0"),
+    ({"mean": float("nan")}, r"mean must be a finite number, got nan"),
+])
+def test_input_spec_validation(kwargs, message):
+    with pytest.raises(BackboneError, match=message):
+        InputSpec(**kwargs)
+
+
+def test_input_spec_metadata_round_trip():
+    for spec in (ARCFACE_INPUT, FACENET_INPUT, InputSpec((96, 80), 0.5, 3.25)):
+        assert InputSpec.from_metadata(spec.to_metadata()) == spec
+    assert InputSpec.from_metadata({"other": "x"}) == ARCFACE_INPUT  # files written before the keys existed
+    with pytest.raises(BackboneError, match=r"model.onnx: unreadable input convention in the metadata"):
+        InputSpec.from_metadata({"input_height": "tall"}, "model.onnx")

@@ -393,3 +393,63 @@ def check_ijb(out: str, pairs: int, templates: int, dim: int) -> None:
         seconds, per_million = float(match.group(1)), float(match.group(2))
         assert math.isfinite(seconds) and seconds >= 0 and math.isfinite(per_million)
         assert per_million == pytest.approx(seconds * 1e6 / pairs, rel=0.02, abs=1e-3 * 1e6 / pairs)
+
+
+# ---------------------------------------------------------------------------- detect
+
+
+@pytest.mark.timeout(120)
+def test_detect_with_a_stand_in_reference(facenet_fixtures, monkeypatch, capsys):
+    from tools.benchmarks import detect as detect_bench
+    from utils.mtcnn import MTCNN
+
+    # facenet-pytorch is not installed here: a second MTCNN stands in, so the comparison columns are exercised
+    other = MTCNN()
+    monkeypatch.setattr(detect_bench, "_reference_detector", lambda: (lambda image: other.detect(image)[0]))
+    photo = f"{facenet_fixtures}/images/shea_whigham.png"
+    benchmark.main(["detect", "--images", photo, "--rounds", "2", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert out.startswith("detect benchmark: 1 photos, 2 rounds (+0 warm-up), 1 torch threads"), out
+    row = re.search(rf"^shea_whigham.png\s+527x512\s+1\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+"
+                    rf"{NUMBER}\s+(\S+)$", out, re.MULTILINE)
+    assert row, out
+    wall, cpu, ref_wall, ref_cpu = (positive(row.group(i)) for i in range(1, 5))
+    assert float(row.group(5)) == pytest.approx(wall / ref_wall, abs=0.01)
+    assert float(row.group(6)) == pytest.approx(cpu / ref_cpu, abs=0.01)
+    assert float(row.group(7)) == 0  # the same detector: identical boxes
+    total = re.search(rf"^total \(sum of medians\)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}", out, re.MULTILINE)
+    assert [float(total.group(i)) for i in range(1, 5)] == pytest.approx([wall, cpu, ref_wall, ref_cpu], abs=0.11)
+
+
+def test_detect_torchvision_stand_ins_are_exact_and_removed_afterwards(monkeypatch):
+    import importlib.util
+    import sys
+
+    import numpy as np
+
+    from tools.benchmarks import detect as detect_bench
+    from utils.mtcnn import nms
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision"
+                        else real_find_spec(name, *a))
+
+    def load():
+        from torchvision.ops.boxes import batched_nms
+        from torchvision.transforms.functional import to_tensor
+        return batched_nms, to_tensor
+
+    batched_nms, to_tensor = detect_bench._with_torchvision_stand_ins(load)
+    assert "torchvision" not in sys.modules
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [20, 20, 30, 30]], dtype=torch.float32)
+    scores, groups = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0, 0, 1, 0])
+    assert batched_nms(boxes, scores, groups, 0.5).tolist() == [0, 2, 3] == nms(boxes, scores, 0.5, groups).tolist()
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    assert torch.equal(to_tensor(image), torch.from_numpy(image).permute(2, 0, 1).float() / 255)
+
+
+def test_detect_missing_images_is_a_one_line_error(tmp_path):
+    assert one_line_error(["detect", "--images", str(tmp_path / "nowhere")]) == (
+        f"--images {tmp_path / 'nowhere'}: no such file or folder")
+    assert one_line_error(["detect", "--images", str(tmp_path)]) == (
+        f"--images {tmp_path}: no .jpg/.jpeg/.png/.bmp/.webp photos in this folder")

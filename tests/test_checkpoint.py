@@ -168,3 +168,31 @@ def test_name_required_without_training_config(tmp_path, trained):
         load_backbone(str(path))
     with pytest.raises(CheckpointError, match=r"model keyword arguments \['num_features'\] are only used"):
         load_backbone(str(path), model=trained, num_features=32)
+
+
+class _RunsShellOnLoad:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_checkpoints_are_refused_without_running_code(tmp_path):
+    from utils.checkpoint import read_backbone_state
+    from utils.resume import CheckpointError as ResumeError
+    from utils.resume import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": _RunsShellOnLoad(marker)}, path)
+    for load, error in ((lambda p: load_backbone(p, "mbf"), CheckpointError), (read_backbone_state, CheckpointError),
+                        (load_checkpoint, ResumeError)):
+        with pytest.raises(error) as info:
+            load(str(path))
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message
+    assert not marker.exists()

@@ -72,6 +72,121 @@ def test_pack_refuses_overwrite_and_bad_inputs(tmp_path, capsys):
     assert "no images found" in capsys.readouterr().err
 
 
+def _rec_content(out_dir):
+    """(label, image bytes) per image record of a plain set, read with utils.recordio."""
+    reader = recordio.MXIndexedRecordIO(str(out_dir / "train.idx"), str(out_dir / "train.rec"), "r")
+    content = []
+    for key in reader.keys:
+        header, img = recordio.unpack(reader.read_idx(key))
+        content.append((int(header.label), img))
+    reader.close()
+    return content
+
+
+def test_interrupted_pack_leaves_no_set_and_keeps_the_old_one(tmp_path, monkeypatch):
+    src = _image_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    assert pack_rec.main([str(src), str(out), "--workers", "1"]) == 0
+    before = {name: (out / name).read_bytes() for name in ("train.rec", "train.idx", "property")}
+    calls = []
+    real = pack_rec.try_encode
+
+    def interrupted(job):
+        calls.append(job)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the images
+        return real(job)
+
+    monkeypatch.setattr(pack_rec, "try_encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pack_rec.main([str(src), str(out), "--workers", "1", "--force", "--quality", "50"])
+    assert len(calls) == 4
+    assert {name: (out / name).read_bytes() for name in before} == before  # the old set is untouched
+    assert sorted(os.listdir(out)) == ["property", "train.idx", "train.rec"]  # no temporary files left
+
+
+def test_killed_pack_leaves_no_train_rec_and_a_rerun_needs_no_force(tmp_path):
+    src = _image_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    script = ("import os, signal, sys; from tools import pack_rec; real = pack_rec.try_encode; seen = []\n"
+              "def dying(job):\n"
+              "    seen.append(job)\n"
+              "    if len(seen) == 5: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return real(job)\n"
+              "pack_rec.try_encode = dying\n"
+              f"sys.exit(pack_rec.main([{str(src)!r}, {str(out)!r}, '--workers', '1']))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -9
+    assert not (out / "train.rec").exists() and not (out / "train.idx").exists()
+    assert pack_rec.main([str(src), str(out), "--workers", "1"]) == 0  # no "pass --force"
+    assert sorted(os.listdir(out)) == ["property", "train.idx", "train.rec"]  # leftovers overwritten, renamed
+
+
+def test_bad_images_are_all_listed_then_stop_or_skip(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src", counts=(3, 2, 2))
+    (src / "id0" / "1.jpg").write_bytes(b"not a jpeg")
+    (src / "id2" / "0.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    assert pack_rec.main([str(src), str(out), "--workers", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # the lines before are the progress counter
+    assert err.startswith("pack_rec: error: 2 of 7 images unusable: ") and "--on-error skip" in err
+    assert not (out / "train.rec").exists()
+    listed = (out / "bad_images.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [str(src / "id0" / "1.jpg"), str(src / "id2" / "0.jpg")]
+    assert all("cannot decode the image" in line for line in listed)
+    assert pack_rec.main([str(src), str(out), "--workers", "1", "--on-error", "skip"]) == 0
+    assert "num_images=5 num_classes=3 layout=header" in capsys.readouterr().out
+    data = RecordDataset(str(out), flip=False)
+    assert [data[i][1] for i in range(5)] == [0, 0, 1, 1, 2]  # class ids unchanged by the skips
+    _, img, _ = data.read_record(1)
+    assert img == (src / "id0" / "2.jpg").read_bytes()
+    assert len((out / "bad_images.txt").read_text().splitlines()) == 2
+    # A class whose every image is bad cannot keep its id: stop, even with skip.
+    (src / "id1" / "0.jpg").write_bytes(b"x")
+    (src / "id1" / "1.jpg").write_bytes(b"x")
+    assert pack_rec.main([str(src), str(tmp_path / "o2"), "--workers", "1", "--on-error", "skip"]) == 2
+    assert "class 1 has no usable image left" in capsys.readouterr().err
+    assert not (tmp_path / "o2" / "train.rec").exists()
+
+
+def test_empty_identity_folder_stops_instead_of_shifting_ids(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src", counts=(1, 1))
+    os.makedirs(src / "id0b_empty")  # sorts between id0 and id1
+    assert pack_rec.main([str(src), str(tmp_path / "out"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "1 identity folder(s) hold no images (id0b_empty)" in err and "every later id would shift" in err
+    assert not (tmp_path / "out" / "train.rec").exists()
+
+
+def test_im2rec_lst_round_trip(tmp_path, capsys):
+    images = tmp_path / "images"
+    os.makedirs(images / "sub")
+    rows = []
+    for index in range(5):
+        name = f"sub/f{index}.jpg"
+        cv2.imwrite(str(images / name), np.full((112, 112, 3), 40 * index, np.uint8))
+        rows.append(f"{index}\t{float(index % 3):f}\t{name}\n")  # im2rec writes labels as 2.000000
+    (tmp_path / "train.lst").write_text("".join(rows))
+    out = tmp_path / "out"
+    assert pack_rec.main([str(tmp_path / "train.lst"), str(out), "--image-root", str(images), "--plain",
+                          "--workers", "1"]) == 0
+    assert "num_images=5 num_classes=3 layout=plain" in capsys.readouterr().out
+    expected = sorted(((index % 3, (images / f"sub/f{index}.jpg").read_bytes()) for index in range(5)),
+                      key=lambda item: item[0])
+    assert _rec_content(out) == expected  # grouped by class, bytes unchanged
+    (tmp_path / "bad.lst").write_text("0\t1.5\tsub/f0.jpg\n")
+    assert pack_rec.main([str(tmp_path / "bad.lst"), str(tmp_path / "o2")]) == 2
+    assert "bad.lst: line 1: label '1.5' is not a whole number" in capsys.readouterr().err
+
+
+def test_output_under_a_file_is_a_one_line_error(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src", counts=(1,))
+    (tmp_path / "file").write_text("")
+    assert pack_rec.main([str(src), str(tmp_path / "file" / "out"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'file'} is a file, not a folder" in err
+
+
 def test_shuffle_to_plain_keeps_every_image(insightface_fixtures, tmp_path, capsys):
     source = os.path.join(insightface_fixtures, "D")
     assert shuffle_rec.main([source, str(tmp_path / "out"), "--seed", "1"]) == 0

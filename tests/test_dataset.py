@@ -1,8 +1,10 @@
 """dataset.py: both RecordIO layouts, image folders, the resumable sampler, the loader and bad data."""
 import hashlib
 import json
+import logging
 import os
 import shutil
+import time
 
 import cv2
 import numpy as np
@@ -103,7 +105,7 @@ def test_resize_and_flip(tmp_path):
 
 
 def test_image_folder_labels_by_sorted_name(tmp_path):
-    for name, count in (("bob", 2), ("alice", 3), ("empty", 0)):
+    for name, count in (("bob", 2), ("alice", 3), (".ipynb_checkpoints", 0)):
         os.makedirs(tmp_path / name)
         for i in range(count):
             cv2.imwrite(str(tmp_path / name / f"{i}.JPG"), np.full((112, 112, 3), 10 * i, np.uint8))
@@ -113,10 +115,30 @@ def test_image_folder_labels_by_sorted_name(tmp_path):
     assert data.labels_array.tolist() == [0, 0, 0, 1, 1]
 
 
+def test_empty_identity_folder_is_an_error_not_a_shift(tmp_path):
+    # Skipping "b" would silently renumber "c" from 2 to 1: refuse instead, naming the folder.
+    for name, count in (("a", 1), ("b", 0), ("c", 1)):
+        os.makedirs(tmp_path / name)
+        for i in range(count):
+            cv2.imwrite(str(tmp_path / name / f"{i}.jpg"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "b" / "readme.txt").write_text("no image here")
+    with pytest.raises(DatasetError) as info:
+        ImageFolderDataset(str(tmp_path))
+    assert str(info.value) == (f"{tmp_path / 'b'}: identity folder holds no image file (.jpg/.jpeg/.png/.bmp); "
+                               f"1 of 3 identity folders are empty: class ids follow the sorted folder names, so "
+                               f"remove the empty folders or add images")
+
+
 def test_empty_image_folder(tmp_path):
     os.makedirs(tmp_path / "someone")
-    with pytest.raises(DatasetError, match=r"no images found, expected root/<identity>/<image> files ending in"):
+    with pytest.raises(DatasetError, match=r"no images found in its 1 identity folders, expected "
+                                           r"root/<identity>/<image> files ending in"):
         ImageFolderDataset(str(tmp_path))
+    with pytest.raises(DatasetError, match=rf"^{tmp_path / 'someone'}: no identity folders \(found none\)"):
+        ImageFolderDataset(str(tmp_path / "someone"))
+    cv2.imwrite(str(tmp_path / "someone" / "x.png"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"someone: no identity folders \(found 1 images directly in it\)"):
+        ImageFolderDataset(str(tmp_path / "someone"))
 
 
 def test_unreadable_image_file(tmp_path):
@@ -231,7 +253,9 @@ def test_sampler_bad_state():
 def test_loader_fills_sizes_and_yields_exact_uint8_batches(insightface_fixtures):
     cfg = _cfg(os.path.join(insightface_fixtures, "A"), num_workers=2, batch_size=32)
     loader = get_dataloader(cfg, 1, 2)
-    assert (cfg.num_classes, cfg.num_image) == (40, 480)
+    info = loader.data_info
+    assert (info.kind, info.layout, info.num_classes, info.num_images) == ("recordio", "header", 40, 480)
+    assert (cfg.num_classes, cfg.num_image) == (None, None)  # the config is input only
     assert isinstance(loader.sampler, ResumableDistributedSampler)
     loader.sampler.set_epoch(0)
     batches = list(loader)
@@ -249,7 +273,7 @@ def test_loader_config_disagreement(insightface_fixtures):
         get_dataloader(_cfg(os.path.join(insightface_fixtures, "A"), num_image=7), 0, 1)
 
 
-def test_corrupt_records_are_skipped_and_counted(insightface_fixtures, tmp_path):
+def test_corrupt_records_are_skipped_and_counted(insightface_fixtures, tmp_path, caplog):
     folder = _copy_set(insightface_fixtures, "A", tmp_path)
     manifest = json.load(open(os.path.join(insightface_fixtures, "A", "manifest.json")))
     offsets = {r["key"]: r["offset"] for r in manifest["records"]}
@@ -258,12 +282,36 @@ def test_corrupt_records_are_skipped_and_counted(insightface_fixtures, tmp_path)
         handle.write(b"\0\0")
         handle.seek(offsets[200])  # magic of key 200 -> bad framing
         handle.write(b"\0\0\0\0")
+        handle.seek(offsets[30] + 8 + 24 + 1500)  # 64 zero bytes mid-JPEG of key 30: libjpeg would not object
+        handle.write(bytes(64))
+    caplog.set_level(logging.WARNING)
     cfg = _cfg(str(folder), num_workers=2, batch_size=48)
     loader = get_dataloader(cfg, 0, 1)
-    loader.sampler.set_epoch(0)
-    sizes = [images.shape[0] for images, _ in loader]
-    assert sizes == [48] * 10
-    assert bad_record_count(loader) == 2
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        sizes = [images.shape[0] for images, _ in loader]
+        assert sizes == [48] * 10
+    assert bad_record_count(loader) == 6  # skip events: 3 records, each met once per epoch
+    assert dataset.check_bad_records(loader, 0.01) == 3  # distinct records
+    with pytest.raises(DatasetError) as info:
+        dataset.check_bad_records(loader, 0.005)
+    assert str(info.value).startswith(f"3 corrupt samples skipped in {folder} (0.6250% of 480), above config key "
+                                      f"'max_bad_records'=0.005 (0.5000%); list them with")
+    # The workers are spawned processes: their warnings must reach this process's handlers (training.log).
+    expected = ((10, "cannot decode"), (200, "bad magic"), (30, "corrupt JPEG: 64 bytes of 0x00"))
+
+    def skipped() -> list:
+        return [r for r in caplog.records if r.getMessage().startswith("skipping bad sample")]
+
+    def all_named() -> bool:
+        return all(any(f"key {key}" in r.getMessage() and reason in r.getMessage() for r in skipped())
+                   for key, reason in expected)
+
+    deadline = time.time() + 10  # records travel through a queue and a thread: allow for the delay
+    while time.time() < deadline and not all_named():
+        time.sleep(0.1)
+    assert all_named(), [r.getMessage() for r in skipped()]
+    assert {r.process for r in skipped()} - {os.getpid()}  # logged inside the workers
     strict = RecordDataset(str(folder), skip_bad_records=False)
     with pytest.raises(recordio.BadRecordError, match=r"key 200 at offset \d+: bad magic"):
         strict[199]
@@ -281,3 +329,54 @@ def test_resumed_loader_yields_exactly_the_remaining_batches(insightface_fixture
     assert len(actual) == len(expected) - 2
     for (images, labels), (want_images, want_labels) in zip(actual, expected[2:]):
         assert torch.equal(labels, want_labels) and torch.equal(images, want_images)
+
+
+def test_check_bad_records_counts_distinct_samples(tmp_path):
+    os.makedirs(tmp_path / "id0")
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / "id0" / f"{i}.jpg"), np.full((112, 112, 3), 40 * i, np.uint8))
+    (tmp_path / "id0" / "1.jpg").write_bytes(b"\xff\xd8broken")
+    loader = get_dataloader(_cfg(str(tmp_path), batch_size=2), 0, 1)
+    assert dataset.check_bad_records(loader, 0.0) == 0
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        assert sum(len(labels) for _, labels in loader) == 4
+    assert bad_record_count(loader) == 3 and dataset.check_bad_records(loader, 0.25) == 1
+    with pytest.raises(DatasetError, match=r"^1 corrupt samples skipped in .* \(25\.0000% of 4\), above config key "
+                                           r"'max_bad_records'=0\.2 \(20\.0000%\)"):
+        dataset.check_bad_records(loader, 0.2)
+    assert dataset.check_bad_records(get_dataloader(_cfg("synthetic", num_image=10, num_classes=2), 0, 1), 0) == 0
+
+
+def test_pairs_of_files_from_different_packs(insightface_fixtures, tmp_path):
+    folder = _copy_set(insightface_fixtures, "A", tmp_path)
+    (folder / "property").write_text("41,112,112\n")
+    with pytest.raises(DatasetError, match=rf"^{folder / 'property'}: says 41 classes, but header0 of .*train.rec "
+                                           r"describes 40: the files come from different packs$"):
+        RecordDataset(str(folder))
+    shutil.copy(os.path.join(insightface_fixtures, "A", "property"), folder / "property")
+    idx = (folder / "train.idx").read_text()
+    size = os.path.getsize(folder / "train.rec")
+    (folder / "train.idx").write_text(idx + f"600\t{size - 8}\n")
+    with pytest.raises(DatasetError, match=r"train.idx: 522 entries, 1 of them outside the keys 0..520 that header0 "
+                                           r"of .* describes \(e.g. key 600\): the .idx and .rec come from different"):
+        RecordDataset(str(folder))
+    (folder / "train.idx").write_text(idx + f"521\t{size + 64}\n")
+    with pytest.raises(DatasetError, match=rf"train.idx: 1 of 522 entries point past the end of .*train.rec "
+                                           rf"\({size} bytes\), e.g. key 521 at offset {size + 64}"):
+        RecordDataset(str(folder))
+    # Every offset off by 12 bytes (an index of another pack): key 0 fails to read, or, once it reads,
+    # the sampled offsets miss the records.
+    other = tmp_path / "mixed"
+    other.mkdir()
+    shutil.copy(folder / "train.rec", other / "train.rec")
+    lines = idx.splitlines()
+    shifted = "".join(f"{line.split()[0]}\t{int(line.split()[1]) + 12}\n" for line in lines)
+    (other / "train.idx").write_text(shifted)
+    with pytest.raises(DatasetError):
+        dataset.build_dataset(_cfg(str(other)))
+    (other / "train.idx").write_text(shifted.replace(f"0\t{int(lines[-1].split()[1]) + 12}",
+                                                     f"0\t{int(lines[-1].split()[1])}"))
+    with pytest.raises(DatasetError, match=r"train.idx: \d+ of 64 sampled offsets do not point at a record in "
+                                           r".*train.rec \(no RecordIO magic there\)"):
+        RecordDataset(str(other))

@@ -1,5 +1,7 @@
 """utils/distributed.py: works without a process group; all-gather of unequal local batches with a
 gradient that sums over ranks (3 gloo ranks, local batches 3, 1, 2)."""
+import io
+
 import torch
 
 from tests.spawn_helpers import run_ranks
@@ -17,7 +19,15 @@ def test_single_process_without_group():
     assert dist_utils.all_reduce_(y, "max") is y and y.tolist() == [1.0, 5.0]
 
 
-def _gather_worker(rank: int, world_size: int) -> dict:
+def _pack(obj) -> bytes:
+    """Results cross the spawn queue as bytes: a tensor would travel as a shared-memory handle that dies
+    with the child (FileNotFoundError in multiprocessing's resource sharer when the parent reads it late)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _gather_worker(rank: int, world_size: int) -> bytes:
     local = torch.arange(SIZES[rank] * 2, dtype=torch.float32).view(-1, 2) + 100 * rank
     local.requires_grad_(True)
     sizes = dist_utils.all_gather_sizes(local.shape[0], local.device)
@@ -28,11 +38,12 @@ def _gather_worker(rank: int, world_size: int) -> dict:
     (gathered * (rank + 1) * torch.tensor([1.0, 10.0])).sum().backward()
     peak = torch.tensor([float(rank)])
     dist_utils.all_reduce_(peak, "max")
-    return {"sizes": sizes, "gathered": gathered.detach(), "labels": labels, "grad": local.grad, "max": peak.item()}
+    return _pack({"sizes": sizes, "gathered": gathered.detach(), "labels": labels, "grad": local.grad,
+                  "max": peak.item()})
 
 
 def test_all_gather_unequal_batches_and_gradient(port):
-    results = run_ranks(_gather_worker, 3, port, timeout=60)
+    results = [torch.load(io.BytesIO(data), weights_only=True) for data in run_ranks(_gather_worker, 3, port, timeout=60)]
     expected = torch.cat([torch.arange(size * 2, dtype=torch.float32).view(-1, 2) + 100 * rank
                           for rank, size in enumerate(SIZES)])
     expected_labels = torch.tensor([0, 0, 0, 1, 2, 2])

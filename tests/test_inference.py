@@ -76,5 +76,25 @@ def test_cli(workdir, capsys):
     assert capsys.readouterr().err.strip() == f"error: {directory / 'missing.jpg'}: image not found"
     assert main([*common, "--img", str(directory / "face0.jpg"), "--threshold", "3"]) == 2
     assert "--threshold must be a cosine similarity in [-1, 1], got 3.0" in capsys.readouterr().err
-    assert main(["--model", str(directory / "model.pt"), "--img", str(directory / "face0.jpg")]) == 2
-    assert "--network is required for a PyTorch model" in capsys.readouterr().err
+    # Without --network the file's keys and shapes name the network (mbf, embedding size 512).
+    assert main(["--model", str(directory / "model.pt"), "--img", str(directory / "face0.jpg")]) == 0
+    assert f"norm {np.linalg.norm(saved):.4f}" in capsys.readouterr().out
+
+
+def test_cli_reads_network_and_embedding_size_from_a_training_checkpoint(workdir, tmp_path, capsys):
+    from utils.resume import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
+    directory, _ = workdir
+    torch.manual_seed(1)
+    tiny = get_model("tiny", num_features=24).eval()
+    # The layout train.py's save_checkpoint writes (head/optimizer state left out: not read here).
+    checkpoint = tmp_path / "checkpoint_step000000007.pt"
+    atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": 7, "epoch": 0,
+                 "backbone": tiny.state_dict(), "config": {"network": "tiny", "embedding_size": 24}}, str(checkpoint))
+    image = read_face(str(directory / "face0.jpg"))
+    expected = embed(tiny, image, torch.device("cpu"))
+    assert main(["--model", str(checkpoint), "--img", str(directory / "face0.jpg")]) == 0
+    assert f"embedding: dim 24, norm {np.linalg.norm(expected):.4f}" in capsys.readouterr().out
+    # A wrong --network is refused with the network the file looks like.
+    assert main(["--model", str(checkpoint), "--network", "mbf", "--img", str(directory / "face0.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith("the file looks like network 'tiny' with embedding size 24")

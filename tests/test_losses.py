@@ -171,3 +171,32 @@ def test_build_margin_loss_presets():
 def test_build_margin_loss_errors(overrides, message):
     with pytest.raises(MarginLossError, match=message):
         build_margin_loss(_cfg(**overrides))
+
+
+@pytest.mark.parametrize("margin", [CombinedMarginLoss(32.0, 1.2, 0.3, 0.2, margin_grad="exact"),
+                                    CombinedMarginLoss(32.0, 1.0, 0.5, 0.0, interclass_filtering_threshold=0.2),
+                                    AdaFaceLoss(s=32.0, m=0.4)], ids=["combined_exact", "filtering", "adaface"])
+def test_fused_margin_protocol_equals_autograd(margin):
+    """The public FusedMarginLoss protocol: fused_ gives forward()'s logits, and FusedMargin.backward_
+    maps a logits gradient back to the cosines exactly as autograd through forward() does."""
+    generator = torch.Generator().manual_seed(0)
+    cos = torch.rand(6, 5, generator=generator) * 1.8 - 0.9
+    labels = torch.tensor([0, 3, -1, 4, 1, 3])
+    norms = torch.rand(6, generator=generator) * 30 + 5
+    upstream = torch.randn(6, 5, generator=generator)
+    assert isinstance(margin, losses.FusedMarginLoss) and isinstance(margin, losses.MarginLoss)
+    margin.eval()  # AdaFace: the same statistics for both calls
+    leaf = cos.clone().requires_grad_(True)
+    expected = margin(leaf, labels, norms=norms)
+    expected.backward(upstream)
+    rows = torch.nonzero(labels != -1, as_tuple=True)[0]
+    fused_logits = cos.clone()
+    fused = margin.fused_(fused_logits, rows, labels[rows], norms=norms)
+    torch.testing.assert_close(fused_logits, expected.detach())
+    grad = fused.backward_(upstream.clone(), rows, labels[rows], fused.scale)
+    torch.testing.assert_close(grad, leaf.grad)
+
+
+def test_curricularface_is_not_fused():
+    assert not isinstance(CurricularFaceLoss(), losses.FusedMarginLoss)
+    assert isinstance(CurricularFaceLoss(), losses.MarginLoss) and not CurricularFaceLoss().needs_norms

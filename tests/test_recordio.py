@@ -218,3 +218,25 @@ def test_missing_key(tmp_path):
     idx, rec = _small_set(tmp_path)
     with pytest.raises(KeyError, match=r"key 17 is not in the index"):
         recordio.IndexedRecordIO(idx, rec, "r").read_idx(17)
+
+
+def test_decode_image_refuses_data_libjpeg_would_decode_into_garbage(insightface_fixtures):
+    reader = recordio.MXIndexedRecordIO(os.path.join(insightface_fixtures, "A", "train.idx"),
+                                        os.path.join(insightface_fixtures, "A", "train.rec"), "r")
+    jpeg = recordio.unpack(reader.read_idx(9))[1]
+    clean = recordio.decode_image(jpeg, "k9", strict=True)
+    assert np.array_equal(clean, recordio.decode_image(jpeg, "k9", check=False))
+    middle = len(jpeg) // 2
+    wiped = jpeg[:middle] + bytes(64) + jpeg[middle + 64:]
+    assert recordio.decode_image(wiped, check=False).shape == (112, 112, 3)  # garbage, silently
+    for strict in (False, True):
+        with pytest.raises(recordio.BadRecordError, match=r"^train.rec: key 9: corrupt JPEG: 64 bytes of 0x00 in a "
+                                                          r"row at byte \d+ of the scan data"):
+            recordio.decode_image(wiped, "train.rec: key 9", strict=strict)
+    with pytest.raises(recordio.BadRecordError, match=r"^k: corrupt JPEG: no end-of-image marker"):
+        recordio.decode_image(jpeg[:-40], "k")
+    warned = jpeg[:middle] + bytes([0x12, 0x34]) * 8 + jpeg[middle + 16:]
+    assert recordio.decode_image(warned).shape == (112, 112, 3)  # the default check cannot see this one
+    with pytest.raises(recordio.BadRecordError, match=r"^k: corrupt image data: the decoder reported Corrupt JPEG "
+                                                      r"data: 27 extraneous bytes before marker 0xd9$"):
+        recordio.decode_image(warned, "k", strict=True)

@@ -53,9 +53,17 @@ def test_load_checkpoint_validates(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(resume.CheckpointError, match="not an ArcScale training checkpoint"):
         resume.load_checkpoint(foreign)
+    partial = str(tmp_path / "partial.pt")
+    torch.save({"format": resume.CHECKPOINT_FORMAT, "version": resume.CHECKPOINT_VERSION, "step": 3}, partial)
+    with pytest.raises(resume.CheckpointError, match="partial.pt: checkpoint lacks backbone, config, epoch"):
+        resume.load_checkpoint(partial)
     ours = str(tmp_path / "ours.pt")
-    torch.save({"format": resume.CHECKPOINT_FORMAT, "version": resume.CHECKPOINT_VERSION, "step": 3}, ours)
-    assert resume.load_checkpoint(ours)["step"] == 3
+    v1 = {key: {} for key in resume.REQUIRED_KEYS}
+    v1.update(format=resume.CHECKPOINT_FORMAT, version=1, step=3, epoch=1, world_size=2,
+              sampler={"epoch": 1, "consumed": 24, "seed": 0}, config={"batch_size": 4, "gradient_acc": 1})
+    torch.save(v1, ours)
+    # A version-1 checkpoint gets its progress from the sampler: 24 samples into epoch 1, global batch 4 x 2.
+    assert resume.load_checkpoint(ours)["progress"] == {"epoch": 1, "step": 3, "samples_in_epoch": 24, "global_batch": 8}
 
 
 def test_pickle_that_runs_code_is_refused(tmp_path):

@@ -90,6 +90,28 @@ def test_cli(exported, capsys):
                           text=True, timeout=60)
     assert done.returncode == 0 and "--network" in done.stdout
     assert main([str(directory / "missing.pt"), "--network", "mbf"]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {directory / 'missing.pt'}: model file not found"
+    assert capsys.readouterr().err.strip() == f"error: {directory / 'missing.pt'}: checkpoint file not found"
     assert main([path, "--network", "mbf"]) == 2
     assert "already an ONNX model; pass a PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_cli_reads_network_and_embedding_size_from_a_training_checkpoint(tmp_path, capsys):
+    import onnxruntime
+
+    from utils.resume import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
+    torch.manual_seed(2)
+    tiny = get_model("tiny", num_features=24).eval()
+    path = tmp_path / "checkpoint_step000000005.pt"
+    atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": 5, "epoch": 0,
+                 "backbone": tiny.state_dict(), "config": {"network": "tiny", "embedding_size": 24}}, str(path))
+    assert main([str(path), "--output", str(tmp_path / "t.onnx")]) == 0  # no --network, no --embedding-size
+    assert "exported tiny to" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        expected = tiny(x).numpy()
+    got = session.run(None, {"data": x.numpy()})[0]
+    assert got.shape == (2, 24) and np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+    assert main([str(path), "--network", "r18", "--output", str(tmp_path / "u.onnx"), "--no-verify"]) == 2
+    assert "the file looks like network 'tiny' with embedding size 24" in capsys.readouterr().err
+    assert not (tmp_path / "u.onnx").exists()

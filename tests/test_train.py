@@ -104,7 +104,7 @@ def test_resume_mid_epoch_gives_the_same_weights_as_a_straight_run(tmp_path, ide
     shutil.copy(list_checkpoints(str(tmp_path / "out_straight"))[0], resumed_out)  # the step-4 checkpoint
     resumed = write_config(tmp_path, "resumed", resume=True, **common)
     assert train.main([resumed]) == 0
-    assert "resumed from" in training_log(str(resumed_out)) and "at step 4 (epoch 0)" in training_log(str(resumed_out))
+    assert "resumed from" in training_log(str(resumed_out)) and "at step 4 of 64 (epoch 0, 8 samples into it)" in training_log(str(resumed_out))
     expected, actual = backbone_state(str(tmp_path / "out_straight")), backbone_state(str(resumed_out))
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
@@ -160,7 +160,16 @@ def test_two_ranks_then_resume_on_one_rank(tmp_path, identity_set):
     single = write_config(tmp_path, "single", rec=identity_set, num_epoch=2, resume=True, save_every_steps=2)
     assert train.main([single]) == 0
     log = training_log(str(single_out))
-    assert "resuming 2-rank checkpoint on 1 ranks" in log and "at step 2 (epoch 0)" in log
+    assert "resuming 2-rank checkpoint on 1 ranks" in log
+    # Progress is kept in samples: 2 steps of 16 = 32 samples = step 4 of the 1-rank plan (16 steps of 8).
+    assert "global batch changed from 16 to 8: checkpoint step 2 becomes step 4 of 16" in log
+    lr_two_ranks = float(re.search(r"step 3/8 epoch 0 \| loss \S+ \| lr (\S+)", training_log(output)).group(1))
+    lr_resumed = float(re.search(r"step 5/16 epoch 0 \| loss \S+ \| lr (\S+)", log).group(1))
+    assert lr_resumed == pytest.approx(lr_two_ranks, rel=1e-5)
+    assert lr_resumed == pytest.approx(0.05 * (1 - 2 / 8) ** 2, rel=1e-5)  # poly decay at 1/4 of the run
+    final = load_checkpoint(list_checkpoints(str(single_out))[-1])
+    assert (final["step"], final["epoch"], final["progress"]["global_batch"]) == (16, 2, 8)
+    assert not re.search(r"step (1|2|3|4)/16 ", log)  # nothing before the resume point is trained again
 
 
 @pytest.mark.timeout(300)
@@ -199,9 +208,12 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, identity_set):
     finally:
         proc.kill()
     assert proc.returncode == 0, out[-2000:]
-    assert "stop requested: saving a checkpoint" in training_log(str(output))
+    log = training_log(str(output))
+    saved_at = int(re.search(r"SIGTERM received: checkpoint saved at step (\d+)", log).group(1))
+    last_logged = max(int(step) for step in re.findall(r"step (\d+)/", log))
     state = load_checkpoint(list_checkpoints(str(output))[-1])
-    assert 3 <= state["step"] < 8000
+    assert 3 <= state["step"] == saved_at == last_logged < 8000  # the checkpoint holds the last finished step
+    assert "Traceback" not in out
 
 
 def test_legacy_local_rank_argument_is_accepted():

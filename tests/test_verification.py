@@ -364,3 +364,49 @@ def test_cli_evaluates_a_model_file(tmp_path, insightface_fixtures, capsys):
     assert f"[pairs_py2]Accuracy-Flip: {expected.flip.accuracy:1.5f}+-{expected.flip.accuracy_std:1.5f}" in out
     assert f"[pairs_py2]Accuracy: {expected.plain.accuracy:1.5f}+-" in out
     assert "VAL@FAR=1e-3" in out
+
+
+def test_cli_reads_the_network_from_the_file_and_table_shows_far(tmp_path, insightface_fixtures, capsys):
+    from backbones import get_model
+    from eval.verification import format_table, main
+    from utils.checkpoint import describe_backbone_file, guess_network, load_backbone_file
+    from utils.resume import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
+    torch.manual_seed(0)
+    model = get_model("tiny", num_features=40).eval()
+    checkpoint = tmp_path / "checkpoint_step000000002.pt"
+    atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": 2, "epoch": 0,
+                 "backbone": model.state_dict(), "config": {"network": "tiny", "embedding_size": 40}}, str(checkpoint))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    assert describe_backbone_file(str(checkpoint)) == ("tiny", 40)
+    assert describe_backbone_file(str(tmp_path / "model.pt")) == ("tiny", 40)  # keys and shapes alone
+    assert guess_network(get_model("r18", num_features=64).state_dict()) == "r18"
+    with pytest.raises(RuntimeError, match=r"for network 'mbf'.*the file looks like network 'tiny' with "
+                                           r"embedding size 40$"):
+        load_backbone_file(str(tmp_path / "model.pt"), "mbf")
+    os.symlink(os.path.join(insightface_fixtures, "pairs_py2.bin"), tmp_path / "a_rather_long_target_name.bin")
+    code = main(["--model", str(checkpoint), "--data-dir", str(tmp_path), "--targets",
+                 "a_rather_long_target_name", "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    images, issame = load_bin(str(tmp_path / "a_rather_long_target_name.bin"))
+    with torch.no_grad():
+        x = ((images.float() / 255) - 0.5) / 0.5
+        expected = metrics.verification_metrics(model(x).numpy(), model(torch.flip(x, dims=[3])).numpy(), issame)
+    header, row = out.splitlines()[-2:]
+    assert header.split() == ["target", "pairs", "XNorm", "Accuracy", "Accuracy-Flip", "VAL@FAR=1e-3", "FAR",
+                              "reached"]
+    assert row.split() == ["a_rather_long_target_name", "20", f"{expected.xnorm:.4f}",
+                           f"{expected.plain.accuracy:.5f}+-{expected.plain.accuracy_std:.5f}",
+                           f"{expected.flip.accuracy:.5f}+-{expected.flip.accuracy_std:.5f}",
+                           f"{expected.flip.val:.5f}", f"{expected.flip.far:.2e}"]
+    # Columns line up: every header ends where its values end.
+    assert len(header) == len(row) and header.index("pairs") + len("pairs") == row.index(" 20 ") + len(" 20")
+
+
+def test_table_shows_the_far_a_collapsed_model_reached():
+    from eval.verification import format_table
+    collapsed = np.ones((80, 8))  # every embedding identical: every pair accepted at any threshold
+    result = metrics.verification_metrics(collapsed, collapsed, [True, False] * 20)
+    lines = format_table([("lfw", 20, result)])
+    assert lines[1].split()[-2:] == [f"{result.flip.val:.5f}", f"{result.flip.far:.2e}"]
+    assert result.flip.far > 0.5  # the "VAL@FAR=1e-3" is not at FAR 1e-3 at all, and the table says so

@@ -5,6 +5,7 @@
     python tools/benchmark.py head      [options]   # Partial FC step time and peak memory
     python tools/benchmark.py train     [options]   # end-to-end training FPS
     python tools/benchmark.py eval      [options]   # verification .bin and IJB scoring time
+    python tools/benchmark.py detect    [options]   # MTCNN face detection time vs facenet-pytorch
 
 Each subcommand lives in ``tools/benchmarks/<name>.py`` with ``add_arguments(parser)``
 and ``run(args)``; ``--help`` after a subcommand lists its options.
@@ -18,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SUBCOMMANDS = ("data", "backbone", "head", "train", "eval")
+SUBCOMMANDS = ("data", "backbone", "head", "train", "eval", "detect")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,11 +2,13 @@
 
     python tools/flops.py r50 mbf vit_t        # or: python -m tools.flops --all
 
-Counts one 112x112 image the way the published arcface_torch tables (made with ptflops) do:
-multiply-accumulates of every Conv2d and Linear (forward hooks), the QK^T and attn@V products
-inside ViT attention, plus one op per element for bias, PReLU/ReLU6 and two for affine
-BatchNorm/LayerNorm (these matter only for MobileFaceNet: 0.438 -> 0.449). Models are built on
-the "meta" device, so counting r200 or vit_l takes a second and no memory.
+Counts one image at the model's own input size (``backbones.input_spec``: 112x112 for insightface's
+networks, 160x160 for inception_resnet_v1) the way the published arcface_torch tables (made with
+ptflops) do: multiply-accumulates of every Conv2d and Linear (forward hooks), the QK^T and attn@V
+products inside ViT attention, plus one op per element for bias, PReLU/ReLU/ReLU6 and two for affine
+BatchNorm/LayerNorm (these matter only for MobileFaceNet: 0.438 -> 0.449). Pooling, concatenation
+and residual adds are not counted. Models are built on the "meta" device, so counting r200 or vit_l
+takes a second and no memory.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from backbones import MODEL_NAMES, get_model  # noqa: E402
+from backbones import MODEL_NAMES, get_model, input_spec  # noqa: E402
 from backbones.vit import Attention  # noqa: E402
 
 
@@ -28,11 +30,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(param.numel() for param in model.parameters())
 
 
-def count_ops(model: nn.Module, image_size: tuple[int, int] = (112, 112)) -> dict[str, int]:
+def count_ops(model: nn.Module, image_size: tuple[int, int] | None = None) -> dict[str, int]:
     """Ops of one forward pass on one image (eval mode: no token masking), split by kind.
 
-    Runs on the model's device; a model on "meta" only propagates shapes.
+    ``image_size`` defaults to the model's input size. Runs on the model's device; a model on
+    "meta" only propagates shapes.
     """
+    image_size = tuple(image_size or input_spec(model).image_size)
     counts = {"conv_linear": 0, "attention": 0, "elementwise": 0}
 
     def hook(module: nn.Module, inputs, output) -> None:
@@ -65,7 +69,7 @@ def count_ops(model: nn.Module, image_size: tuple[int, int] = (112, 112)) -> dic
     return counts
 
 
-def count_macs(model: nn.Module, image_size: tuple[int, int] = (112, 112)) -> int:
+def count_macs(model: nn.Module, image_size: tuple[int, int] | None = None) -> int:
     """Total ops of one image in insightface's GFLOPs convention (see the module docstring)."""
     return sum(count_ops(model, image_size).values())
 
@@ -88,10 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in names if name not in MODEL_NAMES]
     if unknown:
         parser.error(f"unknown network(s) {', '.join(unknown)}; valid names: {', '.join(MODEL_NAMES)}")
-    print(f"{'network':<22}{'params (M)':>12}{'GFLOPs (MACs)':>16}")
+    print(f"{'network':<22}{'params (M)':>12}{'GFLOPs (MACs)':>16}{'input':>10}")
     for name in names:
         model = build_on_meta(name, num_features=args.num_features)
-        print(f"{name:<22}{count_parameters(model) / 1e6:>12.2f}{count_macs(model) / 1e9:>16.3f}")
+        height, width = input_spec(model).image_size
+        print(f"{name:<22}{count_parameters(model) / 1e6:>12.2f}{count_macs(model) / 1e9:>16.3f}"
+              f"{f'{height}x{width}':>10}")
 
 
 if __name__ == "__main__":

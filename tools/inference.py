@@ -3,8 +3,11 @@
     python tools/inference.py --model model.pt --network r50 --img a.jpg [--save a.npy]
     python tools/inference.py --model model.pt --network r50 --img a.jpg --img2 b.jpg --threshold 0.3
 
-Images should be aligned 112x112 crops (see tools/align_faces.py); other sizes are resized, as
-arcface_torch's inference.py does. ``--model`` may also be an .onnx file from tools/torch2onnx.py.
+Images should be aligned crops of the model's input size (112x112 for insightface's networks,
+160x160 for inception_resnet_v1; see tools/align_faces.py); other sizes are resized, as
+arcface_torch's inference.py does. The size and pixel normalisation come from the model
+(``backbones.input_spec``). ``--model`` may also be an .onnx file from tools/torch2onnx.py.
+``--network`` and ``--embedding-size`` default to what the file says (utils.checkpoint.load_backbone_file).
 The verdict compares the cosine similarity of the L2-normalised embeddings with ``--threshold``;
 pick the threshold on your own validation pairs (0.3 is a common starting point for ArcFace models).
 """
@@ -39,6 +42,34 @@ def read_face(path: str, image_size: tuple[int, int] = (112, 112)) -> torch.Tens
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
 
 
+def read_detected_face(path: str, image_size: tuple[int, int], detector, margin: int = 0) -> torch.Tensor:
+    """uint8 RGB [1, 3, H, W] of the largest face MTCNN finds in a raw photo, prepared by the model's convention:
+    a square input whose side is a multiple of 112 or 128 is aligned onto the ArcFace template (5 landmarks);
+    any other size (160 for facenet models) is the box plus ``margin`` output pixels, as facenet-pytorch crops."""
+    import cv2
+
+    from utils.face_align import norm_crop
+
+    if not os.path.isfile(path):
+        raise InferenceError(f"{path}: image not found")
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise InferenceError(f"{path}: not a readable image")
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    boxes, _, landmarks = detector.detect(rgb)
+    if len(boxes) == 0:
+        raise InferenceError(f"{path}: MTCNN found no face (faces from {detector.min_face_size:g} px are searched)")
+    height, width = image_size
+    if height == width and (height % 112 == 0 or height % 128 == 0):
+        face = norm_crop(rgb, landmarks[0], height)
+    elif height == width:
+        face = detector.crop(rgb, boxes[0], height, margin)
+    else:
+        raise InferenceError(f"--detect: the model takes {height}x{width} images; only square inputs can be cut "
+                             f"from a detected face")
+    return torch.from_numpy(np.ascontiguousarray(face.transpose(2, 0, 1)))[None]
+
+
 @torch.no_grad()
 def embed(model, image: torch.Tensor, device: torch.device, flip: bool = False) -> np.ndarray:
     """Raw embedding [D] (image + mirror image when ``flip``)."""
@@ -55,30 +86,50 @@ def cosine(first: np.ndarray, second: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model.pt, a training checkpoint, or an .onnx file")
-    parser.add_argument("--network", default=None, help="backbone name (not needed for .onnx)")
-    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--network", default=None,
+                        help="backbone name; default: read from the file (not needed for .onnx)")
+    parser.add_argument("--embedding-size", type=int, default=None, help="default: read from the file")
     parser.add_argument("--img", required=True, help="aligned face image")
     parser.add_argument("--img2", default=None, help="second image: print cosine similarity and verdict")
     parser.add_argument("--threshold", type=float, default=0.3, help="cosine threshold for 'same person'")
     parser.add_argument("--flip", action="store_true", help="add the mirror image's embedding (flip test)")
     parser.add_argument("--save", default=None, help="save the (first) embedding to this .npy file")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | npu | auto")
+    parser.add_argument("--detect", action="store_true",
+                        help="raw photos: detect the largest face (MTCNN), then align it (112-style models) or "
+                             "crop box + --margin (160x160 facenet models)")
+    parser.add_argument("--margin", type=int, default=0, help="--detect crops: margin in output pixels")
     args = parser.parse_args(argv)
     from eval.verification import load_model
     from utils import device as devices
     try:
         if not -1.0 <= args.threshold <= 1.0:
             raise InferenceError(f"--threshold must be a cosine similarity in [-1, 1], got {args.threshold}")
+        if args.save:
+            from utils.paths import ensure_output_file
+            ensure_output_file(args.save, "--save")  # checked before the model loads
         device = devices.setup(args.device).device
-        images = [read_face(path) for path in [args.img] + ([args.img2] if args.img2 else [])]
         model = load_model(args.model, args.network, device, args.embedding_size)
+        from backbones.common import input_spec
+        size = input_spec(model).image_size  # crops are read at the size the model takes
+        paths = [args.img] + ([args.img2] if args.img2 else [])
+        if args.detect:
+            from utils.mtcnn import MTCNN
+            detector = MTCNN()
+            images = [read_detected_face(path, size, detector, args.margin) for path in paths]
+        else:
+            images = [read_face(path, size) for path in paths]
         features = [embed(model, image, device, args.flip) for image in images]
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     first = features[0]
     if args.save:
-        np.save(args.save, first.astype(np.float32))
+        # np.save appends .npy to other names; the temp file + os.replace keeps the write atomic.
+        target = args.save if args.save.endswith(".npy") else args.save + ".npy"
+        with open(target + ".tmp", "wb") as handle:
+            np.save(handle, first.astype(np.float32))
+        os.replace(target + ".tmp", target)
         print(f"saved embedding [{first.shape[0]}] to {args.save}")
     if len(features) == 1:
         print(f"embedding: dim {first.shape[0]}, norm {np.linalg.norm(first):.4f}, first values "

@@ -17,6 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from utils.paths import OutputPathError, ensure_output_dir  # noqa: E402
 from utils.synthetic import SyntheticDataError, make_identity_set  # noqa: E402
 
 
@@ -31,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
     args = parser.parse_args(argv)
+    try:
+        # Refuses a path under a regular file or in a read-only folder before anything is deleted.
+        ensure_output_dir(args.out_dir, "OUT_DIR", create=False)
+    except OutputPathError as exc:
+        print(f"make_synthetic: error: {exc}", file=sys.stderr)
+        return 2
     if os.path.exists(args.out_dir):
         if not args.force:
             print(f"make_synthetic: error: {args.out_dir}: already exists; pass --force to replace it", file=sys.stderr)

@@ -2,11 +2,18 @@
 
     python tools/pack_rec.py IMAGES_DIR OUT_DIR            # root/<identity>/<image>.jpg
     python tools/pack_rec.py list.txt OUT_DIR               # lines: path<TAB>label
+    python tools/pack_rec.py train.lst OUT_DIR --image-root IMAGES   # mxnet im2rec: index<TAB>label<TAB>path
     python tools/pack_rec.py IMAGES_DIR OUT_DIR --plain     # im2rec layout (keys 0..N-1, no header)
 
 The default is the InsightFace layout arcface_torch reads (images at keys 1..N sorted by class,
 one identity record per class, header0 at key 0). JPEGs already at --image-size are stored
 unchanged; anything else is decoded, resized and re-encoded (JPEG quality --quality).
+
+Every image is checked; unreadable ones are listed in OUT_DIR/bad_images.txt (path<TAB>reason).
+``--on-error stop`` (default) then writes no set; ``--on-error skip`` packs the others. The set is
+written under temporary names and renamed at the end, so an interrupted run leaves no train.rec.
+An identity folder without images stops the run: class ids follow sorted folder names, and
+skipping one would silently shift every later id.
 """
 from __future__ import annotations
 
@@ -23,33 +30,78 @@ import numpy as np  # noqa: E402
 
 from utils import recordio  # noqa: E402  (numpy only; dataset.py, which imports torch, loads lazily)
 
+OUTPUT_NAMES = ("train.rec", "train.idx", "property")
+BAD_LIST = "bad_images.txt"
+SHOWN = 3  # problems named in an error message; the rest are counted
+
 
 class PackError(ValueError):
     """Bad input for pack_rec; the message is one line."""
 
 
-def read_list_file(path: str) -> tuple[list[str], list[int]]:
-    """``path<TAB>label`` lines (relative paths are relative to the list file's folder)."""
-    base = os.path.dirname(os.path.abspath(path))
+def _parse_label(text: str, where: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise PackError(f"{where}: label {text!r} is not a number") from None
+    if not value.is_integer():  # im2rec writes 3.000000; 3.5 is no class id
+        raise PackError(f"{where}: label {text!r} is not a whole number, expected a class id")
+    if value < 0:
+        raise PackError(f"{where}: label {int(value)} is negative, expected >= 0")
+    return int(value)
+
+
+def read_list_file(path: str, image_root: str | None = None) -> tuple[list[str], list[int]]:
+    """``path<TAB>label`` lines, or mxnet im2rec .lst lines ``index<TAB>label<TAB>path`` (first label used).
+
+    Relative paths are relative to ``image_root`` (default: the list file's folder)."""
+    base = image_root or os.path.dirname(os.path.abspath(path))
     paths, labels = [], []
     with open(path) as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) != 2:
-                raise PackError(f"{path}: line {number}: expected 'path<TAB>label', got {line.strip()[:60]!r}")
-            try:
-                label = int(float(fields[1]))
-            except ValueError:
-                raise PackError(f"{path}: line {number}: label {fields[1]!r} is not an integer") from None
-            if label < 0:
-                raise PackError(f"{path}: line {number}: label {label} is negative, expected >= 0")
-            paths.append(fields[0] if os.path.isabs(fields[0]) else os.path.join(base, fields[0]))
+            fields = line.rstrip("\r\n").split("\t")
+            where = f"{path}: line {number}"
+            if len(fields) == 2:
+                image, label = fields[0], _parse_label(fields[1], where)
+            elif len(fields) >= 3:
+                if not fields[0].strip().isdigit():
+                    raise PackError(f"{where}: im2rec .lst index {fields[0][:20]!r} is not an integer, expected "
+                                    f"'index<TAB>label<TAB>path'")
+                image, label = fields[-1], _parse_label(fields[1], where)
+            else:
+                raise PackError(f"{where}: expected 'path<TAB>label' or 'index<TAB>label<TAB>path', "
+                                f"got {line.strip()[:60]!r}")
+            paths.append(image if os.path.isabs(image) else os.path.join(base, image))
             labels.append(label)
     if not paths:
-        raise PackError(f"{path}: the list file holds no 'path<TAB>label' lines")
+        raise PackError(f"{path}: the list file holds no 'path<TAB>label' or 'index<TAB>label<TAB>path' lines")
     return paths, labels
+
+
+def scan_folder(root: str) -> tuple[list[str], list[int], list[str]]:
+    """``root/<identity>/<image>``: (paths, labels, identity names); class ids follow sorted folder names."""
+    from dataset import IMAGE_EXTENSIONS
+
+    identities = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    paths, labels, empty = [], [], []
+    for label, identity in enumerate(identities):
+        folder = os.path.join(root, identity)
+        files = sorted(entry.name for entry in os.scandir(folder) if entry.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            empty.append(identity)
+        paths.extend(os.path.join(folder, name) for name in files)
+        labels.extend([label] * len(files))
+    if not paths:
+        raise PackError(f"{root}: no images found, expected root/<identity>/<image> files ending in "
+                        f"{'/'.join(IMAGE_EXTENSIONS)}")
+    if empty:
+        more = f", ... {len(empty) - SHOWN} more" if len(empty) > SHOWN else ""
+        raise PackError(f"{root}: {len(empty)} identity folder(s) hold no images ({', '.join(empty[:SHOWN])}{more}); "
+                        f"class ids follow sorted folder names, so every later id would shift: remove the "
+                        f"folder(s) or add images")
+    return paths, labels, identities
 
 
 def encode_file(job: tuple[str, int, int, int]) -> bytes:
@@ -61,7 +113,12 @@ def encode_file(job: tuple[str, int, int, int]) -> bytes:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise PackError(f"{path}: cannot read the image file ({exc.strerror or exc})") from None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if data.size == 0:
+        raise PackError(f"{path}: cannot decode the image: the file is empty")
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error:  # some truncated files make OpenCV assert instead of returning None
+        image = None
     if image is None:
         raise PackError(f"{path}: cannot decode the image, expected a JPEG/PNG/BMP file")
     is_jpeg = data[:2].tobytes() == b"\xff\xd8"
@@ -75,6 +132,14 @@ def encode_file(job: tuple[str, int, int, int]) -> bytes:
     return buf.tobytes()
 
 
+def try_encode(job: tuple[str, int, int, int]) -> tuple[bytes | None, str | None]:
+    """(JPEG bytes, None) or (None, why the image is unusable): a bad image must not end the pool."""
+    try:
+        return encode_file(job), None
+    except PackError as exc:
+        return None, str(exc).split(": ", 1)[-1]
+
+
 def _progress(done: int, total: int, start: float) -> None:
     rate = done / max(time.time() - start, 1e-6)
     sys.stderr.write(f"\rpacked {done}/{total} images ({rate:.0f} img/s)")
@@ -83,11 +148,25 @@ def _progress(done: int, total: int, start: float) -> None:
     sys.stderr.flush()
 
 
+def _temporary(out_dir: str, name: str) -> str:
+    # Fixed names: a killed run's leftovers are overwritten by the next run, never read as a set.
+    return os.path.join(out_dir, f".{name}.partial")
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as handle:
+        handle.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False, image_size: tuple[int, int] = (112, 112),
-         quality: int = 95, workers: int = 1, progress: bool = False) -> tuple[int, int]:
-    """Write the set; returns (num_images, num_classes)."""
+         quality: int = 95, workers: int = 1, progress: bool = False, on_error: str = "stop"
+         ) -> tuple[int, int, list[tuple[str, str]]]:
+    """Write the set (temporary names, renamed at the end); returns (num_images, num_classes, bad images)."""
     from dataset import write_property
 
+    if on_error not in ("stop", "skip"):
+        raise PackError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
     order = np.argsort(np.asarray(labels), kind="stable")  # images of one class are contiguous
     paths = [paths[i] for i in order]
     labels = [int(labels[i]) for i in order]
@@ -98,73 +177,113 @@ def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False,
         raise PackError(f"labels must be 0..{num_classes - 1} without gaps; class {missing} has no image")
     height, width = image_size
     jobs = [(path, height, width, quality) for path in paths]
-    writer = recordio.MXIndexedRecordIO(os.path.join(out_dir, "train.idx"), os.path.join(out_dir, "train.rec"), "w")
+    temporary = {name: _temporary(out_dir, name) for name in OUTPUT_NAMES}
+    bad: list[tuple[str, str]] = []
     start = time.time()
 
-    def encoded() -> Iterable[bytes]:
+    def encoded() -> Iterable[tuple[bytes | None, str | None]]:
         if workers <= 1:
-            yield from map(encode_file, jobs)
+            yield from map(try_encode, jobs)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                yield from pool.map(encode_file, jobs, chunksize=64)
+                yield from pool.map(try_encode, jobs, chunksize=64)
 
-    first_key = 0 if plain else 1
-    ranges: list[list[int]] = []
-    for number, (label, jpeg) in enumerate(zip(labels, encoded())):
-        key = first_key + number
-        writer.write_idx(key, recordio.pack(recordio.IRHeader(0, float(label), key, 0), jpeg))
-        if not ranges or len(ranges) == label:
-            ranges.append([key, key + 1])
-        else:
-            ranges[-1][1] = key + 1
-        if progress and (number % 1000 == 999 or number == len(jobs) - 1):
-            _progress(number + 1, len(jobs), start)
-    if not plain:
-        key = first_key + len(jobs)
-        first_identity = key
-        for begin, end in ranges:
-            writer.write_idx(key, recordio.pack(recordio.IRHeader(0, [begin, end], key, 0), b""))
-            key += 1
-        writer.write_idx(0, recordio.pack(recordio.IRHeader(0, [first_identity, key], 0, 1), b""))
-    writer.close()
-    write_property(os.path.join(out_dir, "property"), num_classes, image_size)
-    return len(jobs), num_classes
+    try:
+        writer = recordio.MXIndexedRecordIO(temporary["train.idx"], temporary["train.rec"], "w")
+        first_key = 0 if plain else 1
+        ranges: dict[int, list[int]] = {}
+        key = first_key
+        for number, (label, (jpeg, problem)) in enumerate(zip(labels, encoded())):
+            if jpeg is None:
+                bad.append((paths[number], problem or "unusable"))
+            else:
+                writer.write_idx(key, recordio.pack(recordio.IRHeader(0, float(label), key, 0), jpeg))
+                ranges.setdefault(label, [key, key])[1] = key + 1
+                key += 1
+            if progress and (number % 1000 == 999 or number == len(jobs) - 1):
+                _progress(number + 1, len(jobs), start)
+        num_images = key - first_key
+        if bad:
+            _write_text_atomic(os.path.join(out_dir, BAD_LIST), "".join(f"{p}\t{why}\n" for p, why in bad))
+            named = "; ".join(f"{p} ({why})" for p, why in bad[:SHOWN])
+            more = f", ... {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
+            if on_error == "stop":
+                raise PackError(f"{len(bad)} of {len(jobs)} images unusable: {named}{more}; all listed in "
+                                f"{os.path.join(out_dir, BAD_LIST)}; nothing written (--on-error skip packs the rest)")
+            emptied = sorted(set(range(num_classes)) - set(ranges))
+            if emptied:
+                raise PackError(f"class {emptied[0]} has no usable image left ({len(emptied)} such classes), so the "
+                                f"class ids would not be 0..{num_classes - 1}; bad images listed in "
+                                f"{os.path.join(out_dir, BAD_LIST)}")
+        elif os.path.exists(os.path.join(out_dir, BAD_LIST)):
+            os.remove(os.path.join(out_dir, BAD_LIST))  # a previous run's list would now be wrong
+        if not plain:
+            first_identity = key
+            for label in range(num_classes):
+                begin, end = ranges[label]
+                writer.write_idx(key, recordio.pack(recordio.IRHeader(0, [begin, end], key, 0), b""))
+                key += 1
+            writer.write_idx(0, recordio.pack(recordio.IRHeader(0, [first_identity, key], 0, 1), b""))
+        writer.close()
+        write_property(temporary["property"], num_classes, image_size)
+        # train.rec goes first and comes back last: a crash in between leaves no train.rec (a clear "not
+        # found"), never a new index next to an old record file.
+        if os.path.exists(os.path.join(out_dir, "train.rec")):
+            os.remove(os.path.join(out_dir, "train.rec"))
+        for name in ("train.idx", "property", "train.rec"):
+            os.replace(temporary[name], os.path.join(out_dir, name))
+    finally:
+        for path in temporary.values():
+            if os.path.exists(path):
+                os.remove(path)
+    return num_images, num_classes, bad
 
 
 def prepare_output(out_dir: str, force: bool) -> None:
-    existing = [n for n in ("train.rec", "train.idx", "property") if os.path.exists(os.path.join(out_dir, n))]
+    """Validate (and create) the output folder; refuse to overwrite a set without ``force``."""
+    from utils.paths import ensure_output_dir
+
+    ensure_output_dir(out_dir, "OUT_DIR")
+    existing = [n for n in OUTPUT_NAMES if os.path.exists(os.path.join(out_dir, n))]
     if existing and not force:
         raise PackError(f"{out_dir}: already holds {', '.join(existing)}; pass --force to overwrite")
-    os.makedirs(out_dir, exist_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: source folder or list file, output folder."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="image folder root/<identity>/<image> or a list file 'path<TAB>label'")
+    parser.add_argument("source", help="image folder root/<identity>/<image>, a list file 'path<TAB>label' or "
+                                       "an im2rec .lst 'index<TAB>label<TAB>path'")
     parser.add_argument("out_dir", help="output folder for train.rec, train.idx, property")
+    parser.add_argument("--image-root", default=None, help="folder a list file's relative paths start from "
+                                                           "(default: the list file's folder)")
     parser.add_argument("--plain", action="store_true", help="im2rec layout: keys 0..N-1, no header records")
     parser.add_argument("--image-size", type=int, nargs=2, default=(112, 112), metavar=("H", "W"))
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel encoding processes")
+    parser.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                        help="unusable images: stop without writing a set (default) or pack without them; "
+                             f"either way they are listed in OUT_DIR/{BAD_LIST}")
     parser.add_argument("--force", action="store_true", help="overwrite an existing set in out_dir")
     args = parser.parse_args(argv)
-    from dataset import DatasetError, scan_image_folder
+    from dataset import DatasetError
 
     try:
         if os.path.isdir(args.source):
-            paths, labels, _ = scan_image_folder(args.source)
+            paths, labels, _ = scan_folder(args.source)
         elif os.path.isfile(args.source):
-            paths, labels = read_list_file(args.source)
+            paths, labels = read_list_file(args.source, args.image_root)
         else:
             raise PackError(f"{args.source}: not found, expected an image folder or a list file")
         prepare_output(args.out_dir, args.force)
-        num_images, num_classes = pack(paths, labels, args.out_dir, args.plain, tuple(args.image_size),
-                                       args.quality, args.workers, progress=True)
-    except (PackError, DatasetError, recordio.RecordIOError) as exc:
+        num_images, num_classes, bad = pack(paths, labels, args.out_dir, args.plain, tuple(args.image_size),
+                                            args.quality, args.workers, progress=True, on_error=args.on_error)
+    except (PackError, DatasetError, recordio.RecordIOError, ValueError) as exc:
         print(f"pack_rec: error: {exc}", file=sys.stderr)
         return 2
+    skipped = f" skipped={len(bad)} (listed in {os.path.join(args.out_dir, BAD_LIST)})" if bad else ""
     print(f"num_images={num_images} num_classes={num_classes} layout={'plain' if args.plain else 'header'} "
-          f"out={args.out_dir}")
+          f"out={args.out_dir}{skipped}")
     return 0
 
 

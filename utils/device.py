@@ -117,6 +117,32 @@ def autocast(ctx: DeviceContext, fp16: bool, bf16: bool) -> ContextManager:
     return torch.autocast(device_type=ctx.kind, dtype=torch.float16 if fp16 else torch.bfloat16)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has AVX512-BF16 or AMX (bf16 matmuls run in hardware, not emulated)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(ctx: DeviceContext, fp16: bool, bf16: bool) -> tuple[bool, bool]:
+    """(fp16, bf16) to use on this device: on CPU fp16 autocast is emulated (several times slower
+    than fp32, with a loss scaler that mostly backs off), so it falls back, with one warning, to bf16
+    where the CPU computes bf16 natively and to fp32 otherwise."""
+    if fp16 and bf16:
+        raise DeviceError("config keys 'fp16' and 'bf16' are both True; choose one")
+    if ctx.kind != "cpu" or not fp16:
+        return fp16, bf16
+    if cpu_has_native_bf16():
+        logger.warning("fp16=True on CPU: using bf16 autocast instead (this CPU computes bf16 natively; "
+                       "CPU fp16 is emulated)")
+        return False, True
+    logger.warning("fp16=True on CPU: training in fp32 instead (CPU fp16 is emulated and several times slower)")
+    return False, False
+
+
 def grad_scaler(ctx: DeviceContext, fp16: bool) -> torch.amp.GradScaler:
     """Loss scaling is needed for fp16 only; bf16 has fp32's exponent range."""
     return torch.amp.GradScaler(ctx.kind, enabled=fp16)

@@ -7,6 +7,7 @@ half-written file never replaces a good one (temp file + fsync + rename).
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import random
 import re
@@ -16,8 +17,15 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = "arcscale-checkpoint"
-CHECKPOINT_VERSION = 1
+# 2: progress in samples ({"epoch", "samples_in_epoch", "global_batch", "step"}), no scheduler entry
+# (the LR schedule is a pure function of config and progress), data description, bad-record count.
+CHECKPOINT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+REQUIRED_KEYS = frozenset({"step", "epoch", "world_size", "backbone", "head", "optimizer", "scaler", "sampler",
+                           "rng", "config"})
 _NAME = re.compile(r"checkpoint_step(\d+)\.pt$")
+_TMP_NAME = re.compile(r"\.tmp\.\d+$")
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -46,6 +54,7 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def checkpoint_path(output: str, step: int) -> str:
+    """``<output>/checkpoint_step<9-digit step>.pt``."""
     return os.path.join(output, f"checkpoint_step{step:09d}.pt")
 
 
@@ -60,16 +69,49 @@ def list_checkpoints(output: str) -> list[str]:
 
 
 def latest_checkpoint(output: str) -> str | None:
+    """The checkpoint with the highest step number (unchecked; see :func:`newest_loadable`)."""
     paths = list_checkpoints(output)
     return paths[-1] if paths else None
 
 
-def prune_checkpoints(output: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (keep <= 0 keeps everything)."""
+def newest_loadable(output: str) -> tuple[str | None, dict | None]:
+    """Newest checkpoint that loads and validates; unreadable ones (a write cut by kill -9 on a file
+    system without atomic rename, a truncated copy) are skipped with a warning naming them."""
+    for path in reversed(list_checkpoints(output)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            logger.warning("skipping unusable checkpoint: %s", exc)
+    return None, None
+
+
+def clean_partial_writes(output: str) -> list[str]:
+    """Remove temporary files that an interrupted :func:`atomic_save` left (``<name>.tmp.<pid>``)."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(output), "*.tmp.*")):
+        if _TMP_NAME.search(os.path.basename(path)) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    if removed:
+        logger.warning("removed %d leftover(s) of an interrupted checkpoint write: %s", len(removed),
+                       ", ".join(os.path.basename(p) for p in removed))
+    return removed
+
+
+def previous_run_files(output: str) -> list[str]:
+    """Checkpoints and model.pt already in ``output`` (what a fresh run would clobber)."""
+    files = list_checkpoints(output)
+    model = os.path.join(output, "model.pt")
+    return files + ([model] if os.path.isfile(model) else [])
+
+
+def prune_checkpoints(output: str, keep: int, protect: str | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints (keep <= 0 keeps everything); never ``protect``."""
     if keep <= 0:
         return
     for path in list_checkpoints(output)[:-keep]:
-        os.remove(path)
+        if protect is None or os.path.abspath(path) != os.path.abspath(protect):
+            os.remove(path)
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
@@ -82,8 +124,19 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an ArcScale training checkpoint (expected format '{CHECKPOINT_FORMAT}')")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not supported (expected {CHECKPOINT_VERSION})")
+    if state.get("version") not in SUPPORTED_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not supported "
+                              f"(expected one of {list(SUPPORTED_VERSIONS)})")
+    missing = sorted(REQUIRED_KEYS - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if "progress" not in state:  # version 1: derive progress from the sampler and the loop epoch
+        sampler = state["sampler"]
+        same_epoch = int(sampler.get("epoch", -1)) == int(state["epoch"])
+        state["progress"] = {"epoch": int(state["epoch"]), "step": int(state["step"]),
+                             "samples_in_epoch": int(sampler.get("consumed", 0)) if same_epoch else 0,
+                             "global_batch": int(state["config"].get("batch_size", 0)) * int(state["world_size"])
+                             * int(state["config"].get("gradient_acc", 1))}
     return state
 
 

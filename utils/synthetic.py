@@ -305,3 +305,20 @@ def ensure_identity_set(cfg: Any) -> str:
     logger.info("generating synthetic identity set %s (%d identities x %d images)", folder,
                 params["num_identities"], params["images_per_identity"])
     return make_identity_set(folder, **params)
+
+
+def identity_set_labels(folder: str) -> np.ndarray | None:
+    """Class of every training image of a generated identity set (identity i owns images
+    i*K .. i*K+K-1, the order _write_set writes them), from its synthetic.json; None when ``folder``
+    is not a generated set."""
+    path = os.path.join(folder, "synthetic.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as handle:
+            params = json.load(handle)
+        num_identities, per_identity = int(params["num_identities"]), int(params["images_per_identity"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SyntheticDataError(f"{path}: unreadable generator parameters ({type(exc).__name__}); "
+                                 f"regenerate the set") from exc
+    return np.repeat(np.arange(num_identities, dtype=np.int64), per_identity)

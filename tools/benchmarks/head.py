@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=256, help="global batch (one process)")
     parser.add_argument("--embedding-size", type=int, default=512)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    parser.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
     parser.add_argument("--weight-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--state-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                         help="optimizer state storage (int8: SGD momentum with a per-row scale)")
@@ -86,8 +86,9 @@ def _child(spec: dict) -> dict:
     build_start = time.perf_counter()
     if spec["mode"] == "reference":
         weight = torch.nn.Parameter(torch.empty(num_classes, dim).normal_(0, 0.01))
-        optimizer = (torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4) if spec["optimizer"] == "sgd"
-                     else torch.optim.AdamW([weight], lr=0.001, weight_decay=5e-4))
+        optimizer = {"sgd": lambda: torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4),
+                     "adam": lambda: torch.optim.Adam([weight], lr=0.001, weight_decay=5e-4),
+                     "adamw": lambda: torch.optim.AdamW([weight], lr=0.001, weight_decay=5e-4)}[spec["optimizer"]]()
         num_sample = max(1, round(rate * num_classes))
 
         def step() -> float:

@@ -1,0 +1,193 @@
+"""tools/detect_faces.py on a small VGGFace2-style folder built from the fixture photos (half size): faces,
+the detections TSV, failures, resume, both modes, the split layout with 2 processes, and --pack."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from tools import detect_faces
+from utils.face_align import norm_crop
+from utils.mtcnn import MTCNN
+
+LAYOUT = {  # output name -> (fixture photo, scale); None = an unreadable file
+    "alice/a1.jpg": ("angelina_jolie", 0.5), "alice/a2.png": ("kate_siegel", 0.5),
+    "bob/b1.jpg": ("paul_rudd", 0.5), "bob/group.jpg": ("multiface", 0.5),
+    "carol/blank.png": ("blank", 1.0), "carol/broken.jpg": None, "carol/c1.jpg": ("shea_whigham", 0.5),
+}
+
+
+def write_photo(facenet_fixtures: str, target: str, spec) -> None:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if spec is None:
+        with open(target, "wb") as handle:
+            handle.write(b"\xff\xd8 this is no JPEG")
+        return
+    name, scale = spec
+    image = cv2.imread(os.path.join(facenet_fixtures, "images", f"{name}.png"))
+    cv2.imwrite(target, cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory, facenet_fixtures) -> str:
+    root = str(tmp_path_factory.mktemp("raw"))
+    for relative, spec in LAYOUT.items():
+        write_photo(facenet_fixtures, os.path.join(root, relative), spec)
+    return root
+
+
+@pytest.fixture(scope="module")
+def detector(one_thread):
+    return MTCNN()
+
+
+def read_tsv(path: str) -> dict:
+    with open(path) as handle:
+        lines = [line.rstrip("\n").split("\t") for line in handle]
+    assert lines[0] == detect_faces.COLUMNS
+    return {fields[0]: fields for fields in lines[1:]}
+
+
+def test_arcface_mode_aligns_the_largest_face_lists_failures_and_packs(raw_dir, tmp_path, detector, capsys):
+    out = str(tmp_path / "out")
+    assert detect_faces.main([raw_dir, out, "--mode", "arcface", "--pack"]) == 0
+    printed = capsys.readouterr().out
+    assert "7 photos (0 finished before): 5 faces written (photos with several faces: 1, the largest kept), " \
+           "1 without a face, 1 unreadable" in printed
+    assert "packed 5 faces of 3 identities" in printed
+    rows = read_tsv(os.path.join(out, detect_faces.DETECTIONS))
+    assert sorted(rows) == sorted(LAYOUT)
+    assert [rows[path][1] for path in sorted(LAYOUT)] == ["ok", "ok", "ok", "ok", "no_face", "unreadable", "ok"]
+    assert rows["bob/group.jpg"][2] == "6"
+    with open(os.path.join(out, detect_faces.FAILED)) as handle:
+        assert handle.read() == "carol/blank.png\tno_face\ncarol/broken.jpg\tunreadable\n"
+    assert not os.path.exists(os.path.join(out, "carol", "blank.png"))
+    for relative in ("alice/a1.jpg", "alice/a2.png", "bob/group.jpg"):
+        image = cv2.imread(os.path.join(raw_dir, relative))
+        boxes, probs, landmarks = detector.detect(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        numbers = np.array(rows[relative][3:], dtype=np.float64)
+        np.testing.assert_allclose(numbers[:4], boxes[0], atol=2e-3)  # the largest face, as printed (3 decimals)
+        np.testing.assert_allclose(numbers[4], probs[0], atol=1e-6)
+        np.testing.assert_allclose(numbers[5:].reshape(5, 2), landmarks[0], atol=2e-3)
+        written = cv2.imread(os.path.join(out, relative))
+        assert written.shape == (112, 112, 3)
+        expected = norm_crop(image, landmarks[0], 112)
+        tolerance = 0.0 if relative.endswith(".png") else 3.0  # JPEG quality 95 of the aligned face
+        assert np.abs(written.astype(np.float64) - expected).mean() <= tolerance
+    # --pack: train.rec holds the 5 faces, labels by sorted identity, readable by the training reader
+    from dataset import RecordDataset
+
+    data = RecordDataset(out, image_size=(112, 112), flip=False)
+    assert len(data) == 5 and data.num_classes == 3
+    assert data.labels().tolist() == [0, 0, 1, 1, 2]
+    first, label = data[0]
+    assert label == 0
+    expected_first = cv2.cvtColor(cv2.imread(os.path.join(out, "alice", "a1.jpg")), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(first.numpy().transpose(1, 2, 0), expected_first)  # the same JPEG bytes
+
+
+def test_facenet_mode_resumes_and_redoes_only_what_is_missing(raw_dir, tmp_path, detector, monkeypatch):
+    out = str(tmp_path / "out")
+    first = detect_faces.detect_folder(raw_dir, out, "facenet", margin=32)
+    assert (first["photos"], first["processed"], first["faces"], first["no_face"], first["unreadable"]) == (7, 7, 5, 1, 1)
+    image = cv2.imread(os.path.join(raw_dir, "bob", "b1.jpg"))
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    crop = detector.crop(rgb, detector.detect(rgb)[0][0], 160, 32)
+    written = cv2.cvtColor(cv2.imread(os.path.join(out, "bob", "b1.jpg")), cv2.COLOR_BGR2RGB)
+    assert written.shape == (160, 160, 3)
+    assert np.abs(written.astype(np.float64) - crop).mean() <= 3.0
+    before = open(os.path.join(out, detect_faces.DETECTIONS)).read()
+
+    # an interrupted run: one face file missing, the journal's last line cut short
+    os.remove(os.path.join(out, "bob", "b1.jpg"))
+    journal = os.path.join(out, detect_faces.JOURNAL)
+    lines = open(journal).read().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if line.startswith("carol/c1.jpg"))
+    with open(journal, "w") as handle:
+        handle.writelines(lines[:cut] + lines[cut + 1:] + [lines[cut][:20]])
+    seen = []
+    original = detect_faces.process_photo
+    monkeypatch.setattr(detect_faces, "process_photo", lambda relative: seen.append(relative) or original(relative))
+    again = detect_faces.detect_folder(raw_dir, out, "facenet", margin=32)
+    assert sorted(seen) == ["bob/b1.jpg", "carol/c1.jpg"]
+    assert (again["processed"], again["resumed"], again["faces"]) == (2, 5, 5)
+    assert open(os.path.join(out, detect_faces.DETECTIONS)).read() == before
+    assert np.abs(cv2.cvtColor(cv2.imread(os.path.join(out, "bob", "b1.jpg")), cv2.COLOR_BGR2RGB).astype(float)
+                  - crop).mean() <= 3.0
+    with pytest.raises(detect_faces.DetectFacesError, match="already holds faces made with mode=facenet "
+                                                            "image_size=160 margin=32"):
+        detect_faces.detect_folder(raw_dir, out, "facenet", margin=0)
+
+
+@pytest.mark.timeout(120)
+def test_split_layout_with_two_processes_packs_the_train_split(tmp_path, facenet_fixtures):
+    raw = tmp_path / "raw"
+    for relative, spec in {"train/ann/1.jpg": ("angelina_jolie", 0.25), "train/paul/1.jpg": ("paul_rudd", 0.25),
+                           "train/paul/2.jpg": ("shea_whigham", 0.25), "test/kate/1.jpg": ("kate_siegel", 0.25)}.items():
+        write_photo(facenet_fixtures, str(raw / relative), spec)
+    out = str(tmp_path / "out")
+    assert detect_faces.main([str(raw), out, "--mode", "arcface", "--workers", "2", "--pack"]) == 0
+    rows = read_tsv(os.path.join(out, detect_faces.DETECTIONS))
+    assert sorted(rows) == ["test/kate/1.jpg", "train/ann/1.jpg", "train/paul/1.jpg", "train/paul/2.jpg"]
+    assert all(row[1] == "ok" for row in rows.values())
+    assert os.path.isfile(os.path.join(out, "test", "kate", "1.jpg"))
+    from utils import recordio
+
+    reader = recordio.MXIndexedRecordIO(os.path.join(out, "train.idx"), os.path.join(out, "train.rec"), "r")
+    header0, _ = recordio.unpack(reader.read_idx(0))
+    labels = [recordio.class_of(recordio.unpack(reader.read_idx(key))[0]) for key in range(1, int(header0.label[0]))]
+    assert labels == [0, 1, 1]  # train/ann, train/paul x2; the test split is not packed
+
+
+@pytest.mark.parametrize("case, message", [
+    ("under_a_file", "OUT_DIR: cannot create {out}: {blocker} is a file, not a folder"),
+    ("inside_raw", "OUT_DIR {out} is inside RAW_DIR {raw}: its faces would be read as photos"),
+    ("loose_photo", "{raw}/loose.jpg: photo outside an identity folder (expected RAW_DIR/<identity>/<photo> or "
+                    "RAW_DIR/<split>/<identity>/<photo>)"),
+    ("arcface_margin", "--margin 10: only for --mode facenet (arcface aligns to the template)"),
+    ("bad_size", "--image-size 100: image_size 100 is not a multiple of 112 or 128 (the ArcFace template)"),
+])
+def test_bad_folders_and_options_are_one_line_errors(tmp_path, facenet_fixtures, capsys, case, message):
+    raw = tmp_path / "raw"
+    write_photo(facenet_fixtures, str(raw / "ann" / "1.jpg"), ("blank", 0.25))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    out = {"under_a_file": blocker / "out", "inside_raw": raw / "faces"}.get(case, tmp_path / "out")
+    extra = {"arcface_margin": ["--margin", "10"], "bad_size": ["--image-size", "100"]}.get(case, [])
+    if case == "loose_photo":
+        write_photo(facenet_fixtures, str(raw / "loose.jpg"), ("blank", 0.25))
+    assert detect_faces.main([str(raw), str(out), "--mode", "arcface"] + extra) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == "detect_faces: error: " + message.format(out=out, raw=raw, blocker=blocker)
+
+
+# ------------------------------------------------------------------------------------------- tools/inference.py --detect
+
+
+def test_inference_detect_aligns_or_crops_by_the_model_convention(raw_dir, detector, tmp_path, capsys):
+    import torch
+
+    from backbones import get_model
+    from tools import inference
+
+    path = os.path.join(raw_dir, "bob", "b1.jpg")
+    rgb = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+    boxes, _, landmarks = detector.detect(rgb)
+    aligned = inference.read_detected_face(path, (112, 112), detector)
+    assert aligned.shape == (1, 3, 112, 112) and aligned.dtype == torch.uint8
+    np.testing.assert_array_equal(aligned[0].numpy().transpose(1, 2, 0), norm_crop(rgb, landmarks[0], 112))
+    cropped = inference.read_detected_face(path, (160, 160), detector, margin=32)
+    np.testing.assert_array_equal(cropped[0].numpy().transpose(1, 2, 0), detector.crop(rgb, boxes[0], 160, 32))
+    with pytest.raises(inference.InferenceError, match=r"blank\.png: MTCNN found no face"):
+        inference.read_detected_face(os.path.join(raw_dir, "carol", "blank.png"), (112, 112), detector)
+
+    torch.manual_seed(0)
+    model = get_model("mbf").eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    other = os.path.join(raw_dir, "alice", "a1.jpg")
+    assert inference.main(["--model", str(tmp_path / "model.pt"), "--network", "mbf", "--img", path, "--img2", other,
+                           "--detect"]) == 0
+    printed = float(capsys.readouterr().out.split("cosine similarity: ")[1].split()[0])
+    features = [inference.embed(model, inference.read_detected_face(p, (112, 112), detector), torch.device("cpu"))
+                for p in (path, other)]
+    assert printed == pytest.approx(inference.cosine(*features), abs=1e-5)

@@ -1,0 +1,140 @@
+"""tools/rec_info.py --verify on corrupted copies of the mxnet-written fixture pack A."""
+import json
+import os
+import shutil
+import struct
+
+import pytest
+
+from tools import rec_info
+
+
+def _copy_pack(insightface_fixtures, tmp_path):
+    src = os.path.join(insightface_fixtures, "A")
+    dst = tmp_path / "A"
+    dst.mkdir()
+    for name in ("train.rec", "train.idx", "property"):
+        shutil.copy(os.path.join(src, name), dst / name)
+    manifest = json.load(open(os.path.join(src, "manifest.json")))
+    return dst, {record["key"]: record for record in manifest["records"]}
+
+
+def _patch(path, offset, data):
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
+def _run(folder, capsys, *extra):
+    code = rec_info.main([str(folder), "--verify", *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_clean_pack_verifies(insightface_fixtures, capsys):
+    code, out, _ = _run(os.path.join(insightface_fixtures, "A"), capsys)
+    assert code == 0 and out.splitlines()[0] == "num_images=480 num_classes=40 layout=header"
+    assert out.splitlines()[-1] == ("verify: all 480 images decode cleanly; all 521 index entries, labels and "
+                                    "header0 are consistent")
+    code, out, _ = _run(os.path.join(insightface_fixtures, "A"), capsys, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["ok"] is True and result["bad"] == [] and result["num_entries"] == 521
+    assert result["images_per_identity"] == {"min": 12, "median": 12.0, "max": 12}
+
+
+def test_extra_index_entry_past_the_end(insightface_fixtures, tmp_path, capsys):
+    folder, _ = _copy_pack(insightface_fixtures, tmp_path)
+    size = os.path.getsize(folder / "train.rec")
+    with open(folder / "train.idx", "a") as handle:
+        handle.write(f"521\t{size + 64}\n")
+    code, out, err = _run(folder, capsys)
+    assert code == 1
+    assert f"key 521 at offset {size + 64}" in err  # the summary refuses the pair in one line
+    assert "verify: 2 bad records, keys: 521 521" not in out
+    lines = out.splitlines()
+    assert lines[0] == "verify: 1 bad records, keys: 521"
+    assert lines[1] == (f"  key 521 offset {size + 64}: offset {size + 64} is past the end of "
+                        f"{folder / 'train.rec'} ({size} bytes); the key is outside the keys 0..520 that "
+                        f"header0 describes (an entry of another pack?)")
+    code, out, _ = _run(folder, capsys, "--json")
+    result = json.loads(out)
+    assert code == 1 and result["ok"] is False
+    assert [(bad["key"], bad["offset"]) for bad in result["bad"]] == [(521, size + 64)]
+
+
+def test_zeroed_jpeg_and_bad_labels_and_framing(insightface_fixtures, tmp_path, capsys):
+    folder, records = _copy_pack(insightface_fixtures, tmp_path)
+    rec = folder / "train.rec"
+    # key 7: 64 zero bytes in the middle of its JPEG (libjpeg decodes this without a word)
+    jpeg_start = records[7]["offset"] + 8 + 24
+    _patch(rec, jpeg_start + records[7]["jpeg_len"] // 2, bytes(64))
+    # key 20: label 99 (only 40 classes); key 30: label 5 while its identity record says class 2
+    _patch(rec, records[20]["offset"] + 8 + 4, struct.pack("<f", 99.0))
+    _patch(rec, records[30]["offset"] + 8 + 4, struct.pack("<f", 5.0))
+    # key 40: a part header claiming more bytes than the file holds
+    _patch(rec, records[40]["offset"] + 4, struct.pack("<I", (1 << 29) - 1))
+    code, out, _ = _run(folder, capsys)
+    assert code == 1
+    lines = out.splitlines()
+    start = lines.index("verify: 4 bad records, keys: 7 20 30 40")
+    assert lines[start + 1].startswith(f"  key 7 offset {records[7]['offset']}: corrupt JPEG: 64 bytes of 0x00 in a row")
+    assert lines[start + 2] == (f"  key 20 offset {records[20]['offset']}: label 99 out of range, expected "
+                                f"0 <= label < num_classes=40")
+    assert lines[start + 3] == (f"  key 30 offset {records[30]['offset']}: label 5 disagrees with its identity "
+                                f"record (class 2)")
+    assert lines[start + 4].startswith(f"  key 40 offset {records[40]['offset']}: truncated record: expected "
+                                       f"{(1 << 29) - 1} payload bytes")
+
+
+def test_parallel_verify_finds_the_same(insightface_fixtures, tmp_path, capsys):
+    folder, records = _copy_pack(insightface_fixtures, tmp_path)
+    for key in (3, 250, 470):  # spread over the file, so each worker's part holds one
+        _patch(folder / "train.rec", records[key]["offset"] + 8 + 24 + records[key]["jpeg_len"] // 2, bytes(32))
+    _patch(folder / "train.rec", records[100]["offset"] + 8 + 4, struct.pack("<f", -1.0))
+    code, out, _ = _run(folder, capsys, "--json")
+    single = json.loads(out)
+    code2, out2, _ = _run(folder, capsys, "--json", "--workers", "3")
+    assert code == code2 == 1 and json.loads(out2) == single
+    assert [bad["key"] for bad in single["bad"]] == [3, 100, 250, 470]
+    assert single["bad"][1]["reason"] == "label -1 out of range, expected 0 <= label < num_classes=40"
+
+
+def test_libjpeg_warning_counts_as_corrupt(insightface_fixtures, tmp_path, capsys):
+    folder, records = _copy_pack(insightface_fixtures, tmp_path)
+    jpeg_start = records[9]["offset"] + 8 + 24
+    # 16 varied bytes mid-scan: no run of equal bytes, but libjpeg warns and returns an image anyway
+    _patch(folder / "train.rec", jpeg_start + records[9]["jpeg_len"] // 2, bytes([0x12, 0x34]) * 8)
+    code, out, _ = _run(folder, capsys)
+    assert code == 1 and "verify: 1 bad records, keys: 9" in out
+    assert (f"  key 9 offset {records[9]['offset']}: corrupt image data: the decoder reported Corrupt JPEG data: "
+            f"27 extraneous bytes before marker 0xd9") in out
+
+
+def test_wrong_offset_and_foreign_property(insightface_fixtures, tmp_path, capsys):
+    folder, records = _copy_pack(insightface_fixtures, tmp_path)
+    idx = (folder / "train.idx").read_text().replace(f"12\t{records[12]['offset']}\n",
+                                                       f"12\t{records[12]['offset'] + 8}\n")
+    (folder / "train.idx").write_text(idx)
+    (folder / "property").write_text("41,112,112\n")
+    code, out, err = _run(folder, capsys)
+    assert code == 1 and "property: says 41 classes, but header0" in err
+    assert "verify: 2 bad records, keys: 0 12" in out or "verify: 2 bad records, keys: 12 0" in out
+    assert f"  key 12 offset {records[12]['offset'] + 8}: bad magic 0x" in out
+    assert "property says 41 classes, header0 describes 40" in out
+
+
+def test_unusable_input_exits_2(tmp_path, capsys):
+    assert rec_info.main([str(tmp_path), "--verify"]) == 2
+    assert "train.rec: record file not found" in capsys.readouterr().err
+    (tmp_path / "train.rec").write_bytes(b"")
+    (tmp_path / "train.idx").write_text("0\tx\n")
+    assert rec_info.main([str(tmp_path), "--verify", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert "line 1 is '0\\tx', expected 'key<TAB>offset' integers" in json.loads(out)["error"]
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("pack", ["D"])
+def test_split_records_verify(insightface_fixtures, pack, capsys):
+    code, out, _ = _run(os.path.join(insightface_fixtures, pack), capsys)
+    assert code == 0 and "verify: all 12 images decode cleanly; all 16 index entries" in out

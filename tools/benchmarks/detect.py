@@ -1,0 +1,186 @@
+"""Face detection time per photo: ArcScale's MTCNN against facenet-pytorch's on the same photos.
+
+    python tools/benchmark.py detect                              # the fixture photos, 5 interleaved rounds
+    python tools/benchmark.py detect --images DIR_OR_FILES --rounds 9 --threads 2
+
+facenet-pytorch is timed in the same run when it is importable (it is never a requirement; a throw-away
+venv works: ``python -m venv --system-site-packages /tmp/fnvenv && /tmp/fnvenv/bin/pip install --no-deps
+facenet-pytorch==2.4.1``, then run this command with ``/tmp/fnvenv/bin/python``). It imports torchvision
+for ``batched_nms`` and ``to_tensor`` only; when torchvision is absent this benchmark gives it exact
+pure-torch stand-ins (``utils.mtcnn.nms``, the same NMS both detectors then use) for the run only.
+Rounds alternate which detector goes first; each photo's time is the median over rounds, as wall-clock time and
+as this process's CPU time (on a shared machine the CPU time is the steadier figure: it leaves out the time the
+process waited for a core). Both detectors' boxes are compared, so a speed figure never comes from a different
+result.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import os
+import statistics
+import sys
+import time
+import types
+
+import numpy as np
+
+FIXTURE_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              "tests", "fixtures", "facenet", "images")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", nargs="+", default=[FIXTURE_IMAGES],
+                        help="photos or folders of photos (default: tests/fixtures/facenet/images)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds over all photos (median per photo)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both detectors")
+    parser.add_argument("--no-reference", action="store_true", help="time ArcScale's detector only")
+
+
+def _photo_paths(items: list[str]) -> list[str]:
+    paths = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(path for path in glob.glob(os.path.join(item, "*"))
+                           if path.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise SystemExit(f"--images {item}: no {'/'.join(IMAGE_SUFFIXES)} photos in this folder")
+            paths.extend(found)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise SystemExit(f"--images {item}: no such file or folder")
+    return paths
+
+
+def _read(path: str) -> np.ndarray:
+    import cv2
+
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise SystemExit(f"--images {path}: not a readable image")
+    return np.ascontiguousarray(image[:, :, ::-1])
+
+
+def _with_torchvision_stand_ins(load):
+    """Run ``load()`` with stand-in torchvision modules in sys.modules when torchvision is not installed."""
+    if importlib.util.find_spec("torchvision") is not None:
+        return load()
+    import torch
+
+    from utils.mtcnn import nms
+
+    def batched_nms(boxes, scores, idxs, iou_threshold):
+        return nms(boxes, scores, iou_threshold, idxs)
+
+    def to_tensor(picture):
+        array = np.asarray(picture)
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+        return tensor.float().div(255) if array.dtype == np.uint8 else tensor.float()
+
+    names = ("torchvision", "torchvision.ops", "torchvision.ops.boxes", "torchvision.transforms",
+             "torchvision.transforms.functional")
+    fakes = {name: types.ModuleType(name) for name in names}
+    fakes["torchvision.ops.boxes"].batched_nms = batched_nms
+    fakes["torchvision.ops"].boxes = fakes["torchvision.ops.boxes"]
+    fakes["torchvision.transforms.functional"].to_tensor = to_tensor
+    fakes["torchvision.transforms"].functional = fakes["torchvision.transforms.functional"]
+    fakes["torchvision"].ops, fakes["torchvision"].transforms = fakes["torchvision.ops"], fakes["torchvision.transforms"]
+    sys.modules.update(fakes)
+    try:
+        return load()
+    finally:  # the imported reference keeps its own references; nothing else in this process sees the fakes
+        for name in names:
+            sys.modules.pop(name, None)
+
+
+def _reference_detector():
+    """facenet-pytorch's MTCNN (all faces, largest first) as ``image -> boxes``, or None when not importable."""
+    if importlib.util.find_spec("facenet_pytorch") is None:
+        return None
+
+    def load():
+        from facenet_pytorch import MTCNN as ReferenceMTCNN
+
+        return ReferenceMTCNN(keep_all=True, select_largest=True, device="cpu")
+
+    reference = _with_torchvision_stand_ins(load)
+
+    def detect(image: np.ndarray) -> np.ndarray:
+        boxes, _ = reference.detect(image)
+        return np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32)
+
+    return detect
+
+
+def _timed(function, image: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Wall seconds, process CPU seconds and the boxes of one detection."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    boxes = function(image)
+    return time.perf_counter() - wall, time.process_time() - cpu, boxes
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.rounds < 1 or args.warmup < 0 or args.threads < 1:
+        raise SystemExit(f"--rounds {args.rounds} --warmup {args.warmup} --threads {args.threads}: expected "
+                         f"rounds >= 1, warmup >= 0, threads >= 1")
+    import torch
+
+    from utils.mtcnn import MTCNN
+
+    paths = _photo_paths(args.images)
+    photos = [_read(path) for path in paths]
+    torch.set_num_threads(args.threads)
+    ours = MTCNN(device="cpu")
+    detectors = {"arcscale": lambda image: ours.detect(image)[0]}
+    reference = None if args.no_reference else _reference_detector()
+    if reference is not None:
+        detectors["facenet-pytorch"] = reference
+    print(f"detect benchmark: {len(photos)} photos, {args.rounds} rounds (+{args.warmup} warm-up), "
+          f"{args.threads} torch threads, torch {torch.__version__}, "
+          f"reference {'facenet-pytorch' if reference is not None else 'not importable (skipped)'}")
+    times = {name: [[] for _ in photos] for name in detectors}
+    cpu_times = {name: [[] for _ in photos] for name in detectors}
+    found: dict[str, list[np.ndarray]] = {name: [np.zeros((0, 4))] * len(photos) for name in detectors}
+    names = list(detectors)
+    for round_index in range(args.warmup + args.rounds):
+        order = names if round_index % 2 == 0 else names[::-1]  # alternate who runs first
+        for index, photo in enumerate(photos):
+            for name in order:
+                seconds, cpu_seconds, boxes = _timed(detectors[name], photo)
+                found[name][index] = boxes
+                if round_index >= args.warmup:
+                    times[name][index].append(seconds)
+                    cpu_times[name][index].append(cpu_seconds)
+    wall_medians = {name: [statistics.median(per_photo) for per_photo in times[name]] for name in detectors}
+    cpu_medians = {name: [statistics.median(per_photo) for per_photo in cpu_times[name]] for name in detectors}
+    compared = reference is not None
+    header = f"{'photo':<22} {'size':>9} {'faces':>5} {'wall ms':>8} {'cpu ms':>8}"
+    if compared:
+        header += f" {'ref wall ms':>11} {'ref cpu ms':>10} {'wall ratio':>10} {'cpu ratio':>9} {'max box diff px':>15}"
+    print(header)
+    for index, (path, photo) in enumerate(zip(paths, photos)):
+        line = f"{os.path.basename(path):<22} {photo.shape[1]:>4}x{photo.shape[0]:<4} " \
+               f"{len(found['arcscale'][index]):>5} {wall_medians['arcscale'][index] * 1000:>8.1f} " \
+               f"{cpu_medians['arcscale'][index] * 1000:>8.1f}"
+        if compared:
+            mine, theirs = found["arcscale"][index], found["facenet-pytorch"][index]
+            if mine.shape != theirs.shape:
+                diff = f"faces {len(mine)} vs {len(theirs)}"
+            else:
+                diff = f"{np.abs(mine - theirs).max():.2e}" if len(mine) else "0"
+            line += f" {wall_medians['facenet-pytorch'][index] * 1000:>11.1f} " \
+                    f"{cpu_medians['facenet-pytorch'][index] * 1000:>10.1f} " \
+                    f"{wall_medians['arcscale'][index] / wall_medians['facenet-pytorch'][index]:>10.2f} " \
+                    f"{cpu_medians['arcscale'][index] / cpu_medians['facenet-pytorch'][index]:>9.2f} {diff:>15}"
+        print(line)
+    line = f"{'total (sum of medians)':<38} {sum(wall_medians['arcscale']) * 1000:>8.1f} " \
+           f"{sum(cpu_medians['arcscale']) * 1000:>8.1f}"
+    if compared:
+        wall_ref, cpu_ref = sum(wall_medians["facenet-pytorch"]), sum(cpu_medians["facenet-pytorch"])
+        line += f" {wall_ref * 1000:>11.1f} {cpu_ref * 1000:>10.1f} {sum(wall_medians['arcscale']) / wall_ref:>10.2f} " \
+                f"{sum(cpu_medians['arcscale']) / cpu_ref:>9.2f}"
+    print(line)
