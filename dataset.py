@@ -28,8 +28,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 # Counter slots: 0 = main process, 1 + worker_id for DataLoader workers (no two writers per slot).
 _COUNTER_SLOTS = 257
 _MAX_SUBSTITUTIONS = 32
-SYNTHETIC_DEFAULT_CLASSES = 1000
-SYNTHETIC_DEFAULT_IMAGES = 100_000
+RANDOM_DEFAULT_CLASSES = 1000
+RANDOM_DEFAULT_IMAGES = 100_000
+# `rec` values that mean random tensors: "random", and arcface_torch's spelling "synthetic" (not to be
+# confused with the generated identity set of `cfg.synthetic`, which train.py resolves to a folder first).
+RANDOM_SOURCES = ("random", "synthetic")
 
 
 class DatasetError(ValueError):
@@ -145,7 +148,7 @@ class RecordDataset(_FaceDataset):
             self.layout = "header"
             first_identity, end_identity = self.header0
             if end_identity >= recordio.FLOAT32_EXACT_LIMIT:
-                recordio._warn_float32("identity key", end_identity)
+                recordio.warn_float32("identity key", end_identity)
             if first_identity < 2 or end_identity <= first_identity:
                 raise DatasetError(f"{self.rec_path}: header0 labels [{first_identity}, {end_identity}) are not a "
                                    f"valid identity key range (expected 1 < first < end)")
@@ -310,10 +313,10 @@ class ImageFolderDataset(_FaceDataset):
         return self.labels_array.copy()
 
 
-class SyntheticDataset(_FaceDataset):
-    """Random images (arcface_torch's ``rec="synthetic"``): measures speed without any data I/O."""
+class RandomTensorDataset(_FaceDataset):
+    """Random tensors (``rec="random"``, arcface_torch's ``rec="synthetic"``): speed tests without data I/O."""
 
-    def __init__(self, num_image: int = SYNTHETIC_DEFAULT_IMAGES, num_classes: int = SYNTHETIC_DEFAULT_CLASSES,
+    def __init__(self, num_image: int = RANDOM_DEFAULT_IMAGES, num_classes: int = RANDOM_DEFAULT_CLASSES,
                  image_size: Any = (112, 112), seed: int = 0) -> None:
         super().__init__(image_size, flip=False, skip_bad_records=False)
         self.num_image, self.num_classes = int(num_image), int(num_classes)
@@ -406,18 +409,18 @@ def normalize_batch(images: torch.Tensor, spec: Any = None) -> torch.Tensor:
 
 
 def build_dataset(cfg: Any, source: str | None = None) -> _FaceDataset:
-    """The dataset ``source`` (default ``cfg.rec``) names: "synthetic", a RecordIO folder or an image folder."""
+    """The dataset ``source`` (default ``cfg.rec``) names: "random" (or "synthetic"), a RecordIO folder or an image folder."""
     source = cfg.rec if source is None else source
     image_size = _as_hw(cfg.image_size)
     skip = bool(cfg.get("skip_bad_records", True))
-    if source == "synthetic":
-        return SyntheticDataset(cfg.num_image or SYNTHETIC_DEFAULT_IMAGES, cfg.num_classes or SYNTHETIC_DEFAULT_CLASSES,
-                                image_size, seed=cfg.seed)
+    if source in RANDOM_SOURCES:
+        return RandomTensorDataset(cfg.num_image or RANDOM_DEFAULT_IMAGES, cfg.num_classes or RANDOM_DEFAULT_CLASSES,
+                                   image_size, seed=cfg.seed)
     if not isinstance(source, str) or not source:
-        raise DatasetError(f"config key 'rec': {source!r}, expected \"synthetic\", a folder with "
+        raise DatasetError(f"config key 'rec': {source!r}, expected \"random\", a folder with "
                            f"train.rec/train.idx, or an image folder")
     if not os.path.isdir(source):
-        raise DatasetError(f"config key 'rec': {source} is not a folder, expected \"synthetic\", a folder with "
+        raise DatasetError(f"config key 'rec': {source} is not a folder, expected \"random\", a folder with "
                            f"train.rec/train.idx, or an image folder")
     has_rec = os.path.exists(os.path.join(source, "train.rec"))
     has_idx = os.path.exists(os.path.join(source, "train.idx"))
@@ -433,7 +436,7 @@ def build_dataset(cfg: Any, source: str | None = None) -> _FaceDataset:
 class DataInfo:
     """What the data setup found (the config is input only: nothing here is written back into it)."""
 
-    source: str          # the folder trained on, or "synthetic" for random tensors
+    source: str          # the folder trained on, or the `rec` value ("random"/"synthetic") for random tensors
     kind: str            # recordio | image_folder | random
     num_classes: int
     num_images: int
@@ -471,9 +474,10 @@ def get_dataloader(cfg: Any, rank: int, world_size: int, pin_memory: bool = Fals
                    source: str | None = None) -> DataLoader:
     """DataLoader over ``source`` (default ``cfg.rec``) yielding (uint8 [B, 3, H, W] RGB, int64 [B]) with
     exact batch sizes; ``loader.data_info`` (a :class:`DataInfo`) says what was found."""
-    if getattr(cfg, "dali", False):
-        raise DatasetError("config key 'dali': True is not supported by ArcScale's loader; set dali=False "
-                           "(the native loader reads the same .rec files; see docs/data.md)")
+    for key in ("dali", "dali_aug"):  # arcface_torch keys, accepted so its configs load; only False is honoured
+        if getattr(cfg, key, False):
+            raise DatasetError(f"config key '{key}': True is not supported by ArcScale's loader; set {key}=False "
+                               "(the native loader reads the same .rec files; see docs/data.md)")
     source = cfg.rec if source is None else source
     dataset = build_dataset(cfg, source)
     data_info = describe_data(cfg, dataset, source)

@@ -26,19 +26,19 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from backbones import get_model
-from dataset import bad_record_count, get_dataloader, normalize_batch
+from backbones import get_model, input_spec, normalize
+from dataset import DatasetError, bad_record_count, check_bad_records, get_dataloader
 from losses import build_margin_loss
 from partial_fc import PartialFC
 from utils import device as devices
-from utils.checkpoint import load_backbone
+from utils.checkpoint import (atomic_save, build_checkpoint, capture_rng_state, checkpoint_path, clean_partial_writes,
+                              newest_loadable, previous_run_files, prune_checkpoints, restore_rng_state)
 from utils.config import ConfigError, load_config, to_plain
 from utils.logging_utils import RunningMean, StepTimer, format_eta, setup_logging
-from utils.resume import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, atomic_save, capture_rng_state,
-                          checkpoint_path, clean_partial_writes, newest_loadable, previous_run_files,
-                          prune_checkpoints, restore_rng_state)
-from utils.run_plan import RunPlan, make_plan, make_schedule, resume_position
+from utils.paths import ensure_output_dir
+from utils.run_plan import make_plan, make_schedule, resume_position
 from utils.stop import StopRequest, stop_signals_blocked
+from utils.weights import load_backbone
 
 logger = logging.getLogger("arcscale.train")
 
@@ -80,7 +80,7 @@ def rank0_decides(value: float, ctx: devices.DeviceContext) -> float:
 def prepare_output(cfg: Any, ctx: devices.DeviceContext) -> tuple[str | None, dict | None]:
     """Clean interrupted writes, refuse to clobber a previous run, find the checkpoint to resume from."""
     if ctx.is_main:
-        os.makedirs(cfg.output, exist_ok=True)
+        ensure_output_dir(cfg.output, "config key 'output'")
         clean_partial_writes(cfg.output)
     path, state = newest_loadable(cfg.output) if cfg.resume else (None, None)
     found = rank0_decides(float(path is not None), ctx)
@@ -119,6 +119,10 @@ def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> torch.nn.Module:
     """The configured network, optionally initialised from ``init_backbone``, on the training device."""
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
                          gradient_checkpointing=cfg.gradient_checkpointing)
+    spec = input_spec(backbone)
+    if tuple(cfg.image_size) != tuple(spec.image_size):
+        raise ConfigError(f"config key 'image_size' is {tuple(cfg.image_size)} but network '{cfg.network}' takes "
+                          f"{spec.describe()}; set image_size={tuple(spec.image_size)}")
     if cfg.init_backbone:
         load_backbone(cfg.init_backbone, model=backbone)
         logger.info("initialised backbone from %s", cfg.init_backbone)
@@ -171,16 +175,12 @@ def save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples_in_epoch, bad_re
     rng_states = gather_rng_states(ctx)
     path, error = checkpoint_path(cfg.output, step), ""
     if ctx.is_main:
-        state = {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "step": step, "epoch": epoch, "world_size": ctx.world_size,
-            "progress": {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "global_batch": plan.global_batch,
-                         "step": step},
-            "data": {"source": str(source), "num_images": plan.num_images, "bad_records": bad_records},
-            "backbone": backbone.state_dict(), "head": head_state,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
-            "rng": rng_states, "config": to_plain(cfg),
-        }
+        state = build_checkpoint(
+            step=step, epoch=epoch, samples_in_epoch=samples_in_epoch, global_batch=plan.global_batch,
+            world_size=ctx.world_size, rng=rng_states, config=to_plain(cfg),
+            data={"source": str(source), "num_images": plan.num_images, "bad_records": bad_records},
+            states={"backbone": backbone.state_dict(), "head": head_state, "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "sampler": sampler.state_dict()})
         try:
             atomic_save(state, path)
             prune_checkpoints(cfg.output, cfg.keep_checkpoints, protect=path)
@@ -277,6 +277,17 @@ def build_verification(cfg: Any, source: str) -> Any:
     return VerificationCallback(targets, data_dir, batch_size=cfg.val_batch_size, image_size=tuple(cfg.image_size))
 
 
+def check_data_health(loader: Any, cfg: Any, ctx: devices.DeviceContext) -> None:
+    """Stop every rank with one line once skipped corrupt samples pass ``max_bad_records`` anywhere."""
+    error = ""
+    try:
+        check_bad_records(loader, float(cfg.max_bad_records))
+    except DatasetError as exc:
+        error = str(exc)
+    if not all_ranks_min([0.0 if error else 1.0], ctx)[0]:
+        raise DatasetError(error or "corrupt samples above max_bad_records on another rank (see its log)")
+
+
 def fetch_step(batches: Any, accumulation: int) -> tuple[list | None, str]:
     """The micro-batches of one optimizer step, or (None, why) when a DataLoader worker died."""
     try:
@@ -290,9 +301,9 @@ def fetch_step(batches: Any, accumulation: int) -> tuple[list | None, str]:
 def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> float:
     """Micro-steps of one optimizer step; returns the step's mean loss (DDP syncs only on the last)."""
     model.train()
-    loss_sum, accumulation = 0.0, len(micro_batches)
+    loss_sum, accumulation, spec = 0.0, len(micro_batches), input_spec(model)
     for micro_step, (images, labels) in enumerate(micro_batches):
-        images = normalize_batch(images.to(ctx.device, non_blocking=True))
+        images = normalize(images.to(ctx.device, non_blocking=True), spec)
         labels = labels.to(ctx.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -413,6 +424,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
             step += 1
             timer.add(plan.global_batch, data_wait)
             if step % cfg.frequent == 0 or step == plan.total_steps:
+                check_data_health(loader, cfg, ctx)
                 log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, current_lr, start_step)
             if verification is not None and cfg.verbose > 0 and step % cfg.verbose == 0 and step < plan.total_steps:
                 results = verification(step, backbone, ctx.device)

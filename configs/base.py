@@ -18,22 +18,25 @@ config.init_backbone = None     # path to a backbone/model.pt to start from (fin
 config.log_level = "INFO"
 
 # ---------------------------------------------------------------- data
-config.rec = "synthetic"  # "synthetic" | folder with train.rec/train.idx | image folder
+# rec: a folder with train.rec/train.idx, an image folder root/<identity>/<image>, "random" (random
+# tensors, for speed tests), or "synthetic": arcface_torch's spelling of "random", except that with
+# synthetic.num_identities > 0 it means the generated identity set below.
+config.rec = "synthetic"
 config.num_classes = None       # read from the data; a value that disagrees is an error
 config.num_image = None         # read from the data; a value that disagrees is an error
 config.image_size = (112, 112)  # (height, width) the backbone sees
 config.num_workers = 2          # DataLoader workers per rank
 config.skip_bad_records = True  # skip (and count) corrupt records instead of dying
 config.max_bad_records = 0.001  # stop with an error once more than this fraction of the dataset was skipped as corrupt
-config.synthetic = edict(       # used when a config asks for a generated identity set
+config.synthetic = edict(       # the generated identity set (used when rec = "synthetic")
     num_identities=0,           # 0 = no generated identity set
     images_per_identity=0,
     num_val_identities=0,       # unseen identities for the verification pairs
     num_val_pairs=0,
     cache_dir=None,             # where the set is written once and reused
 )
-config.dali = False             # NVIDIA DALI reader (CUDA only, optional extra)
-config.dali_aug = False         # arcface_torch compatibility; DALI augmentations
+config.dali = False             # accepted for arcface_torch configs; ArcScale has no DALI reader: True is an error
+config.dali_aug = False         # accepted for arcface_torch configs; True is an error (no DALI reader)
 
 # ---------------------------------------------------------------- backbone
 config.network = "r50"          # see backbones.get_model: r18..r200, mbf, mbf_large, vit_*
@@ -80,8 +83,8 @@ config.fp16_grad_compression = False  # CUDA: compress DDP gradient buckets to f
 config.static_graph = True      # DDP static graph: the same parameters get gradients every step
 
 # ---------------------------------------------------------------- logging, eval, checkpoints
-config.frequent = 10            # log every N optimizer steps
-config.verbose = 2000           # run verification every N optimizer steps (0 = only at the end)
+config.frequent = 10            # a step interval (arcface_torch's name): log every N optimizer steps
+config.verbose = 2000           # a step interval (arcface_torch's name): verify every N optimizer steps; 0 = at the end
 config.val_targets = []         # stems of <val_data_dir>/<target>.bin
 config.val_data_dir = None      # None -> the data folder (cfg.rec)
 config.val_batch_size = 256
@@ -94,7 +97,7 @@ config.wandb_run_name = None
 config.save_every_steps = 0     # also checkpoint every N optimizer steps (0 = per epoch only)
 config.keep_checkpoints = 3     # newest checkpoints kept in `output` (the one just written is never pruned)
 config.on_save_error = "stop"   # a checkpoint write that fails: stop (one-line error) | warn (log and train on)
-config.save_all_states = True   # arcface_torch compatibility; checkpoints always hold all state
+config.save_all_states = True   # accepted for arcface_torch configs, not read: checkpoints always hold all states
 
 # ---------------------------------------------------------------- metric learning (metric_losses.py, FaceNet)
 config.loss = "margin"          # margin (the head above: Partial FC margins / softmax) | triplet (TripletLoss, no classifier)

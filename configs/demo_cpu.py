@@ -1,6 +1,6 @@
 """The README's demo: a small face model trained on CPU in a few minutes.
 
-Generates a synthetic identity set once (cached under data_cache/), trains a tiny CNN with
+Generates an identity set once (cached under data_cache/), trains a tiny CNN with
 a CosFace head on it, and verifies on pairs of identities never seen in training.
     python train.py configs/demo_cpu.py
     torchrun --nproc_per_node=2 train.py configs/demo_cpu.py

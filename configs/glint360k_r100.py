@@ -1,5 +1,8 @@
-"""CosFace iresnet100 on Glint360K (mirrors arcface_torch's configs/glint360k_r100.py). Only what differs from configs/base.py
-(batch 128 per GPU, lr 0.1 for 8 GPUs, SGD momentum 0.9, weight decay 5e-4, 20 epochs)."""
+"""CosFace iresnet100 on Glint360K (mirrors arcface_torch's configs/glint360k_r100.py).
+
+lr 0.1 for the global batch of 8 GPUs x 128, SGD momentum 0.9, weight decay 5e-4, 20 epochs, fp16.
+Sets only what differs from configs/base.py.
+"""
 from easydict import EasyDict as edict
 
 config = edict()

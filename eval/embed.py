@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from backbones.common import InputSpec, input_spec, normalize
+from utils import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
 
@@ -30,24 +31,6 @@ def _log_resize(size: tuple[int, int], spec: InputSpec) -> None:
                     spec.describe())
 
 
-def distributed_info() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def shard_bounds(num_items: int, world_size: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) per rank; the first ``n % world_size`` ranks get one item more."""
-    base, extra = divmod(num_items, world_size)
-    bounds, start = [], 0
-    for rank in range(world_size):
-        end = start + base + (1 if rank < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
 class Progress:
     """A one-line progress bar on stderr (only when enabled and attached to a terminal or forced)."""
 
@@ -56,6 +39,7 @@ class Progress:
         self.done, self.start = 0, time.perf_counter()
 
     def update(self, count: int) -> None:
+        """Count ``count`` more images done and redraw the bar."""
         self.done += count
         if not self.enabled:
             return
@@ -94,22 +78,14 @@ def embed_images(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Te
 
 
 def gather_shards(local: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
-    """Concatenate every rank's contiguous shard (sizes from :func:`shard_bounds`) on every rank.
-
-    Shards differ by at most one row, so each is padded to the largest before ``all_gather``.
-    """
-    rank, world_size = distributed_info()
+    """Every rank's contiguous shard of ``total`` rows (split by ``shard_bounds``), concatenated on CPU."""
+    world_size = dist_utils.get_world_size()
     if world_size == 1:
         return local
-    bounds = shard_bounds(total, world_size)
-    largest = max(end - start for start, end in bounds)
+    sizes = [end - start for start, end in dist_utils.shard_bounds(total, world_size)]
     # NCCL/HCCL need device tensors; gloo works on CPU tensors.
     comm_device = torch.device("cpu") if dist.get_backend() == "gloo" else device
-    padded = torch.zeros((largest,) + tuple(local.shape[1:]), dtype=local.dtype, device=comm_device)
-    padded[: local.shape[0]] = local.to(comm_device)
-    pieces = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(pieces, padded)
-    return torch.cat([piece[: end - start].cpu() for piece, (start, end) in zip(pieces, bounds)])
+    return dist_utils.all_gather_rows(local.to(comm_device), sizes).cpu()
 
 
 class OnnxEmbedder:
@@ -139,8 +115,10 @@ class OnnxEmbedder:
         return torch.from_numpy(self.session.run(None, feed)[0])
 
     def eval(self) -> "OnnxEmbedder":
+        """No-op (an ONNX graph is always in inference mode), for the ``nn.Module`` calling convention."""
         return self
 
     @property
     def training(self) -> bool:
+        """Always False: an ONNX graph has no training mode."""
         return False

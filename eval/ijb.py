@@ -32,8 +32,9 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval.embed import Progress, distributed_info, embed_images, gather_shards, shard_bounds  # noqa: E402
+from eval.embed import Progress, embed_images, gather_shards  # noqa: E402
 from utils.face_align import as_landmarks, norm_crop  # noqa: E402
+from utils.distributed import get_rank, get_world_size, shard_bounds  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def alignment_size(model) -> int:
 def embed_faces(model, image_path: str, faces: FaceList, device: torch.device, batch_size: int = 128,
                 chunk: int = 4096, show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(image embeddings, flipped-image embeddings) float64 [N, D]; sharded over ranks, gathered on all."""
-    rank, world_size = distributed_info()
+    rank, world_size = get_rank(), get_world_size()
     start, end = shard_bounds(len(faces.names), world_size)[rank]
     progress = Progress(end - start, "IJB faces", show_progress and rank == 0)
     size = alignment_size(model)
@@ -330,7 +331,7 @@ def evaluate_ijb(model, image_path: str, target: str, device: torch.device, prot
                  identify: bool = False, plot: bool = False, show_progress: bool = False,
                  pair_chunk: int = 8192) -> dict:
     """Run the whole 1:1 (and optionally 1:N) evaluation; collective under torch.distributed."""
-    rank, _ = distributed_info()
+    rank = get_rank()
     faces = read_faces(image_path, target)
     template1, template2, labels = read_pairs(image_path, target)
     pair_source = meta_path(image_path, target, "template_pair_label.txt")

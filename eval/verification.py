@@ -28,9 +28,9 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval.embed import (Progress, distributed_info, embed_images, gather_shards,  # noqa: E402
-                        shard_bounds)
+from eval.embed import Progress, embed_images, gather_shards  # noqa: E402
 from eval.metrics import VerificationResult, verification_metrics  # noqa: E402
+from utils.distributed import get_rank, get_world_size, shard_bounds  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class VerificationTarget:
     """One .bin: its issame list and this rank's contiguous shard of decoded images."""
 
     def __init__(self, name: str, path: str, image_size: tuple[int, int] = (112, 112)) -> None:
-        rank, world_size = distributed_info()
+        rank, world_size = get_rank(), get_world_size()
         encoded, self.issame = read_bin(path)
         self.name, self.path, self.num_images = name, path, len(encoded)
         if world_size > self.num_images:
@@ -245,7 +245,7 @@ class VerificationTarget:
     def evaluate(self, model: Any, device: torch.device, batch_size: int = 256,
                  show_progress: bool = False) -> VerificationResult:
         """Collective under torch.distributed: embeds the local shard, gathers, computes metrics on every rank."""
-        rank, world_size = distributed_info()
+        rank, world_size = get_rank(), get_world_size()
         progress = Progress(self.local_images.shape[0], self.name, show_progress and rank == 0)
         local, local_flipped = embed_images(model, self.local_images, device, batch_size, True, progress)
         embeddings = gather_shards(local, self.num_images, device)
@@ -269,14 +269,14 @@ class VerificationCallback:
             raise VerificationError(f"val_batch_size must be a positive integer, got {batch_size}")
         self.targets = [VerificationTarget(name, target_path(data_dir, name), tuple(image_size)) for name in targets]
         self.highest = {target.name: 0.0 for target in self.targets}
-        rank, _ = distributed_info()
+        rank = get_rank()
         if rank == 0:
             for target in self.targets:
                 logger.info("verification target %s: %d pairs from %s", target.name, len(target.issame), target.path)
 
     @torch.no_grad()
     def __call__(self, step: int, backbone: nn.Module, device: torch.device) -> dict[str, float]:
-        rank, _ = distributed_info()
+        rank = get_rank()
         was_training = backbone.training
         backbone.eval()
         results: dict[str, float] = {}
@@ -299,7 +299,7 @@ class VerificationCallback:
 # ----------------------------------------------------------------------------- command line
 
 def load_model(path: str, network: str | None, device: torch.device, embedding_size: int | None = None) -> Any:
-    """A torch backbone (model.pt or training checkpoint, via utils.checkpoint) or an .onnx model.
+    """A torch backbone (model.pt or training checkpoint, via utils.weights) or an .onnx model.
 
     ``network`` and ``embedding_size`` default to what the file says (a training checkpoint's config,
     else the registered network whose keys and shapes the state_dict has)."""
@@ -308,7 +308,7 @@ def load_model(path: str, network: str | None, device: torch.device, embedding_s
     if path.endswith(".onnx"):
         from eval.embed import OnnxEmbedder
         return OnnxEmbedder(path, device)
-    from utils.checkpoint import load_backbone_file
+    from utils.weights import load_backbone_file
     backbone, _, _ = load_backbone_file(path, network or None, embedding_size, map_location="cpu")
     return backbone.to(device).eval()
 

@@ -279,7 +279,7 @@ def test_train_failed_case_is_reported_with_its_output(monkeypatch):
     assert "BackboneError: unknown network 'r9'" in str(exc.value.code)
     command = calls[0][0]
     assert command[:3] == [sys.executable, "train.py", "configs/base.py"]
-    assert "network='r9'" in command and "max_steps=6" in command and "rec='synthetic'" in command
+    assert "network='r9'" in command and "max_steps=6" in command and "rec='random'" in command
 
 
 def status_line(step: int, rate: float, wait: int) -> str:

@@ -1,198 +1,90 @@
-"""utils.checkpoint.load_backbone: the checkpoint forms users have and readable key reports."""
+"""utils/checkpoint.py: atomic checkpoint files, pruning, validation, RNG round trip."""
+import os
+import random
+
+import numpy as np
 import pytest
 import torch
 
-from backbones import get_model
-from utils.checkpoint import CheckpointError, load_backbone
+from utils import checkpoint as resume
 
 
-# One intra-op thread for the whole module (see tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("one_thread")
+def test_atomic_save_replaces_and_leaves_no_temp_files(tmp_path):
+    path = str(tmp_path / "sub" / "model.pt")
+    resume.atomic_save({"a": torch.ones(2)}, path)
+    resume.atomic_save({"a": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))
+    assert os.listdir(tmp_path / "sub") == ["model.pt"]
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """An mbf whose weights and BN statistics differ from any fresh model."""
-    torch.manual_seed(1)
-    model = get_model("mbf", num_features=32)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.01)
-        model.train()
-        model(torch.rand(4, 3, 112, 112) * 2 - 1)  # moves the running statistics
-    return model.eval()
+def test_failed_save_keeps_the_previous_file(tmp_path):
+    path = str(tmp_path / "model.pt")
+    resume.atomic_save({"a": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        resume.atomic_save({"a": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True) == {"a": 1}
+    assert os.listdir(tmp_path) == ["model.pt"]
 
 
-def assert_same_weights(loaded, reference):
-    loaded_state, reference_state = loaded.state_dict(), reference.state_dict()
-    assert loaded_state.keys() == reference_state.keys()
-    for key in reference_state:
-        assert torch.equal(loaded_state[key], reference_state[key]), key
+def test_listing_pruning_and_latest_use_step_numbers(tmp_path):
+    for step in (5, 100, 20):
+        resume.atomic_save({"step": step}, resume.checkpoint_path(str(tmp_path), step))
+    (tmp_path / "checkpoint_stepX.pt").write_text("not ours")
+    assert resume.latest_checkpoint(str(tmp_path)).endswith("checkpoint_step000000100.pt")
+    resume.prune_checkpoints(str(tmp_path), keep=2)
+    assert [os.path.basename(p) for p in resume.list_checkpoints(str(tmp_path))] == [
+        "checkpoint_step000000020.pt", "checkpoint_step000000100.pt"]
+    assert resume.latest_checkpoint(str(tmp_path / "empty")) is None
 
 
-def test_bare_state_dict(tmp_path, trained):
-    path = tmp_path / "model.pt"
-    torch.save(trained.state_dict(), path)
-    loaded = load_backbone(str(path), "mbf", num_features=32)
-    assert_same_weights(loaded, trained)
-    assert not loaded.training  # built here -> ready for inference
-    images = torch.rand(2, 3, 112, 112) * 2 - 1
-    with torch.no_grad():
-        assert torch.equal(loaded(images), trained(images))
+def test_load_checkpoint_validates(tmp_path):
+    with pytest.raises(resume.CheckpointError, match="checkpoint not found"):
+        resume.load_checkpoint(str(tmp_path / "missing.pt"))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a zip")
+    with pytest.raises(resume.CheckpointError, match="garbage.pt: not a readable checkpoint"):
+        resume.load_checkpoint(str(garbage))
+    foreign = str(tmp_path / "foreign.pt")
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(resume.CheckpointError, match="not an ArcScale training checkpoint"):
+        resume.load_checkpoint(foreign)
+    partial = str(tmp_path / "partial.pt")
+    torch.save({"format": resume.CHECKPOINT_FORMAT, "version": resume.CHECKPOINT_VERSION, "step": 3}, partial)
+    with pytest.raises(resume.CheckpointError, match="partial.pt: checkpoint lacks backbone, config, epoch"):
+        resume.load_checkpoint(partial)
+    ours = str(tmp_path / "ours.pt")
+    v1 = {key: {} for key in resume.REQUIRED_KEYS}
+    v1.update(format=resume.CHECKPOINT_FORMAT, version=1, step=3, epoch=1, world_size=2,
+              sampler={"epoch": 1, "consumed": 24, "seed": 0}, config={"batch_size": 4, "gradient_acc": 1})
+    torch.save(v1, ours)
+    # A version-1 checkpoint gets its progress from the sampler: 24 samples into epoch 1, global batch 4 x 2.
+    assert resume.load_checkpoint(ours)["progress"] == {"epoch": 1, "step": 3, "samples_in_epoch": 24, "global_batch": 8}
 
 
-def test_ddp_prefixed_state_dict(tmp_path, trained):
-    path = tmp_path / "ddp.pt"
-    torch.save({f"module.{key}": value for key, value in trained.state_dict().items()}, path)
-    assert_same_weights(load_backbone(str(path), "mbf", num_features=32), trained)
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = str(tmp_path / "evil.pt")
+    torch.save({"format": resume.CHECKPOINT_FORMAT, "x": Evil()}, path)
+    with pytest.raises(resume.CheckpointError, match="evil.pt: not a readable checkpoint"):
+        resume.load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
 
 
-def test_training_checkpoint_and_network_from_its_config(tmp_path, trained):
-    path = tmp_path / "checkpoint_step_100.pt"
-    torch.save({"format": "arcscale-checkpoint", "version": 1, "backbone": trained.state_dict(),
-                "head": {"weight": torch.zeros(3, 32)}, "optimizer": {}, "step": 100, "epoch": 1,
-                "config": {"network": "mbf", "embedding_size": 32}}, path)
-    assert_same_weights(load_backbone(str(path), "mbf", num_features=32), trained)
-    assert_same_weights(load_backbone(str(path)), trained)  # name and size read from the config
-
-
-def test_arcface_torch_training_checkpoint(tmp_path, trained):
-    path = tmp_path / "checkpoint_gpu_0.pt"
-    torch.save({"epoch": 3, "global_step": 10,
-                "state_dict_backbone": {f"module.{k}": v for k, v in trained.state_dict().items()},
-                "state_dict_softmax_fc": {"weight": torch.zeros(2, 2)}}, path)
-    assert_same_weights(load_backbone(str(path), "mbf", num_features=32), trained)
-
-
-def test_loads_into_a_given_model_and_keeps_its_mode(tmp_path, trained):
-    path = tmp_path / "model.pt"
-    torch.save(trained.state_dict(), path)
-    target = get_model("mbf", num_features=32).train()
-    returned = load_backbone(str(path), model=target)
-    assert returned is target and target.training
-    assert_same_weights(target, trained)
-
-
-def test_bad_keys_are_reported_in_one_line(tmp_path, trained):
-    state = dict(trained.state_dict())
-    del state["features.layers.2.weight"], state["conv_sep.layers.0.weight"]
-    state["extra.weight"] = torch.zeros(1)
-    state["features.layers.3.weight"] = torch.zeros(256)
-    path = tmp_path / "model.pt"
-    torch.save(state, path)
-    with pytest.raises(CheckpointError) as info:
-        load_backbone(str(path), "mbf", num_features=32)
-    message = str(info.value)
-    assert "\n" not in message
-    assert message == (f"{path}: 2 missing keys (conv_sep.layers.0.weight, features.layers.2.weight), "
-                       f"1 unexpected key (extra.weight), 1 shape mismatch (features.layers.3.weight: "
-                       f"file [256] vs model [32]) for network 'mbf'")
-
-
-def test_many_missing_keys_are_counted_not_listed(tmp_path, trained):
-    path = tmp_path / "r18_weights.pt"
-    torch.save(trained.state_dict(), path)
-    with torch.device("meta"):
-        r18 = get_model("r18")
-    with pytest.raises(CheckpointError, match=r"r18_weights.pt: 187 missing keys \(conv1.weight, bn1.weight, "
-                                              r"bn1.bias, \.\.\. 184 more\), 333 unexpected keys .* for network 'r18'"):
-        load_backbone(str(path), model=r18)
-
-
-def test_embedding_size_hint(tmp_path, trained):
-    path = tmp_path / "model.pt"
-    torch.save(trained.state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"shape mismatches \(features.layers.2.weight: file \[32, 512\] vs "
-                                              r"model \[512, 512\].*; the file's embedding size is 32: pass "
-                                              r"num_features=32$"):
-        load_backbone(str(path), "mbf")
-
-
-def test_non_strict_loads_what_fits(tmp_path, trained, caplog):
-    state = dict(trained.state_dict())
-    del state["conv_sep.layers.0.weight"]
-    path = tmp_path / "partial.pt"
-    torch.save(state, path)
-    fresh = get_model("mbf", num_features=32)
-    before = fresh.conv_sep.layers[0].weight.clone()
-    with caplog.at_level("WARNING", logger="utils.checkpoint"):
-        load_backbone(str(path), model=fresh, strict=False)
-    assert "1 missing key (conv_sep.layers.0.weight)" in caplog.text
-    assert torch.equal(fresh.conv_sep.layers[0].weight, before)
-    assert torch.equal(fresh.features.layers[2].weight, trained.features.layers[2].weight)
-
-
-class NotAllowed:
-    pass
-
-
-@pytest.mark.parametrize("content, message", [
-    (None, r"checkpoint file not found"),
-    (b"definitely not a torch file", r"cannot read with torch.load\(weights_only=True\): UnpicklingError: "),
-    (b"", r"cannot read with torch.load\(weights_only=True\): EOFError"),
-], ids=["absent", "garbage", "empty"])
-def test_unreadable_files(tmp_path, content, message):
-    path = tmp_path / "bad.pt"
-    if content is not None:
-        path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=rf"^{path}: {message}"):
-        load_backbone(str(path), "mbf")
-
-
-def test_arbitrary_objects_are_refused_by_weights_only(tmp_path):
-    path = tmp_path / "object.pt"
-    torch.save({"model": NotAllowed()}, path)  # would need full unpickling: never allowed
-    with pytest.raises(CheckpointError, match=r"cannot read with torch.load\(weights_only=True\): Unsupported global: "
-                                              r"GLOBAL tests.test_checkpoint.NotAllowed .*save model.state_dict"):
-        load_backbone(str(path), "mbf")
-
-
-@pytest.mark.parametrize("saved, message", [
-    ({"epoch": 3, "lr": 0.1}, r"expected a backbone state_dict, a DDP state_dict or an ArcScale training "
-                              r"checkpoint, found dict with keys \['epoch', 'lr'\]"),
-    ({"format": "arcscale-checkpoint", "version": 1, "backbone": {}}, r"training checkpoint has no usable "
-                                                                      r"'backbone' state_dict"),
-    ([1, 2], r"found list"),
-])
-def test_wrong_contents(tmp_path, saved, message):
-    path = tmp_path / "weird.pt"
-    torch.save(saved, path)
-    with pytest.raises(CheckpointError, match=message):
-        load_backbone(str(path), "mbf")
-
-
-def test_name_required_without_training_config(tmp_path, trained):
-    path = tmp_path / "model.pt"
-    torch.save(trained.state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"no network name given and the file has no training config"):
-        load_backbone(str(path))
-    with pytest.raises(CheckpointError, match=r"model keyword arguments \['num_features'\] are only used"):
-        load_backbone(str(path), model=trained, num_features=32)
-
-
-class _RunsShellOnLoad:
-    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        import os
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_crafted_pickle_checkpoints_are_refused_without_running_code(tmp_path):
-    from utils.checkpoint import read_backbone_state
-    from utils.resume import CheckpointError as ResumeError
-    from utils.resume import load_checkpoint
-
-    marker = tmp_path / "pwned"
-    path = tmp_path / "model.pt"
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": _RunsShellOnLoad(marker)}, path)
-    for load, error in ((lambda p: load_backbone(p, "mbf"), CheckpointError), (read_backbone_state, CheckpointError),
-                        (load_checkpoint, ResumeError)):
-        with pytest.raises(error) as info:
-            load(str(path))
-        message = str(info.value)
-        assert message.startswith(f"{path}: ") and "\n" not in message
-    assert not marker.exists()
+def test_rng_state_round_trip_survives_weights_only(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    path = str(tmp_path / "rng.pt")
+    resume.atomic_save(resume.capture_rng_state(), path)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    resume.restore_rng_state(torch.load(path, weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]

@@ -214,7 +214,7 @@ def test_rec_info_and_verify(insightface_fixtures, tmp_path, capsys):
     assert out.splitlines()[0] == "num_images=480 num_classes=40 layout=header"
     assert "10-19  40" in out and "verify: all 480 images decode" in out
     # A plain set with one undecodable record.
-    writer = recordio.IndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
+    writer = recordio.MXIndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
     good = cv2.imencode(".jpg", np.zeros((112, 112, 3), np.uint8))[1].tobytes()
     for key, img in enumerate([good, b"broken", good]):
         writer.write_idx(key, recordio.pack(recordio.IRHeader(0, float(key % 2), key, 0), img))

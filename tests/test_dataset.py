@@ -14,7 +14,7 @@ from easydict import EasyDict
 
 import dataset
 from dataset import (DatasetError, ImageFolderDataset, RecordDataset, ResumableDistributedSampler,
-                     SyntheticDataset, bad_record_count, get_dataloader, normalize_batch)
+                     RandomTensorDataset, bad_record_count, get_dataloader, normalize_batch)
 from utils import recordio
 
 
@@ -54,7 +54,7 @@ def test_record_dataset_matches_manifest(insightface_fixtures, name):
 def _write_plain(tmp_path, keys_labels, with_property=False, num_classes=None):
     image = np.full((112, 112, 3), 90, np.uint8)
     jpeg = cv2.imencode(".jpg", image)[1].tobytes()
-    writer = recordio.IndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
+    writer = recordio.MXIndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
     for key, label in keys_labels:
         writer.write_idx(key, recordio.pack(recordio.IRHeader(0, label, key, 0), jpeg))
     writer.close()
@@ -74,10 +74,10 @@ def test_plain_layout_key0_image_with_array_label_and_sparse_keys(tmp_path):
 
 def test_header0_in_the_middle(insightface_fixtures, tmp_path):
     # face2rec2 order: images, header0, identity records.
-    source = recordio.IndexedRecordIO(os.path.join(insightface_fixtures, "D", "train.idx"),
+    source = recordio.MXIndexedRecordIO(os.path.join(insightface_fixtures, "D", "train.idx"),
                                       os.path.join(insightface_fixtures, "D", "train.rec"), "r")
     keys = [k for k in source.keys if 1 <= k <= 12] + [0] + [k for k in source.keys if k >= 13]
-    writer = recordio.IndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
+    writer = recordio.MXIndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
     for key in keys:
         writer.write_idx(key, source.read_idx(key))
     writer.close()
@@ -159,7 +159,7 @@ def test_label_out_of_range(tmp_path):
 
 
 def test_undecodable_record(tmp_path):
-    writer = recordio.IndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
+    writer = recordio.MXIndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
     writer.write_idx(0, recordio.pack(recordio.IRHeader(0, 0.0, 0, 0), b"garbage!"))
     writer.close()
     data = RecordDataset(str(tmp_path), skip_bad_records=False)
@@ -176,7 +176,7 @@ def test_missing_rec_files_name_the_file(tmp_path):
 
 
 def test_synthetic_dataset():
-    data = SyntheticDataset(num_image=10, num_classes=4, image_size=(112, 112), seed=1)
+    data = RandomTensorDataset(num_image=10, num_classes=4, image_size=(112, 112), seed=1)
     image, label = data[5]
     assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 112, 112) and label == 1
     loader = get_dataloader(_cfg("synthetic", num_image=64, num_classes=8, batch_size=8), 0, 1)

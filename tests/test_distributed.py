@@ -43,7 +43,8 @@ def _gather_worker(rank: int, world_size: int) -> bytes:
 
 
 def test_all_gather_unequal_batches_and_gradient(port):
-    results = [torch.load(io.BytesIO(data), weights_only=True) for data in run_ranks(_gather_worker, 3, port, timeout=60)]
+    packed = run_ranks(_gather_worker, 3, port, timeout=60)
+    results = [torch.load(io.BytesIO(data), weights_only=True) for data in packed]
     expected = torch.cat([torch.arange(size * 2, dtype=torch.float32).view(-1, 2) + 100 * rank
                           for rank, size in enumerate(SIZES)])
     expected_labels = torch.tensor([0, 0, 0, 1, 2, 2])

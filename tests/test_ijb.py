@@ -269,3 +269,21 @@ def test_cli_with_onnx_model(tmp_path, insightface_fixtures):
                            "--device", "cpu"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().endswith("ijbc_face_tid_mid.txt: image template_id media_id file not found")
+
+
+def test_cli_reads_network_from_a_training_checkpoint(tmp_path, insightface_fixtures):
+    from backbones import get_model
+    from utils.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
+    image_path = make_layout(str(tmp_path), insightface_fixtures, num_identities=2)
+    torch.manual_seed(3)
+    tiny = get_model("tiny", num_features=24).eval()
+    checkpoint = str(tmp_path / "checkpoint_step000000004.pt")
+    atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": 4, "epoch": 0,
+                 "backbone": tiny.state_dict(), "config": {"network": "tiny", "embedding_size": 24}}, checkpoint)
+    torch.save(tiny.state_dict(), tmp_path / "model.pt")
+    common = ["--image-path", image_path, "--target", "IJBC", "--device", "cpu", "--no-progress"]
+    assert ijb.main(["--model", checkpoint, "--result-dir", str(tmp_path / "a"), *common]) == 0  # no --network
+    assert ijb.main(["--model", str(tmp_path / "model.pt"), "--network", "tiny", "--embedding-size", "24",
+                     "--result-dir", str(tmp_path / "b"), *common]) == 0
+    from_config = np.load(tmp_path / "a" / "ijbc_scores.npy")
+    assert from_config.shape == (6,) and np.array_equal(from_config, np.load(tmp_path / "b" / "ijbc_scores.npy"))

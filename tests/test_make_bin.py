@@ -46,8 +46,8 @@ def test_lfw_pairs_round_trip_through_verification(lfw_layout, insightface_fixtu
     from eval.verification import main
     torch.manual_seed(0)
     torch.save(get_model("tiny", num_features=16).state_dict(), tmp_path / "model.pt")
-    assert main(["--model", str(tmp_path / "model.pt"), "--network", "tiny", "--data-dir", str(tmp_path), "--targets", "mine,original",
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert main(["--model", str(tmp_path / "model.pt"), "--network", "tiny", "--data-dir", str(tmp_path),
+                 "--targets", "mine,original", "--device", "cpu", "--no-progress"]) == 0
     out = capsys.readouterr().out
     ours = [line.split("]", 1)[1] for line in out.splitlines() if line.startswith("[mine]")]
     theirs = [line.split("]", 1)[1] for line in out.splitlines() if line.startswith("[original]")]

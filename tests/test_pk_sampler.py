@@ -6,7 +6,7 @@ import torch
 from easydict import EasyDict
 
 from dataset import (DatasetError, ImageFolderDataset, PKSampler, RecordDataset, ResumableDistributedSampler,
-                     SyntheticDataset, build_sampler, dataset_labels, get_dataloader)
+                     RandomTensorDataset, build_sampler, dataset_labels, get_dataloader)
 from utils.synthetic import identity_set_labels, make_identity_set
 
 
@@ -110,13 +110,13 @@ def test_errors_name_the_config_keys():
     with pytest.raises(DatasetError, match=r"P=16 identities per global batch needs at least 32"):
         PKSampler(labels, 2, 16, 0, 2, 0)
     with pytest.raises(DatasetError, match=r"'sampler'='balanced'"):
-        build_sampler(EasyDict(sampler="balanced", seed=0, batch_size=8), SyntheticDataset(16, 4, 32), 0, 1)
+        build_sampler(EasyDict(sampler="balanced", seed=0, batch_size=8), RandomTensorDataset(16, 4, 32), 0, 1)
     with pytest.raises(DatasetError, match=r"images_per_identity'=0"):
-        build_sampler(EasyDict(sampler="pk", seed=0, batch_size=8), SyntheticDataset(16, 4, 32), 0, 1)
+        build_sampler(EasyDict(sampler="pk", seed=0, batch_size=8), RandomTensorDataset(16, 4, 32), 0, 1)
 
 
 def test_labels_of_every_dataset_kind(tmp_path):
-    synthetic = SyntheticDataset(num_image=10, num_classes=4, image_size=32)
+    synthetic = RandomTensorDataset(num_image=10, num_classes=4, image_size=32)
     assert dataset_labels(synthetic).tolist() == [synthetic[i][1] for i in range(10)]
     import cv2
 

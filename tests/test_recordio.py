@@ -18,7 +18,7 @@ def _manifest(fixtures, name):
 
 def _reader(fixtures, name):
     folder = os.path.join(fixtures, name)
-    return recordio.IndexedRecordIO(os.path.join(folder, "train.idx"), os.path.join(folder, "train.rec"), "r")
+    return recordio.MXIndexedRecordIO(os.path.join(folder, "train.idx"), os.path.join(folder, "train.rec"), "r")
 
 
 @pytest.mark.parametrize("name", ["A", "D"])
@@ -60,7 +60,7 @@ def test_fixture_d_has_split_records_and_sequential_reader_joins_them(insightfac
 @pytest.mark.parametrize("name", ["A", "D"])
 def test_writer_repacking_reproduces_fixture_bytes(insightface_fixtures, tmp_path, name):
     reader = _reader(insightface_fixtures, name)
-    writer = recordio.IndexedRecordIO(str(tmp_path / "t.idx"), str(tmp_path / "t.rec"), "w")
+    writer = recordio.MXIndexedRecordIO(str(tmp_path / "t.idx"), str(tmp_path / "t.rec"), "w")
     for key in reader.keys:
         writer.write_idx(key, reader.read_idx(key))
     writer.close()
@@ -142,7 +142,7 @@ def test_reader_shared_with_forked_workers(insightface_fixtures):
 # ------------------------------------------------------------------ bad files
 
 def _small_set(tmp_path, records=3):
-    writer = recordio.IndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
+    writer = recordio.MXIndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
     for key in range(records):
         writer.write_idx(key, recordio.pack(recordio.IRHeader(0, key, key, 0), b"x" * 40))
     writer.close()
@@ -152,14 +152,14 @@ def _small_set(tmp_path, records=3):
 def test_missing_idx(tmp_path):
     _, rec = _small_set(tmp_path)
     with pytest.raises(recordio.RecordIOError, match=r"nothere\.idx: index file not found"):
-        recordio.IndexedRecordIO(str(tmp_path / "nothere.idx"), rec, "r")
+        recordio.MXIndexedRecordIO(str(tmp_path / "nothere.idx"), rec, "r")
 
 
 def test_empty_idx(tmp_path):
     idx, rec = _small_set(tmp_path)
     open(idx, "w").close()
     with pytest.raises(recordio.RecordIOError, match=r"train\.idx: the index file is empty, expected one 'key<TAB>offset'"):
-        recordio.IndexedRecordIO(idx, rec, "r")
+        recordio.MXIndexedRecordIO(idx, rec, "r")
 
 
 def test_malformed_idx_line(tmp_path):
@@ -167,14 +167,14 @@ def test_malformed_idx_line(tmp_path):
     with open(idx, "a") as handle:
         handle.write("7 oops\n")
     with pytest.raises(recordio.RecordIOError, match=r"train\.idx: line 4 is '7 oops', expected 'key<TAB>offset'"):
-        recordio.IndexedRecordIO(idx, rec, "r")
+        recordio.MXIndexedRecordIO(idx, rec, "r")
 
 
 def test_offset_past_end(tmp_path):
     idx, rec = _small_set(tmp_path)
     with open(idx, "a") as handle:
         handle.write("9\t999999\n")
-    reader = recordio.IndexedRecordIO(idx, rec, "r")
+    reader = recordio.MXIndexedRecordIO(idx, rec, "r")
     with pytest.raises(recordio.BadRecordError, match=r"train\.rec: key 9: offset 999999 .* past the end of the file \(216 bytes\)"):
         reader.read_idx(9)
 
@@ -183,7 +183,7 @@ def test_bad_magic(tmp_path):
     idx, rec = _small_set(tmp_path)
     with open(idx, "a") as handle:
         handle.write("9\t12\n")  # points inside record 0's payload
-    reader = recordio.IndexedRecordIO(idx, rec, "r")
+    reader = recordio.MXIndexedRecordIO(idx, rec, "r")
     with pytest.raises(recordio.BadRecordError, match=r"train\.rec: key 9 at offset 12: bad magic 0x[0-9a-f]{8} .*expected 0xced7230a"):
         reader.read_idx(9)
 
@@ -192,7 +192,7 @@ def test_truncated_record(tmp_path):
     idx, rec = _small_set(tmp_path)
     data = open(rec, "rb").read()
     open(rec, "wb").write(data[:-20])
-    reader = recordio.IndexedRecordIO(idx, rec, "r")
+    reader = recordio.MXIndexedRecordIO(idx, rec, "r")
     with pytest.raises(recordio.BadRecordError, match=r"train\.rec: key 2 at offset 144: truncated record: expected 64 payload bytes"):
         reader.read_idx(2)
 
@@ -211,13 +211,13 @@ def test_unreadable_rec(tmp_path):
     idx, _ = _small_set(tmp_path)
     os.mkdir(tmp_path / "dir.rec")
     with pytest.raises(recordio.RecordIOError, match=r"dir\.rec: is a directory, expected a record file"):
-        recordio.IndexedRecordIO(idx, str(tmp_path / "dir.rec"), "r")
+        recordio.MXIndexedRecordIO(idx, str(tmp_path / "dir.rec"), "r")
 
 
 def test_missing_key(tmp_path):
     idx, rec = _small_set(tmp_path)
     with pytest.raises(KeyError, match=r"key 17 is not in the index"):
-        recordio.IndexedRecordIO(idx, rec, "r").read_idx(17)
+        recordio.MXIndexedRecordIO(idx, rec, "r").read_idx(17)
 
 
 def test_decode_image_refuses_data_libjpeg_would_decode_into_garbage(insightface_fixtures):

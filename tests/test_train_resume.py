@@ -33,6 +33,7 @@ def check_continuation(log_part: str, resumed_from: dict, new_batch: int, refere
     # LR at the same sample progress as the uninterrupted 1-rank run (batch 8): its step done/8 + 1.
     expected_lr = reference_steps[done // 8]["lr"]
     assert math.isclose(first["lr"], expected_lr, rel_tol=1e-6), (first, expected_lr, done)
+    assert first["step"] - 1 == done // new_batch  # continues right after the samples already trained
     # The plan: steps already done (converted to the new batch) + the remaining samples in new batches.
     planned_after = first["total"] - (first["step"] - 1)
     assert abs(planned_after * new_batch - (TOTAL_SAMPLES - done)) < new_batch, (first, done)
@@ -45,23 +46,28 @@ def check_continuation(log_part: str, resumed_from: dict, new_batch: int, refere
 
 
 @pytest.mark.timeout(300)
-def test_a_one_rank_run_continues_on_two_ranks(tmp_path, identity_cache, reference):  # noqa: F811
-    config = write_config(tmp_path, "grow", identity_cache)
+@pytest.mark.parametrize("resume_step", [10, 35], ids=["in-warmup-step-10", "late-step-35"])
+def test_a_one_rank_run_continues_on_two_ranks(tmp_path, identity_cache, reference, resume_step):  # noqa: F811
+    # The uninterrupted 1-rank run's checkpoint at a known step, resumed on 2 ranks (global batch 8 -> 16).
+    # Step 10: 80 samples, inside the 96-sample warmup. Step 35: 280 samples, half a 16-batch into step 17
+    # of the new plan, and numbered above every step of it (24): with keep_checkpoints=1 pruning must keep
+    # this run's final checkpoint and drop the old one, which a later resume would otherwise take.
+    config = write_config(tmp_path, "grow", identity_cache, keep_checkpoints=1)
     output = tmp_path / "out_grow"
-    with launch(train_args(config), tmp_path) as launched:
-        wait_for_step(launched, output, 4)  # inside the 1-epoch warmup: the LR is still rising
-        os.kill(launched.pid, signal.SIGTERM)
-        assert launched.wait() == 0, launched.output[-3000:]
-    reached, state = stop_point(launched, output)
-    assert state["progress"]["global_batch"] == 8 and state["world_size"] == 1
+    output.mkdir()
+    source = checkpoints(reference["output"])[resume_step]
+    shutil.copy2(source, output)
+    state = load(source)
+    assert state["step"] == resume_step and state["progress"]["global_batch"] == 8 and state["world_size"] == 1
 
-    log_before = len(training_log(output))
     resumed = run_to_end(torchrun_args(config, "resume=True"), tmp_path)
     assert resumed.proc.returncode == 0, resumed.output[-3000:]
-    check_continuation(training_log(output)[log_before:], state, 16, reference["steps"])
-    final = load(checkpoints(output)[max(checkpoints(output))])
+    check_continuation(training_log(output), state, 16, reference["steps"])
+    found = checkpoints(output)
+    final = load(found[max(found)])
     assert final["epoch"] == NUM_EPOCH and final["progress"]["epoch"] == NUM_EPOCH
     assert final["progress"]["global_batch"] == 16 and final["world_size"] == 2
+    assert sorted(found) == [final["step"]], sorted(found)  # what resume would take next is this run's end
 
 
 @pytest.mark.timeout(300)
@@ -93,7 +99,9 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
 @pytest.mark.timeout(300)
 def test_a_fresh_run_into_a_used_folder_is_refused_unless_overwrite(tmp_path, identity_cache, reference):  # noqa: F811
     used = tmp_path / "used"
-    shutil.copytree(reference["output"], used)  # checkpoints 24/36/48, model.pt, training.log
+    used.mkdir()
+    for name in ("checkpoint_step000000024.pt", "checkpoint_step000000048.pt", "model.pt", "training.log"):
+        shutil.copy2(reference["output"] / name, used)
     only_model = tmp_path / "only_model"
     only_model.mkdir()
     shutil.copy2(reference["output"] / "model.pt", only_model)

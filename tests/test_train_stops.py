@@ -221,9 +221,10 @@ def assert_no_traceback(launched: Launched) -> None:
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, identity_cache) -> dict:
-    """One uninterrupted single-process run of the tiny config: its model.pt and its logged steps."""
+    """One uninterrupted single-process run of the tiny config: model.pt, logged steps, checkpoints every 5 steps."""
     folder = tmp_path_factory.getbasetemp() / "arcscale_reference_run"
-    config = write_config(folder, "reference", identity_cache)
+    # Checkpoints at known steps (5, 10, 12, 15, ...) for the resume tests; saving does not change the training.
+    config = write_config(folder, "reference", identity_cache, save_every_steps=5, keep_checkpoints=0)
     output = folder / "out_reference"
     if not (output / "model.pt").exists():
         launched = run_to_end(train_args(config), folder)
@@ -320,7 +321,8 @@ def rank_tracebacks(launched: Launched) -> int:
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_to_torchrun_checkpoints_both_ranks_at_one_step_and_resumes(tmp_path, identity_cache, record_property):
+def test_sigterm_to_torchrun_checkpoints_both_ranks_at_one_step(tmp_path, identity_cache, record_property):
+    # Resuming such a checkpoint (on 1 rank) is tests/test_train_resume.py::test_a_two_rank_run_continues_on_one_rank.
     config = write_config(tmp_path, "dist", identity_cache)
     output = tmp_path / "out_dist"
     with launch(torchrun_args(config), tmp_path) as launched:
@@ -335,11 +337,6 @@ def test_sigterm_to_torchrun_checkpoints_both_ranks_at_one_step_and_resumes(tmp_
     reached, state = stop_point(launched, output)
     assert state["world_size"] == 2 and state["progress"]["global_batch"] == 16
     assert state["progress"]["samples_in_epoch"] == reached % 6 * 16
-
-    log_before = len(training_log(output))
-    resumed = run_to_end(torchrun_args(config, "resume=True"), tmp_path)
-    assert resumed.proc.returncode == 0, resumed.output[-3000:]
-    assert_resumed_from(training_log(output)[log_before:], reached, PLANNED_2_RANKS)
 
 
 @pytest.mark.timeout(300)

@@ -368,9 +368,9 @@ def test_cli_evaluates_a_model_file(tmp_path, insightface_fixtures, capsys):
 
 def test_cli_reads_the_network_from_the_file_and_table_shows_far(tmp_path, insightface_fixtures, capsys):
     from backbones import get_model
-    from eval.verification import format_table, main
-    from utils.checkpoint import describe_backbone_file, guess_network, load_backbone_file
-    from utils.resume import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
+    from eval.verification import main
+    from utils.weights import describe_backbone_file, guess_network, load_backbone_file
+    from utils.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
     torch.manual_seed(0)
     model = get_model("tiny", num_features=40).eval()
     checkpoint = tmp_path / "checkpoint_step000000002.pt"

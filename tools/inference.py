@@ -7,7 +7,7 @@ Images should be aligned crops of the model's input size (112x112 for insightfac
 160x160 for inception_resnet_v1; see tools/align_faces.py); other sizes are resized, as
 arcface_torch's inference.py does. The size and pixel normalisation come from the model
 (``backbones.input_spec``). ``--model`` may also be an .onnx file from tools/torch2onnx.py.
-``--network`` and ``--embedding-size`` default to what the file says (utils.checkpoint.load_backbone_file).
+``--network`` and ``--embedding-size`` default to what the file says (utils.weights.load_backbone_file).
 The verdict compares the cosine similarity of the L2-normalised embeddings with ``--threshold``;
 pick the threshold on your own validation pairs (0.3 is a common starting point for ArcFace models).
 """

@@ -159,9 +159,9 @@ def _write_text_atomic(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False, image_size: tuple[int, int] = (112, 112),
-         quality: int = 95, workers: int = 1, progress: bool = False, on_error: str = "stop"
-         ) -> tuple[int, int, list[tuple[str, str]]]:
+def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False,
+         image_size: tuple[int, int] = (112, 112), quality: int = 95, workers: int = 1, progress: bool = False,
+         on_error: str = "stop") -> tuple[int, int, list[tuple[str, str]]]:
     """Write the set (temporary names, renamed at the end); returns (num_images, num_classes, bad images)."""
     from dataset import write_property
 

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     args = parser.parse_args(argv)
     output = args.output or os.path.splitext(args.checkpoint)[0] + ".onnx"
-    from utils.checkpoint import load_backbone_file
+    from utils.weights import load_backbone_file
     try:
         if args.checkpoint.endswith(".onnx"):
             raise ExportError(f"{args.checkpoint}: already an ONNX model; pass a PyTorch checkpoint")

@@ -38,10 +38,12 @@ class DeviceContext:
 
     @property
     def distributed(self) -> bool:
+        """True with more than one rank."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the rank that logs and writes files."""
         return self.rank == 0
 
 
@@ -104,6 +106,7 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
 
 
 def teardown() -> None:
+    """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -149,14 +152,31 @@ def grad_scaler(ctx: DeviceContext, fp16: bool) -> torch.amp.GradScaler:
 
 
 def pin_memory(ctx: DeviceContext) -> bool:
+    """Pinned host memory only helps copies to an accelerator."""
     return ctx.kind in ("cuda", "npu")
 
 
 def synchronize(ctx: DeviceContext) -> None:
+    """Wait for the accelerator's queued work (timing); a no-op on CPU."""
     if ctx.kind == "cuda":
         torch.cuda.synchronize(ctx.device)
     elif ctx.kind == "npu":
         torch.npu.synchronize(ctx.device)
+
+
+def bf16_supported(ctx: DeviceContext) -> bool:
+    """True where bf16 matmuls run natively (on CPU without AVX512-BF16/AMX they are emulated, slower than fp32)."""
+    if ctx.kind == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return ctx.kind == "npu" or cpu_has_native_bf16()
+
+
+def reset_peak_memory(ctx: DeviceContext) -> None:
+    """Start a new peak for :func:`memory_gib` on an accelerator (the CPU's peak RSS cannot be reset)."""
+    if ctx.kind == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    elif ctx.kind == "npu":
+        torch.npu.reset_peak_memory_stats(ctx.device)
 
 
 def memory_gib(ctx: DeviceContext) -> float:

@@ -1,5 +1,5 @@
-"""Process-group helpers that also work in a single process without one, and a
-gradient-correct all-gather for local batches of unequal size (pad + strip).
+"""Process-group helpers that also work in a single process without one, the contiguous split of
+items over ranks, and a gradient-correct all-gather for local batches of unequal size (pad + strip).
 
 The all-gather's backward SUMS the gradient of the gathered tensor over all ranks and hands
 each rank the slice of its own rows: every rank computes a part of the global loss from the
@@ -19,11 +19,24 @@ def is_distributed() -> bool:
 
 
 def get_rank() -> int:
+    """This process's rank; 0 without an initialised process group."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def get_world_size() -> int:
+    """The number of ranks; 1 without an initialised process group."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def shard_bounds(num_items: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` per rank; the first ``num_items % world_size`` ranks get one item more."""
+    base, extra = divmod(num_items, world_size)
+    bounds, start = [], 0
+    for rank in range(world_size):
+        end = start + base + (1 if rank < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -60,6 +73,8 @@ def _gather_padded(tensor: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
 
 
 class _AllGatherRows(torch.autograd.Function):
+    """Differentiable :func:`_gather_padded`: backward sums over ranks, then keeps this rank's rows."""
+
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, sizes: tuple, rank: int) -> torch.Tensor:
         ctx.sizes, ctx.rank = sizes, rank

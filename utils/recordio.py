@@ -56,7 +56,8 @@ class BadRecordError(RecordIOError):
 _warned_float32 = False
 
 
-def _warn_float32(what: str, value: float) -> None:
+def warn_float32(what: str, value: float) -> None:
+    """Warn once per process that ``value`` (a label or key above 2^24) may not survive float32 exactly."""
     global _warned_float32
     if not _warned_float32:
         _warned_float32 = True
@@ -133,12 +134,12 @@ def pack(header: Any, s: bytes) -> bytes:
     if isinstance(header.label, numbers.Number):
         header = header._replace(flag=0)
         if abs(float(header.label)) > FLOAT32_EXACT_LIMIT:
-            _warn_float32("label", header.label)
+            warn_float32("label", header.label)
         prefix = b""
     else:
         label = np.asarray(header.label, dtype=np.float32).ravel()
         if label.size and float(np.abs(label).max()) > FLOAT32_EXACT_LIMIT:
-            _warn_float32("label", float(np.abs(label).max()))
+            warn_float32("label", float(np.abs(label).max()))
         header = header._replace(flag=label.size, label=0.0)
         prefix = label.tobytes()
     return struct.pack(_IR_FORMAT, *header) + prefix + bytes(s)
@@ -409,7 +410,7 @@ class MXIndexedRecordIO(MXRecordIO):
             raise RecordIOError(f"{self.idx_path}: key {int(values[counts > 1][0])} appears more than once")
         min_key, max_key = int(keys.min()), int(keys.max())
         if max_key >= FLOAT32_EXACT_LIMIT:
-            _warn_float32("key", max_key)
+            warn_float32("key", max_key)
         # Dense key -> offset table when keys are (nearly) contiguous: O(1) lookups, no dict of millions.
         if min_key >= 0 and max_key <= 4 * len(keys) + 1024:
             self._dense = np.full(max_key + 1, -1, dtype=np.int64)
@@ -524,8 +525,3 @@ class MXIndexedRecordIO(MXRecordIO):
         self._fidx.write(f"{key}\t{position}\n")
         self._key_array_list.append(key)
         self._offset_list.append(position)
-
-
-# Short names used by ArcScale's own code and the issue text.
-RecordIO = MXRecordIO
-IndexedRecordIO = MXIndexedRecordIO

@@ -7,7 +7,7 @@ exits 0. Workers therefore start with SIGINT/SIGTERM blocked (the signal mask su
 spawn's fork+exec) and ignore both once their Python is up.
 
 A second SIGINT while a stop is pending means "now": one line on stderr, exit 130, no checkpoint.
-SIGKILL cannot be caught; atomic checkpoint writes make it safe (see utils/resume.py).
+SIGKILL cannot be caught; atomic checkpoint writes make it safe (see utils/checkpoint.py).
 """
 from __future__ import annotations
 

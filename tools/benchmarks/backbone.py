@@ -17,9 +17,11 @@ import torch
 
 from backbones import MODEL_NAMES, get_model
 from tools.flops import build_on_meta, count_macs
+from utils import device as devices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``backbone`` subcommand's options."""
     parser.add_argument("--network", default="r50", choices=MODEL_NAMES)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
@@ -34,59 +36,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward-only", action="store_true")
 
 
-def _device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    npu = getattr(torch, "npu", None)
-    if npu is not None and npu.is_available():
-        return torch.device("npu")
-    return torch.device("cpu")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "npu":
-        torch.npu.synchronize(device)
-
-
-def _bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # Without native bf16 instructions oneDNN emulates it, slower than fp32: not worth timing.
-        checker = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        return bool(checker and checker())
-    return device.type == "npu"
-
-
-def _time(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
+def _time(step: Callable[[], None], ctx: devices.DeviceContext, warmup: int, iters: int) -> float:
     """Seconds per call (median of ``iters`` timed calls after ``warmup`` untimed ones)."""
     for _ in range(warmup):
         step()
-    _synchronize(device)
+    devices.synchronize(ctx)
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         step()
-        _synchronize(device)
+        devices.synchronize(ctx)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
-def gemm_gflops(device: torch.device, dtype: torch.dtype, warmup: int) -> float:
+def gemm_gflops(ctx: devices.DeviceContext, dtype: torch.dtype, warmup: int) -> float:
     """Square matmul rate (2 n^3 FLOPs per product), the device's practical dense ceiling."""
+    device = ctx.device
     size = 2048 if device.type == "cpu" else 8192
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = _time(lambda: torch.mm(a, b), device, max(warmup, 1), 5 if device.type == "cpu" else 20)
+    seconds = _time(lambda: torch.mm(a, b), ctx, max(warmup, 1), 5 if device.type == "cpu" else 20)
     return 2 * size ** 3 / seconds / 1e9
 
 
 def run(args: argparse.Namespace) -> None:
-    device = _device(args.device)
+    """Print the table of forward and training rates per mode."""
+    try:
+        ctx = devices.setup(args.device)
+    except devices.DeviceError as exc:  # e.g. --device cuda on a CPU-only build: one line, no traceback
+        raise SystemExit(f"error: {exc}") from None
+    device = ctx.device
     if args.threads:
         torch.set_num_threads(args.threads)
     accelerator = device.type != "cpu"
@@ -94,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
     warmup = args.warmup if args.warmup is not None else (5 if accelerator else 1)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    bf16 = _bf16_supported(device)
+    bf16 = devices.bf16_supported(ctx)
     is_vit = args.network.startswith("vit")
     if args.modes:
         modes = args.modes.split(",")
@@ -104,18 +84,18 @@ def run(args: argparse.Namespace) -> None:
             modes += ["bf16"] + ([] if is_vit else ["bf16-cl"])
 
     macs = count_macs(build_on_meta(args.network))
-    gemm = {"fp32": gemm_gflops(device, torch.float32, warmup)}
+    gemm = {"fp32": gemm_gflops(ctx, torch.float32, warmup)}
     if bf16 or any(mode.startswith("bf16") for mode in modes):
-        gemm["bf16"] = gemm_gflops(device, torch.bfloat16, warmup)
+        gemm["bf16"] = gemm_gflops(ctx, torch.bfloat16, warmup)
     if any(mode.startswith("fp16") for mode in modes):
-        gemm["fp16"] = gemm_gflops(device, torch.float16, warmup)
+        gemm["fp16"] = gemm_gflops(ctx, torch.float16, warmup)
 
     print(f"network={args.network} batch={args.batch} device={device} threads={torch.get_num_threads()} "
           f"iters={iters} warmup={warmup} gradient_checkpointing={args.gradient_checkpointing}")
     print(f"model: {macs / 1e9:.3f} GMACs/image = {2 * macs / 1e9:.2f} GFLOP forward; "
           + ", ".join(f"{name} GEMM {rate:.0f} GFLOP/s" for name, rate in gemm.items()))
     print(f"{'mode':<9}{'fwd img/s':>11}{'GFLOP/s':>9}{'of GEMM':>9}{'train img/s':>13}{'GFLOP/s':>9}{'of GEMM':>9}"
-          + ("  peak MiB" if device.type == "cuda" else ""))
+          + ("  peak MiB" if accelerator else ""))
 
     torch.manual_seed(0)
     model = get_model(args.network, gradient_checkpointing=args.gradient_checkpointing).to(device)
@@ -141,16 +121,15 @@ def run(args: argparse.Namespace) -> None:
             out.float().square().mean().backward()
 
         model.eval()
-        forward_rate = args.batch / _time(forward, device, warmup, iters)
+        forward_rate = args.batch / _time(forward, ctx, warmup, iters)
         row = f"{mode:<9}{forward_rate:>11.1f}{forward_rate * 2 * macs / 1e9:>9.0f}" \
               f"{forward_rate * 2 * macs / 1e9 / gemm[precision]:>9.0%}"
         if not args.forward_only:
             model.train()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            train_rate = args.batch / _time(train_step, device, warmup, iters)
+            devices.reset_peak_memory(ctx)
+            train_rate = args.batch / _time(train_step, ctx, warmup, iters)
             train_gflops = train_rate * 6 * macs / 1e9
             row += f"{train_rate:>13.1f}{train_gflops:>9.0f}{train_gflops / gemm[precision]:>9.0%}"
-            if device.type == "cuda":
-                row += f"{torch.cuda.max_memory_allocated(device) / 2 ** 20:>10.0f}"
+            if accelerator:
+                row += f"{devices.memory_gib(ctx) * 1024:>10.0f}"
         print(row, flush=True)

@@ -21,6 +21,7 @@ MIN_BIN_IMAGES = 20  # 10-fold verification needs at least 10 pairs of 2 images
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``eval`` subcommand's options."""
     parser.add_argument("--network", default="r50")
     parser.add_argument("--num-images", type=int, default=12000,
                         help=f"images in the generated .bin, an even number >= {MIN_BIN_IMAGES} (lfw: 12000)")
@@ -50,20 +51,19 @@ def _write_bin(path: str, num_images: int) -> None:
         pickle.dump((bins, issame), handle, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "npu":
-        torch.npu.synchronize(device)
-
-
 def bench_bin(args: argparse.Namespace) -> None:
+    """Time decoding, embedding (image + flip) and the metrics of a generated verification .bin."""
     from backbones import get_model
     from eval.embed import embed_images
     from eval.metrics import verification_metrics
     from eval.verification import load_bin
+    from utils import device as devices
 
-    device = torch.device(args.device)
+    try:
+        ctx = devices.setup(args.device)
+    except devices.DeviceError as exc:  # e.g. --device cuda on a CPU-only build: one line, no traceback
+        raise SystemExit(f"error: {exc}") from None
+    device = ctx.device
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.bin")
         _write_bin(path, args.num_images)
@@ -74,10 +74,10 @@ def bench_bin(args: argparse.Namespace) -> None:
     count = args.num_images if args.embed_images <= 0 else min(args.embed_images, args.num_images)
     with torch.no_grad():  # warm-up batch (allocator, kernels) not timed
         embed_images(model, images[: min(8, count)], device, args.batch_size, flip=False)
-    _sync(device)
+    devices.synchronize(ctx)
     start = time.perf_counter()
     embed_images(model, images[:count], device, args.batch_size, flip=True)
-    _sync(device)
+    devices.synchronize(ctx)
     embed_s = time.perf_counter() - start
     full_embed_s = embed_s * args.num_images / count
     rng = np.random.default_rng(0)
@@ -96,6 +96,7 @@ def bench_bin(args: argparse.Namespace) -> None:
 
 
 def bench_ijb(args: argparse.Namespace) -> None:
+    """Time IJB 1:1 pair scoring and the TAR@FAR table on random unit embeddings."""
     import sklearn.metrics  # noqa: F401  (tar_at_far imports it on first call: ~1 s that is not ROC time)
 
     from eval.ijb import pair_scores, tar_at_far
@@ -136,6 +137,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Check the arguments, then run the .bin part (unless ``--skip-bin``) and the IJB part."""
     check_arguments(args)
     if not args.skip_bin:
         bench_bin(args)

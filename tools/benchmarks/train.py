@@ -2,9 +2,10 @@
 
     python tools/benchmark.py train --networks r18,r50,mbf --nprocs 1,2 --steps 12 --batch 32
 
-Each case runs ``train.py`` (under torchrun when nproc > 1) on arcface_torch's "synthetic" speed
-mode data, skips the first logged interval (warm-up) and prints the mean of the rest. Each child gets
-OMP_NUM_THREADS = ``--threads`` (default: CPU count // processes) and torchrun a free port.
+Each case runs ``train.py`` (under torchrun when nproc > 1) on random tensors (``rec="random"``,
+arcface_torch's "synthetic" speed mode), skips the first logged interval (warm-up) and prints the
+mean of the rest. Each child gets OMP_NUM_THREADS = ``--threads`` (default: CPU count // processes)
+and torchrun a free port.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def check_arguments(args: argparse.Namespace) -> list[int]:
 
 
 def run_case(args: argparse.Namespace, network: str, nproc: int, workdir: str) -> tuple[float, float]:
-    overrides = {"device": args.device, "network": network, "rec": "synthetic", "num_classes": args.num_classes,
+    overrides = {"device": args.device, "network": network, "rec": "random", "num_classes": args.num_classes,
                  "num_image": args.batch * nproc * args.steps * 2, "batch_size": args.batch,
                  "max_steps": args.steps, "frequent": FREQUENT, "verbose": 0, "val_targets": [],
                  "num_workers": args.workers, "tensorboard": False, "fp16": args.precision == "fp16",
