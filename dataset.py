@@ -6,6 +6,7 @@ workers move a quarter of the bytes float32 would need.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import logging.handlers
@@ -207,6 +208,7 @@ class RecordDataset(_FaceDataset):
         return len(self.image_keys)
 
     def read_record(self, index: int) -> tuple[recordio.IRHeader, bytes, int]:
+        """(header, image bytes, key) of sample ``index``; a read error is a BadRecordError naming the key."""
         key = int(self.image_keys[index])
         where = f"{self.rec_path}: key {key}"
         try:
@@ -220,6 +222,7 @@ class RecordDataset(_FaceDataset):
         return np.array([recordio.class_of(self.read_record(i)[0]) for i in range(len(self))], dtype=np.int64)
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
+        """Decoded image (HWC RGB uint8 at ``image_size``) and class of sample ``index``."""
         header, img, key = self.read_record(index)
         where = f"{self.rec_path}: key {key}"
         label = recordio.class_of(header)
@@ -242,9 +245,12 @@ def read_property(path: str) -> tuple[int, int, int]:
 
 
 def write_property(path: str, num_classes: int, image_size: Any) -> None:
+    """Write InsightFace's ``property`` file (``num_classes,height,width``), atomically."""
     height, width = _as_hw(image_size)
-    with open(path, "w") as handle:
+    temporary = f"{path}.tmp.{os.getpid()}"
+    with open(temporary, "w") as handle:
         handle.write(f"{num_classes},{height},{width}\n")
+    os.replace(temporary, path)
 
 
 def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
@@ -282,6 +288,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
 
 
 def read_image_file(path: str, image_size: tuple[int, int]) -> np.ndarray:
+    """Decode an image file to HWC RGB uint8 at ``image_size``; a bad file is a BadRecordError naming it."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
@@ -306,6 +313,7 @@ class ImageFolderDataset(_FaceDataset):
         return len(self.paths)
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
+        """Decoded image and class of sample ``index``."""
         return read_image_file(self.paths[index], self.image_size), int(self.labels_array[index])
 
     def labels(self) -> np.ndarray:
@@ -355,6 +363,7 @@ class ResumableDistributedSampler(Sampler[int]):
         self.shared_epoch: torch.Tensor | None = None  # get_dataloader links the dataset's flip epoch
 
     def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` (reshuffles); keeps the consumed count only when resuming into that epoch."""
         if self._resume_epoch is None or self._resume_epoch != epoch:
             self.consumed = 0
         self._resume_epoch = None
@@ -363,6 +372,7 @@ class ResumableDistributedSampler(Sampler[int]):
             self.shared_epoch.fill_(self.epoch)
 
     def advance(self, num_global_samples: int) -> None:
+        """Count ``num_global_samples`` more samples as consumed (all ranks together)."""
         self.consumed = min(self.consumed + int(num_global_samples), self.num_samples)
 
     def _indices(self) -> torch.Tensor:
@@ -382,9 +392,11 @@ class ResumableDistributedSampler(Sampler[int]):
         return (self.num_samples - self.consumed) // self.world_size
 
     def state_dict(self) -> dict[str, int]:
+        """Epoch, seed and samples consumed: enough to continue on any world size."""
         return {"epoch": self.epoch, "seed": self.seed, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from :meth:`state_dict`'s output; a missing key is a DatasetError."""
         missing = {"epoch", "seed", "consumed"} - set(state)
         if missing:
             raise DatasetError(f"sampler state: missing keys {sorted(missing)}, expected epoch, seed, consumed")
@@ -401,15 +413,15 @@ class ResumableDistributedSampler(Sampler[int]):
 def normalize_batch(images: torch.Tensor, spec: Any = None) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float32 model input: ``backbones.normalize`` with ``spec`` (the model's
     ``input_spec``); without one, insightface's (x - 127.5) / 127.5 at the images' own size."""
-    from backbones.common import InputSpec, normalize
+    from backbones.common import ARCFACE_INPUT, normalize
 
     if spec is None:
-        spec = InputSpec(tuple(images.shape[-2:]), 127.5, 127.5)
+        spec = dataclasses.replace(ARCFACE_INPUT, image_size=tuple(images.shape[-2:]))
     return normalize(images, spec)
 
 
 def build_dataset(cfg: Any, source: str | None = None) -> _FaceDataset:
-    """The dataset ``source`` (default ``cfg.rec``) names: "random" (or "synthetic"), a RecordIO folder or an image folder."""
+    """The dataset ``source`` (default ``cfg.rec``) names: "random"/"synthetic", a RecordIO folder or an image folder."""
     source = cfg.rec if source is None else source
     image_size = _as_hw(cfg.image_size)
     skip = bool(cfg.get("skip_bad_records", True))
@@ -436,7 +448,7 @@ def build_dataset(cfg: Any, source: str | None = None) -> _FaceDataset:
 class DataInfo:
     """What the data setup found (the config is input only: nothing here is written back into it)."""
 
-    source: str          # the folder trained on, or the `rec` value ("random"/"synthetic") for random tensors
+    source: str          # the folder trained on, or "random tensors"
     kind: str            # recordio | image_folder | random
     num_classes: int
     num_images: int
@@ -452,7 +464,9 @@ def describe_data(cfg: Any, dataset: _FaceDataset, source: str) -> DataInfo:
             raise DatasetError(f"config key '{key}' is {configured} but the data in {source} has {from_data}; "
                                f"set it to {from_data} or to None")
     kind = {RecordDataset: "recordio", ImageFolderDataset: "image_folder"}.get(type(dataset), "random")
-    return DataInfo(str(source), kind, int(dataset.num_classes), int(dataset.num_image),
+    # Logged as the data trained on: say "random tensors", not arcface_torch's ambiguous "synthetic".
+    shown = "random tensors" if kind == "random" else str(source)
+    return DataInfo(shown, kind, int(dataset.num_classes), int(dataset.num_image),
                     getattr(dataset, "layout", None))
 
 

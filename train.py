@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from backbones import get_model, input_spec, normalize
 from dataset import DatasetError, bad_record_count, check_bad_records, get_dataloader
 from losses import build_margin_loss
 from partial_fc import PartialFC
+from pfc.optim import JointOptimizer, build_joint_optimizer
 from utils import device as devices
 from utils.checkpoint import (atomic_save, build_checkpoint, capture_rng_state, checkpoint_path, clean_partial_writes,
                               newest_loadable, previous_run_files, prune_checkpoints, restore_rng_state)
@@ -82,14 +82,19 @@ def prepare_output(cfg: Any, ctx: devices.DeviceContext) -> tuple[str | None, di
     if ctx.is_main:
         ensure_output_dir(cfg.output, "config key 'output'")
         clean_partial_writes(cfg.output)
-    path, state = newest_loadable(cfg.output) if cfg.resume else (None, None)
+    resume = cfg.resume
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts and not resume:  # torchrun --max-restarts restarted us: the folder holds this very run
+        logger.warning("elastic restart %d: continuing from the newest checkpoint (as resume=\"auto\")", restarts)
+        resume = "auto"
+    path, state = newest_loadable(cfg.output) if resume else (None, None)
     found = rank0_decides(float(path is not None), ctx)
-    if cfg.resume is True and not found:
+    if resume is True and not found:
         raise ConfigError(f"resume=True but {cfg.output} holds no usable checkpoint; use resume=\"auto\" to start "
                           f"fresh when there is none, or check `output`")
-    if cfg.resume == "auto" and not found:
+    if resume == "auto" and not found:
         logger.info("resume=\"auto\": no checkpoint in %s, starting fresh", cfg.output)
-    if not cfg.resume:
+    if not resume:
         existing = previous_run_files(cfg.output) if ctx.is_main else []
         if rank0_decides(float(bool(existing)), ctx) and not cfg.overwrite:
             raise ConfigError(f"output folder {cfg.output} already holds a run ({len(existing) or 'some'} checkpoint/"
@@ -115,41 +120,95 @@ def resolve_data(cfg: Any, ctx: devices.DeviceContext) -> str:
     return source or ensure_identity_set(cfg)
 
 
-def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> torch.nn.Module:
-    """The configured network, optionally initialised from ``init_backbone``, on the training device."""
+def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> tuple[torch.nn.Module, dict | None]:
+    """The configured network on the training device, optionally initialised from ``init_backbone``;
+    also the file's ``logits`` classifier when it has one (facenet-pytorch's releases)."""
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
                          gradient_checkpointing=cfg.gradient_checkpointing)
     spec = input_spec(backbone)
     if tuple(cfg.image_size) != tuple(spec.image_size):
         raise ConfigError(f"config key 'image_size' is {tuple(cfg.image_size)} but network '{cfg.network}' takes "
                           f"{spec.describe()}; set image_size={tuple(spec.image_size)}")
+    classifier = None
     if cfg.init_backbone:
-        load_backbone(cfg.init_backbone, model=backbone)
+        _, classifier = load_backbone(cfg.init_backbone, model=backbone, return_classifier=True)
         logger.info("initialised backbone from %s", cfg.init_backbone)
     backbone = backbone.to(ctx.device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    return backbone
+    return backbone, classifier
 
 
-def build_optimizer(cfg: Any, backbone: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """SGD (arcface_torch), AdamW (ViTs) or Adam (facenet-pytorch) over the backbone's parameters."""
-    params = [p for p in backbone.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    raise ConfigError(f"config key 'optimizer': expected 'sgd', 'adamw' or 'adam', got {cfg.optimizer!r}")
+def build_head(cfg: Any, num_classes: int, classifier: dict | None, ctx: devices.DeviceContext) -> torch.nn.Module:
+    """The training objective on top of the embeddings: Partial FC with a margin loss (default), a
+    replicated softmax classifier (``head="softmax"``), or the triplet loss (``loss="triplet"``)."""
+    if cfg.loss == "triplet":
+        from losses import build_triplet_loss
+
+        return build_triplet_loss(cfg)
+    if cfg.head == "softmax":
+        from softmax_head import SoftmaxHead
+
+        head = SoftmaxHead(cfg.embedding_size, num_classes)
+        if classifier is not None:
+            head.load_logits(classifier, cfg.init_backbone)
+        return head.to(ctx.device)
+    if classifier is not None:
+        logger.info("%s: its %s-class logits layer is not used by head=%r (dropped)", cfg.init_backbone,
+                    tuple(classifier["weight"].shape)[0], cfg.head)
+    return PartialFC(build_margin_loss(cfg), cfg.embedding_size, num_classes, sample_rate=cfg.sample_rate,
+                     pfc_update=cfg.pfc_update, weight_dtype=cfg.pfc_weight_dtype, state_dtype=cfg.pfc_state_dtype,
+                     seed=cfg.seed).to(ctx.device)
+
+
+def head_state_dict(head: torch.nn.Module) -> dict:
+    """Collective for Partial FC (shards gathered, world-size independent); replicated heads as they are."""
+    return head.full_state_dict() if isinstance(head, PartialFC) else head.state_dict()
+
+
+def load_head_state(head: torch.nn.Module, state: dict) -> None:
+    """Inverse of :func:`head_state_dict` (Partial FC re-splits the shards for this world size)."""
+    if isinstance(head, PartialFC):
+        head.load_full_state_dict(state)
+    else:
+        head.load_state_dict(state)
+
+
+def sum_replicated_grads(head: torch.nn.Module, ctx: devices.DeviceContext) -> None:
+    """A replicated head outside DDP: SUM its gradients over ranks, as the backbone's DDP hook does
+    (its loss gives each rank its share of the global-mean gradient)."""
+    if not ctx.distributed or isinstance(head, PartialFC):
+        return
+    for param in head.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+
+
+def build_optimizer(cfg: Any, backbone: torch.nn.Module, head: torch.nn.Module, scaler: Any,
+                    lr: float) -> JointOptimizer:
+    """SGD (arcface_torch), AdamW (ViTs) or Adam (facenet-pytorch) over the backbone, a replicated head's
+    parameters and Partial FC's rows, as one optimizer that also owns AMP unscaling, clipping and the
+    all-rank finite check."""
+    partial_fc = head if isinstance(head, PartialFC) else None
+    params = list(backbone.parameters()) + ([] if partial_fc is not None else list(head.parameters()))
+    return build_joint_optimizer(cfg.optimizer, params, partial_fc, lr, momentum=cfg.momentum,
+                                 weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                 clip_grad_norm=cfg.clip_grad_norm, scaler=scaler)
 
 
 def wrap_ddp(backbone: torch.nn.Module, cfg: Any, ctx: devices.DeviceContext) -> torch.nn.Module:
     """DDP with summed (not averaged) gradients; the backbone itself without a process group."""
     if not ctx.distributed:
         return backbone
+    # BatchNorm statistics stay per rank between steps (arcface_torch's broadcast_buffers=False); newer
+    # torch spells it forward_sync_buffers and warns about the old name.
+    import inspect
+
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
     model = DistributedDataParallel(backbone, device_ids=[ctx.local_rank] if ctx.kind != "cpu" else None,
-                                    broadcast_buffers=False, static_graph=bool(cfg.static_graph))
+                                    static_graph=bool(cfg.static_graph), **no_buffer_sync)
     model.register_comm_hook(None, devices.sum_allreduce_hook(cfg.fp16_grad_compression and ctx.kind == "cuda"))
     return model
 
@@ -171,7 +230,7 @@ def save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples_in_epoch, bad_re
     ``on_save_error="stop"``, stops every rank with one line naming the path.
     """
     backbone, head, optimizer, scaler, sampler = parts
-    head_state = head.full_state_dict()
+    head_state = head_state_dict(head)
     rng_states = gather_rng_states(ctx)
     path, error = checkpoint_path(cfg.output, step), ""
     if ctx.is_main:
@@ -205,7 +264,7 @@ def restore_checkpoint(path, state, ctx, plan, parts) -> tuple[int, int]:
     except RuntimeError as exc:
         raise TrainingError(f"{path}: backbone does not match the config's network "
                             f"({str(exc).splitlines()[0]})") from None
-    head.load_full_state_dict(state["head"])
+    load_head_state(head, state["head"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     sampler.load_state_dict(state["sampler"])
@@ -317,33 +376,6 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> 
     return loss_sum
 
 
-def optimizer_step(cfg, ctx, backbone, head, optimizer, scaler, lr: float, loss: float) -> str:
-    """Unscale, clip, agree on every rank whether the step is finite, then step or skip.
-
-    Returns "stepped", "overflow" (fp16 gradients overflowed: the scaler backs off, the normal
-    GradScaler contract) or "nonfinite_loss" (counted towards max_nonfinite_steps).
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if scaler.is_enabled():
-        scaler.unscale_(optimizer)
-        head.unscale_(1.0 / scaler.get_scale())
-    grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(),
-                                               cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf"))
-    loss_finite, grads_finite = all_ranks_min(
-        [float(math.isfinite(loss)), float(head.grads_finite() and bool(torch.isfinite(grad_norm)))], ctx)
-    outcome = "stepped" if loss_finite and grads_finite else ("overflow" if loss_finite else "nonfinite_loss")
-    if outcome == "stepped":
-        scaler.step(optimizer)
-        head.step(lr)
-        scaler.update()
-    elif scaler.is_enabled():  # overflow or a bad batch: back off, nothing moves (the GradScaler contract)
-        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-    optimizer.zero_grad(set_to_none=True)
-    head.zero_grad()
-    return outcome
-
-
 def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, float]:
     """Train ``cfg`` on this rank; returns the last verification results (empty without val_targets)."""
     seed_everything(cfg.seed + ctx.rank)
@@ -361,14 +393,10 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
 
     # ---- model, head, optimizers
     fp16, bf16 = devices.resolve_precision(ctx, bool(cfg.fp16), bool(cfg.bf16))
-    backbone = build_backbone(cfg, ctx)
-    head = PartialFC(build_margin_loss(cfg), cfg.embedding_size, data.num_classes,
-                     sample_rate=cfg.sample_rate, pfc_update=cfg.pfc_update, weight_dtype=cfg.pfc_weight_dtype,
-                     state_dtype=cfg.pfc_state_dtype, seed=cfg.seed).to(ctx.device)
-    head.configure_optimizer(cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                             betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
-    optimizer = build_optimizer(cfg, backbone, schedule.lr(0))
+    backbone, classifier = build_backbone(cfg, ctx)
+    head = build_head(cfg, data.num_classes, classifier, ctx)
     scaler = devices.grad_scaler(ctx, fp16)
+    optimizer = build_optimizer(cfg, backbone, head, scaler, schedule.lr(0))
     parts = (backbone, head, optimizer, scaler, sampler)
 
     step, epoch = 0, 0
@@ -409,12 +437,15 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
                 ended = "stop" if not no_stop else "data"
                 break
             current_lr = schedule.lr(plan.position(epoch, sampler.consumed))
+            optimizer.set_lr(current_lr)
             loss = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx)
-            outcome = optimizer_step(cfg, ctx, backbone, head, optimizer, scaler, current_lr, loss)
-            nonfinite_in_a_row = nonfinite_in_a_row + 1 if outcome == "nonfinite_loss" else 0
-            if outcome == "stepped":
+            sum_replicated_grads(head, ctx)
+            outcome = optimizer.step(loss=loss)
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite_in_a_row = 0 if outcome.loss_finite else nonfinite_in_a_row + 1
+            if outcome.stepped:
                 loss_meter.update(loss)
-            elif outcome == "nonfinite_loss":
+            elif not outcome.loss_finite:
                 logger.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, loss, nonfinite_in_a_row)
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                     raise TrainingError(f"loss was non-finite for {nonfinite_in_a_row} optimizer steps in a row "
@@ -425,7 +456,8 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
             timer.add(plan.global_batch, data_wait)
             if step % cfg.frequent == 0 or step == plan.total_steps:
                 check_data_health(loader, cfg, ctx)
-                log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, current_lr, start_step)
+                log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, current_lr,
+                             start_step, getattr(head, "last_stats", None))
             if verification is not None and cfg.verbose > 0 and step % cfg.verbose == 0 and step < plan.total_steps:
                 results = verification(step, backbone, ctx.device)
                 log_scalars(writer, wandb_run, results, step)
@@ -459,8 +491,10 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
     return results
 
 
-def log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, lr, start_step) -> None:
-    """The periodic status line (a window without a finite step shows no loss, never 0)."""
+def log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, lr, start_step,
+                 triplet_stats=None) -> None:
+    """The periodic status line (a window without a finite step shows no loss, never 0); with the triplet
+    loss also the active-triplet fraction and the mean anchor-positive / anchor-negative distances."""
     stats = timer.report(step, plan.total_steps, start_step)
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
     loss_text = f"{loss_meter.mean:.4f}" if loss_meter.count else "n/a (all steps skipped)"
@@ -470,6 +504,11 @@ def log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, p
     scalars = {"train/lr": lr, "train/samples_per_s": stats["samples_per_s"], "train/data_wait": stats["data_wait"]}
     if loss_meter.count:
         scalars["train/loss"] = loss_meter.mean
+    if triplet_stats:
+        logger.info("step %d triplets | active %.3f | d(a,p) %.4f | d(a,n) %.4f", step,
+                    triplet_stats.get("active_fraction", float("nan")), triplet_stats.get("mean_ap", float("nan")),
+                    triplet_stats.get("mean_an", float("nan")))
+        scalars.update({f"triplet/{key}": value for key, value in triplet_stats.items()})
     log_scalars(writer, wandb_run, scalars, step)
     loss_meter.reset()
 

@@ -30,6 +30,7 @@ class ConvBNReLU(nn.Module):
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv, BN, ReLU."""
         return self.relu(self.bn(self.conv(x)))
 
 
@@ -57,6 +58,7 @@ class ResidualInception(nn.Module):
         self.relu = nn.ReLU() if relu else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Branches concatenated, projected, scaled and added to the input."""
         out = torch.cat([getattr(self, f"branch{i}")(x) for i in range(self.num_branches)], 1)
         return self.relu(self.conv2d(out) * self.scale + x)
 
@@ -72,6 +74,7 @@ class Reduction(nn.Module):
         setattr(self, f"branch{len(branches)}", nn.MaxPool2d(3, stride=2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Branches concatenated (the spatial size halves)."""
         return torch.cat([getattr(self, f"branch{i}")(x) for i in range(self.num_branches)], 1)
 
 

@@ -47,6 +47,7 @@ class IBasicBlock(nn.Module):
             self.downsample = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activation basic block with the (possibly downsampled) input added."""
         out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
         identity = x if self.downsample is None else self.downsample(x)
         out += identity  # in place: BN backward keeps its input, not its output, so this is safe
@@ -89,9 +90,11 @@ class IResNet(nn.Module):
         self.features.weight.requires_grad = False
 
     def stages(self) -> list[nn.Sequential]:
+        """The four residual stages, in order."""
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings [N, num_features] of normalised images [N, 3, 112, 112]."""
         check_input(x, self.name)
         use_checkpoint = self.gradient_checkpointing and self.training
         with trunk_autocast(x, self.fp16):
@@ -107,4 +110,5 @@ class IResNet(nn.Module):
 
 
 def build_iresnet(name: str, **kwargs) -> IResNet:
+    """The registered iresnet ``name`` (r18 ... r200)."""
     return IResNet(IRESNET_LAYERS[name], name=name, **kwargs)

@@ -29,6 +29,7 @@ class ConvBlock(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """conv -> BN (-> PReLU when ``activation``)."""
         return self.layers(x)
 
 
@@ -52,6 +53,7 @@ class DepthWise(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pointwise, depthwise, linear pointwise (+ input when residual)."""
         out = self.layers(x)
         return x + out if self.residual else out
 
@@ -64,6 +66,7 @@ class Residual(nn.Module):
         self.layers = nn.Sequential(*[DepthWise(channels, channels, hidden, residual=True) for _ in range(num_blocks)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The stacked residual depthwise blocks."""
         return self.layers(x)
 
 
@@ -80,10 +83,13 @@ class GDC(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Global depthwise conv, then the embedding layer."""
         return self.layers(x)
 
 
 class MobileFaceNet(nn.Module):
+    """MobileFaceNet (insightface's ``mbf``/``mbf_large``): state-dict compatible with arcface_torch."""
+
     def __init__(self, blocks: tuple[int, int, int, int] = (1, 4, 6, 2), scale: int = 2, num_features: int = 512,
                  fp16: bool = False, gradient_checkpointing: bool = False, name: str = "mbf") -> None:
         super().__init__()
@@ -126,6 +132,7 @@ class MobileFaceNet(nn.Module):
         return units
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings [N, num_features] of normalised images [N, 3, 112, 112]."""
         check_input(x, self.name)
         use_checkpoint = self.gradient_checkpointing and self.training
         with trunk_autocast(x, self.fp16):
@@ -137,5 +144,6 @@ class MobileFaceNet(nn.Module):
 
 
 def build_mobilefacenet(name: str, **kwargs) -> MobileFaceNet:
+    """The registered MobileFaceNet variant ``name``."""
     blocks, scale = MBF_VARIANTS[name]
     return MobileFaceNet(blocks, scale, name=name, **kwargs)

@@ -19,6 +19,8 @@ TINY_STAGES = ((16, 2), (32, 2), (64, 2), (64, 1), (128, 2))
 
 
 class TinyFaceNet(nn.Module):
+    """A small CNN (the ``tiny`` backbone) for CPU demos and tests."""
+
     def __init__(self, num_features: int = 512, fp16: bool = False, gradient_checkpointing: bool = False,
                  dropout: float = 0.0, name: str = "tiny") -> None:
         super().__init__()
@@ -35,6 +37,7 @@ class TinyFaceNet(nn.Module):
         self.features = nn.BatchNorm1d(num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings [N, num_features] of normalised images."""
         check_input(x, self.name)
         use_checkpoint = self.gradient_checkpointing and self.training
         # Same precision rules as the zoo models: fp16 trunk on request, any outer autocast kept,
@@ -48,4 +51,5 @@ class TinyFaceNet(nn.Module):
 
 
 def build_tiny(name: str, **kwargs) -> TinyFaceNet:
+    """The registered ``tiny`` backbone."""
     return TinyFaceNet(name=name, **kwargs)

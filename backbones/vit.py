@@ -38,6 +38,7 @@ class DropPath(nn.Module):
         self.rate = rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop the whole residual branch per sample with probability ``rate`` (training only)."""
         if self.rate == 0.0 or not self.training:
             return x
         keep = 1.0 - self.rate
@@ -45,10 +46,13 @@ class DropPath(nn.Module):
         return x * mask / keep
 
     def extra_repr(self) -> str:
+        """Shown by ``print(model)``."""
         return f"rate={self.rate}"
 
 
 class Mlp(nn.Module):
+    """Transformer feed-forward: Linear, ReLU6, Linear."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -56,6 +60,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Feed-forward of every token."""
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -69,6 +74,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention over the tokens."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         with fp32_region(x):
@@ -83,6 +89,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: attention and MLP, each with drop-path."""
+
     def __init__(self, dim: int, drop_path: float, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -92,21 +100,29 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Both residual branches."""
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens (one strided conv)."""
+
     def __init__(self, dim: int, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> None:
         super().__init__()
         self.num_patches = (image_size // patch_size) ** 2
         self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens [N, patches, dim] of images [N, 3, H, W]."""
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class VisionTransformer(nn.Module):
+    """arcface_torch's face ViT (``vit_t`` ... ``vit_l``): patch tokens, a random share of them masked in training, all
+    tokens flattened into the embedding layer.
+    """
+
     def __init__(self, embed_dim: int, depth: int, num_features: int = 512, drop_path_rate: float = 0.1,
                  mask_ratio: float = 0.1, fp16: bool = False, gradient_checkpointing: bool = False,
                  name: str = "vit") -> None:
@@ -154,6 +170,7 @@ class VisionTransformer(nn.Module):
         return kept, restore
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings [N, num_features] of normalised images [N, 3, 112, 112]."""
         check_input(x, self.name)
         batch = x.shape[0]
         masking = self.training and self.mask_ratio > 0
@@ -176,6 +193,7 @@ class VisionTransformer(nn.Module):
 
 def build_vit(name: str, drop_path_rate: float | None = None, mask_ratio: float | None = None,
               **kwargs) -> VisionTransformer:
+    """The registered ViT variant ``name``; drop-path and mask rates default to the variant's."""
     dim, depth, default_drop_path, default_mask = VIT_VARIANTS[name]
     return VisionTransformer(dim, depth, name=name,
                              drop_path_rate=default_drop_path if drop_path_rate is None else drop_path_rate,

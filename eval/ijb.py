@@ -49,6 +49,7 @@ class IJBError(ValueError):
 # ----------------------------------------------------------------------------- reading the protocol
 
 def meta_path(image_path: str, target: str, suffix: str) -> str:
+    """Path of an IJB meta file (``<image_path>/meta/<target>_<suffix>``)."""
     return os.path.join(image_path, "meta", f"{target.lower()}_{suffix}")
 
 
@@ -206,11 +207,15 @@ class Protocol:
     detector_score: bool = True  # multiply by the faceness score
 
     def describe(self) -> str:
+        """The protocol switches, as one line for the report."""
         return (f"flip={'on' if self.flip else 'off'}, norm-as-quality={'on' if self.norm_score else 'off'}, "
                 f"detector-score={'on' if self.detector_score else 'off'}")
 
 
 def face_features(embeddings: np.ndarray, flipped: np.ndarray, scores: np.ndarray, protocol: Protocol) -> np.ndarray:
+    """Per-face features: image (+ flip), unit length unless the norm is the quality, times the detector score when
+    asked.
+    """
     features = embeddings + flipped if protocol.flip else embeddings.copy()
     if not protocol.norm_score:
         features = features / np.sqrt(np.sum(features ** 2, -1, keepdims=True))
@@ -237,6 +242,7 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
 
 
 def template_rows(unique_templates: np.ndarray, wanted: np.ndarray, source: str) -> np.ndarray:
+    """Row of each ``wanted`` template in ``unique_templates``; an unknown id is an error naming ``source``."""
     rows = np.searchsorted(unique_templates, wanted)
     rows = np.minimum(rows, len(unique_templates) - 1)
     unknown = np.nonzero(unique_templates[rows] != wanted)[0]
@@ -274,6 +280,8 @@ def tar_at_far(labels: np.ndarray, scores: np.ndarray, far_labels=FAR_LABELS) ->
 
 @dataclass
 class IdentificationResult:
+    """1:N figures: rank-1/rank-5 hit rates and TPIR at each FPIR."""
+
     rank1: float
     rank5: float
     tpir: dict[float, float]
@@ -401,6 +409,7 @@ def _plot_roc(labels: np.ndarray, scores: np.ndarray, name: str, path: str) -> N
 
 
 def format_report(report: dict, name: str) -> str:
+    """The printed IJB report (TAR@FAR table and, when run, 1:N figures)."""
     fars = list(report["tar_at_far"])
     lines = [f"{report['target']}: {report['faces']} faces, {report['templates']} templates, {report['pairs']} pairs; "
              f"protocol: {report['protocol']}",
@@ -415,6 +424,7 @@ def format_report(report: dict, name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m eval.ijb``: evaluate a model on IJB-B/C; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m eval.ijb", description="IJB-B / IJB-C 1:1 and 1:N evaluation.")
     parser.add_argument("--model", "--model-prefix", dest="model", required=True,
                         help="model.pt, a training checkpoint, or an .onnx file")

@@ -194,6 +194,7 @@ class VerificationResult:
     flip: PairMetrics      # embedding(image) + embedding(flipped image)
 
     def as_dict(self) -> dict[str, float]:
+        """Flat float dict (for logs, TensorBoard and JSON)."""
         return {"xnorm": self.xnorm, "accuracy": self.plain.accuracy, "accuracy_std": self.plain.accuracy_std,
                 "accuracy_flip": self.flip.accuracy, "accuracy_flip_std": self.flip.accuracy_std,
                 "val_flip": self.flip.val, "val_flip_std": self.flip.val_std, "far_flip": self.flip.far}

@@ -118,6 +118,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals a verification .bin needs."""
 
     def find_class(self, module: str, name: str) -> Any:
+        """Only the allow-listed globals a .bin needs; any other is refused (RefusedContent)."""
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
@@ -254,6 +255,7 @@ class VerificationTarget:
 
 
 def target_path(data_dir: str, target: str) -> str:
+    """``<data_dir>/<target>.bin``."""
     return os.path.join(data_dir, f"{target}.bin")
 
 
@@ -328,6 +330,7 @@ def format_table(rows: list[tuple[str, int, VerificationResult]]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m eval.verification``."""
     parser = argparse.ArgumentParser(prog="python -m eval.verification",
                                      description="Evaluate a model on insightface verification .bin files.")
     parser.add_argument("--model", required=True, help="model.pt, a training checkpoint, or an .onnx file")
@@ -346,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Evaluate a model on verification .bin files and print the table; returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from utils import device as devices

@@ -163,7 +163,8 @@ class StepOutcome:
 
 
 class JointOptimizer:
-    """One optimizer over the backbone (a torch.optim optimizer) and a Partial FC head.
+    """One optimizer over the backbone (a torch.optim optimizer) and a Partial FC head (``head=None``:
+    the backbone optimizer alone, e.g. with a replicated softmax head whose parameters it holds).
 
     Per step: ``set_lr(lr)``, ``step(loss=..., keep_going=...)``, ``zero_grad()``. ``scaler`` (a
     torch.amp.GradScaler; disabled or None for fp32 / bf16) unscales the backbone through its own API
@@ -175,24 +176,30 @@ class JointOptimizer:
     (world-size independent); ``state_dict()`` here holds the backbone optimizer and the head's lr.
     """
 
-    def __init__(self, backbone_optimizer: torch.optim.Optimizer, head: "PartialFC",
+    def __init__(self, backbone_optimizer: torch.optim.Optimizer, head: "PartialFC | None",
                  scaler: torch.amp.GradScaler | None = None, clip_grad_norm: float = 0.0):
-        if head.row_optimizer is None:
+        if head is not None and head.row_optimizer is None:
             raise PartialFCError("JointOptimizer: call head.configure_optimizer() first (or use build_joint_optimizer)")
         if not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm >= 0):
             raise PartialFCError(f"JointOptimizer: clip_grad_norm={clip_grad_norm!r}: expected a number >= 0 "
                                  f"(0 = off; config key 'clip_grad_norm')")
         self.backbone_optimizer, self.head = backbone_optimizer, head
-        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(head.weight.device.type, enabled=False)
+        # Where the finite-check flags live: the head's device, else the first parameter's (NCCL needs CUDA).
+        first = next((param for group in backbone_optimizer.param_groups for param in group["params"]), None)
+        self.device = head.weight.device if head is not None else (first.device if first is not None else
+                                                                   torch.device("cpu"))
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(self.device.type, enabled=False)
         self.clip_grad_norm = float(clip_grad_norm)
         lr = backbone_optimizer.param_groups[0]["lr"]
-        self.head_group: dict[str, Any] = {"params": [], "lr": lr, "name": "partial_fc",
-                                           "optimizer": head.row_optimizer.name, **head.row_optimizer.hyper}
+        self.head_group: dict[str, Any] | None = None
+        if head is not None:
+            self.head_group = {"params": [], "lr": lr, "name": "partial_fc", "optimizer": head.row_optimizer.name,
+                               **head.row_optimizer.hyper}
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        """The backbone optimizer's groups, then the head's."""
-        return list(self.backbone_optimizer.param_groups) + [self.head_group]
+        """The backbone optimizer's groups, then the head's (when there is a Partial FC head)."""
+        return list(self.backbone_optimizer.param_groups) + ([] if self.head_group is None else [self.head_group])
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every group (backbone and head)."""
@@ -206,26 +213,29 @@ class JointOptimizer:
     def step(self, loss: float = 0.0, keep_going: bool = True) -> StepOutcome:
         """Unscale, clip, decide on every rank together, then step both (or skip both)."""
         scaler = self.scaler
+        head = self.head
         if scaler.is_enabled():
             scaler.unscale_(self.backbone_optimizer)
-            self.head.unscale_(1.0 / scaler.get_scale())
+            if head is not None:
+                head.unscale_(1.0 / scaler.get_scale())
         params = self._backbone_params()
         if self.clip_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
         else:  # the norm only (it is the backbone's finite check); nothing to scale
             grad_norm = torch.nn.utils.get_total_norm([param.grad for param in params])
         grad_norm = float(grad_norm)
-        local_finite = math.isfinite(grad_norm) and self.head.grads_finite()
+        local_finite = math.isfinite(grad_norm) and (head is None or head.grads_finite())
         # Max over ranks of "something is wrong": every rank takes the same decision.
         bad = torch.tensor([not math.isfinite(loss), not local_finite, not keep_going], dtype=torch.float32,
-                           device=self.head.weight.device)
+                           device=self.device)
         dist_utils.all_reduce_(bad, "max")
         loss_bad, grads_bad, stop = (bool(value) for value in bad.tolist())
         stepped = not loss_bad and not grads_bad
         if stepped:
             # The backbone's own inf check (from unscale_) is finite here, since every rank's norm is.
             scaler.step(self.backbone_optimizer)
-            self.head.step(self.head_group["lr"])
+            if head is not None:
+                head.step(self.head_group["lr"])
             scaler.update()
         elif scaler.is_enabled():
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
@@ -234,12 +244,13 @@ class JointOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the backbone's and the head's gradients."""
         self.backbone_optimizer.zero_grad(set_to_none=set_to_none)
-        self.head.zero_grad()
+        if self.head is not None:
+            self.head.zero_grad()
 
     def state_dict(self) -> dict[str, Any]:
         """The backbone optimizer's state and the head group's settings (the head's rows: full_state_dict)."""
-        return {"backbone": self.backbone_optimizer.state_dict(),
-                "head": {key: value for key, value in self.head_group.items() if key != "params"}}
+        head = {} if self.head_group is None else {key: value for key, value in self.head_group.items() if key != "params"}
+        return {"backbone": self.backbone_optimizer.state_dict(), "head": head}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load a ``state_dict()``; a plain torch optimizer state (older checkpoints) loads the backbone."""
@@ -249,12 +260,13 @@ class JointOptimizer:
         if not isinstance(state, Mapping) or not isinstance(state.get("backbone"), Mapping):
             raise PartialFCError("JointOptimizer: not an optimizer state (expected a JointOptimizer.state_dict() "
                                  "or a torch optimizer state_dict)")
-        head = state.get("head", {})
-        if head.get("optimizer", self.head_group["optimizer"]) != self.head_group["optimizer"]:
+        head = state.get("head") or {}
+        mine = None if self.head_group is None else self.head_group["optimizer"]
+        if mine is not None and head.get("optimizer", mine) != mine:
             raise PartialFCError(f"JointOptimizer: checkpoint optimizer is {head['optimizer']!r}, this run uses "
-                                 f"{self.head_group['optimizer']!r} (config key 'optimizer')")
+                                 f"{mine!r} (config key 'optimizer')")
         self.backbone_optimizer.load_state_dict(state["backbone"])
-        if "lr" in head:
+        if self.head_group is not None and "lr" in head:
             self.head_group["lr"] = head["lr"]
 
 
@@ -267,13 +279,18 @@ TORCH_OPTIMIZERS = {
 }
 
 
-def build_joint_optimizer(name: str, backbone_params: Iterable[torch.Tensor], head: "PartialFC", lr: float,
+def build_joint_optimizer(name: str, backbone_params: Iterable[torch.Tensor], head: "PartialFC | None", lr: float,
                           momentum: float = 0.9, weight_decay: float = 5e-4,
                           betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                           clip_grad_norm: float = 0.0, scaler: torch.amp.GradScaler | None = None) -> JointOptimizer:
     """The backbone's torch optimizer and the head's row optimizer with the same settings, as one
-    ``JointOptimizer``; the optimizer name and settings are checked here, once."""
-    head.configure_optimizer(name, momentum=momentum, weight_decay=weight_decay, betas=betas, eps=eps)
+    ``JointOptimizer``; the optimizer name and settings are checked here, once (by ``RowOptimizer``).
+    ``head=None``: the backbone optimizer alone (its parameters may include a replicated head's)."""
+    if head is not None:
+        head.configure_optimizer(name, momentum=momentum, weight_decay=weight_decay, betas=betas, eps=eps)
+        hyper = head.row_optimizer.hyper
+    else:
+        hyper = RowOptimizer(name, momentum=momentum, weight_decay=weight_decay, betas=betas, eps=eps).hyper
     params = [param for param in backbone_params if param.requires_grad]
-    backbone = TORCH_OPTIMIZERS[name](params, lr, head.row_optimizer.hyper)
+    backbone = TORCH_OPTIMIZERS[name](params, lr, hyper)
     return JointOptimizer(backbone, head, scaler=scaler, clip_grad_norm=clip_grad_norm)

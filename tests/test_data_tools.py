@@ -149,12 +149,23 @@ def test_bad_images_are_all_listed_then_stop_or_skip(tmp_path, capsys):
     assert not (tmp_path / "o2" / "train.rec").exists()
 
 
+def test_pack_gives_the_class_ids_training_on_the_folder_gives(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src", counts=(1, 2))
+    os.makedirs(src / ".ipynb_checkpoints")  # hidden: not an identity when training on the folder either
+    cv2.imwrite(str(src / ".ipynb_checkpoints" / "0.jpg"), np.zeros((112, 112, 3), np.uint8))
+    assert pack_rec.main([str(src), str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert "num_images=3 num_classes=2 layout=header" in capsys.readouterr().out
+    packed = RecordDataset(str(tmp_path / "out"), (112, 112), flip=False)
+    assert packed.labels().tolist() == [0, 1, 1]
+
+
 def test_empty_identity_folder_stops_instead_of_shifting_ids(tmp_path, capsys):
     src = _image_folder(tmp_path / "src", counts=(1, 1))
     os.makedirs(src / "id0b_empty")  # sorts between id0 and id1
     assert pack_rec.main([str(src), str(tmp_path / "out"), "--workers", "1"]) == 2
     err = capsys.readouterr().err
-    assert "1 identity folder(s) hold no images (id0b_empty)" in err and "every later id would shift" in err
+    assert f"{src / 'id0b_empty'}: identity folder holds no image file" in err
+    assert "1 of 3 identity folders are empty: class ids follow the sorted folder names" in err
     assert not (tmp_path / "out" / "train.rec").exists()
 
 

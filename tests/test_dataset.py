@@ -175,13 +175,29 @@ def test_missing_rec_files_name_the_file(tmp_path):
         get_dataloader(_cfg(str(tmp_path / "nowhere")), 0, 1)
 
 
-def test_synthetic_dataset():
-    data = RandomTensorDataset(num_image=10, num_classes=4, image_size=(112, 112), seed=1)
-    image, label = data[5]
-    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 112, 112) and label == 1
-    loader = get_dataloader(_cfg("synthetic", num_image=64, num_classes=8, batch_size=8), 0, 1)
-    images, labels = next(iter(loader))
-    assert images.shape == (8, 3, 112, 112) and labels.dtype == torch.int64
+def test_random_tensors_under_both_spellings():
+    data = RandomTensorDataset(num_image=10, num_classes=4, image_size=(112, 96), seed=1)
+    items = [data[index] for index in range(len(data))]
+    assert all(image.dtype == torch.uint8 and tuple(image.shape) == (3, 112, 96) for image, _ in items)
+    # every class is used, as evenly as 10 images over 4 classes allow, and labels() agrees with the items
+    assert sorted(np.bincount([label for _, label in items], minlength=4)) == [2, 2, 3, 3]
+    assert data.labels().tolist() == [label for _, label in items]
+    batches = {}
+    for rec in ("random", "synthetic"):  # the new name and arcface_torch's
+        loader = get_dataloader(_cfg(rec, num_image=64, num_classes=8, batch_size=8), 0, 1)
+        info = loader.data_info
+        assert (info.source, info.kind, info.num_classes, info.num_images) == ("random tensors", "random", 8, 64)
+        batches[rec] = next(iter(loader))
+    assert torch.equal(batches["random"][0], batches["synthetic"][0])
+    assert torch.equal(batches["random"][1], batches["synthetic"][1])
+    assert batches["random"][0].shape == (8, 3, 112, 112) and batches["random"][1].dtype == torch.int64
+
+
+@pytest.mark.parametrize("key", ["dali", "dali_aug"])
+def test_dali_keys_are_accepted_but_true_is_an_error(key):
+    with pytest.raises(DatasetError, match=rf"^config key '{key}': True is not supported by ArcScale's loader; "
+                                           rf"set {key}=False"):
+        get_dataloader(_cfg("random", num_image=16, num_classes=2, **{key: True}), 0, 1)
 
 
 def test_normalize_batch():

@@ -191,3 +191,14 @@ def test_inference_detect_aligns_or_crops_by_the_model_convention(raw_dir, detec
     features = [inference.embed(model, inference.read_detected_face(p, (112, 112), detector), torch.device("cpu"))
                 for p in (path, other)]
     assert printed == pytest.approx(inference.cosine(*features), abs=1e-5)
+
+
+def test_an_unwritable_output_is_a_one_line_error(raw_dir, tmp_path, capsys, monkeypatch):
+    def refuse(path, image, quality):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(detect_faces, "_write_atomic_image", refuse)
+    out = tmp_path / "out"
+    assert detect_faces.main([raw_dir, str(out), "--mode", "arcface"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"detect_faces: error: {out}/alice/a1.jpg: cannot write the face (Permission denied)"

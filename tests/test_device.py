@@ -1,4 +1,7 @@
 """utils/device.py: device resolution, autocast and scaler on CPU, the summing DDP hook (gloo)."""
+import os
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -41,7 +44,17 @@ def test_autocast_and_scaler_on_cpu():
     with pytest.raises(devices.DeviceError, match="both True"):
         devices.autocast(ctx, fp16=True, bf16=True)
     assert not devices.grad_scaler(ctx, fp16=False).is_enabled()
-    assert devices.memory_gib(ctx) > 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_cpu_memory_is_the_peak_rss_in_gib():
+    ctx = devices.DeviceContext("cpu", torch.device("cpu"), 0, 0, 1, "gloo")
+    block = bytearray(64 << 20)  # touch 64 MiB so the peak is not just the interpreter's
+    # The kernel's own peak-RSS figure (kB = KiB), read independently of getrusage.
+    with open("/proc/self/status") as handle:
+        peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", handle.read()).group(1))
+    assert devices.memory_gib(ctx) == pytest.approx(peak_kib / 2**20, rel=0.02)
+    del block
 
 
 def _hook_worker(rank: int, world_size: int) -> list:

@@ -19,6 +19,12 @@ def test_single_process_without_group():
     assert dist_utils.all_reduce_(y, "max") is y and y.tolist() == [1.0, 5.0]
 
 
+def test_shard_bounds_are_contiguous_and_balanced():
+    assert dist_utils.shard_bounds(40, 3) == [(0, 14), (14, 27), (27, 40)]
+    assert dist_utils.shard_bounds(5, 2) == [(0, 3), (3, 5)]
+    assert dist_utils.shard_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]  # more ranks than items: empty tails
+
+
 def _pack(obj) -> bytes:
     """Results cross the spawn queue as bytes: a tensor would travel as a shared-memory handle that dies
     with the child (FileNotFoundError in multiprocessing's resource sharer when the parent reads it late)."""

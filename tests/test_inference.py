@@ -35,7 +35,10 @@ def test_embed_and_compare_in_process(workdir):
     with torch.no_grad():
         expected = model(((image.float() / 255) - 0.5) / 0.5)[0].double().numpy()
     assert np.allclose(feature, expected)
-    assert cosine(feature, feature) == pytest.approx(1.0)
+    # worked by hand: (3*4 + 4*3) / (5 * 5) = 0.96; scale-free; opposite vectors give -1
+    assert cosine(np.array([3.0, 4.0]), np.array([4.0, 3.0])) == pytest.approx(0.96, abs=1e-12)
+    assert cosine(np.array([6.0, 8.0]), np.array([0.4, 0.3])) == pytest.approx(0.96, abs=1e-12)
+    assert cosine(feature, -2 * feature) == pytest.approx(-1.0, abs=1e-12)
     cv2.imwrite(str(directory / "big.png"), np.zeros((200, 150, 3), np.uint8))
     assert read_face(str(directory / "big.png")).shape == (1, 3, 112, 112)
 

@@ -225,3 +225,19 @@ def test_nms_equals_one_box_at_a_time_greedy(monkeypatch, mode, threshold, block
     assert kept.tolist() == greedy_nms(boxes, scores, groups, threshold, mode)
     assert 20 < len(kept) < 280  # the case is neither trivial nor all-suppressed
     assert mtcnn.nms(torch.zeros(0, 4), torch.zeros(0), 0.5).tolist() == []
+
+
+@pytest.mark.parametrize("shape", [(1, 10, 9, 7), (2, 10, 8, 6), (1, 4, 1, 1), (1, 3, 2, 5)])
+def test_pnet_pooling_equals_max_pool2d_ceil_mode(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(mtcnn._pool2_ceil(x), F.max_pool2d(x, 2, 2, ceil_mode=True))
+    assert torch.equal(mtcnn._pool2_ceil(x.contiguous()), F.max_pool2d(x, 2, 2, ceil_mode=True))
+
+
+def test_candidates_entirely_outside_the_image_are_dropped_not_an_error(detector, photos, monkeypatch):
+    # PNet's regression can push a candidate off the image; the reference would misalign its crops there
+    outside = torch.tensor([[900.0, 900.0, 940.0, 940.0, 0.99]])
+    monkeypatch.setattr(detector, "_proposals", lambda table: (outside, torch.tensor([0])))
+    boxes, probs, landmarks = detector.detect(photos["blank"])
+    assert boxes.shape == (0, 4) and probs.shape == (0,) and landmarks.shape == (0, 5, 2)
+

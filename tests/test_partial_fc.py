@@ -2,7 +2,6 @@
 split, uneven local batches), sampling, sparse vs dense updates, optimizer semantics, label errors,
 world-size independent checkpoints, AdaFace / CurricularFace inside Partial FC, bf16 storage."""
 import io
-import math
 
 import pytest
 import torch

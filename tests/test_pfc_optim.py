@@ -216,3 +216,36 @@ def test_settings_errors_and_state_dict():
         setup("sgd")[3].load_state_dict(state)
     with pytest.raises(PartialFCError, match=r"not an optimizer state"):
         legacy.load_state_dict({"weights": 1})
+
+
+def test_without_a_partial_fc_head_it_is_the_standard_gradscaler_sequence():
+    """head=None (a replicated classifier inside the backbone's parameters): finite steps equal torch's
+    documented AMP recipe (unscale_, clip, scaler.step, update); an overflow skips and backs off."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(IN, D), torch.nn.Linear(D, C))
+    reference_model = copy.deepcopy(model)
+    scaler, reference_scaler = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 16) for _ in range(2))
+    joint = build_joint_optimizer("adam", model.parameters(), None, lr=0.01, weight_decay=1e-3,
+                                  clip_grad_norm=0.5, scaler=scaler)
+    reference = torch.optim.Adam(reference_model.parameters(), lr=0.01, weight_decay=1e-3)
+    assert len(joint.param_groups) == 1 and joint.state_dict()["head"] == {}
+    for step in range(3):
+        images, labels = batch(step)
+        scaler.scale(F.cross_entropy(model(images), labels)).backward()
+        assert joint.step(loss=1.0).stepped
+        joint.zero_grad()
+        reference_scaler.scale(F.cross_entropy(reference_model(images), labels)).backward()
+        reference_scaler.unscale_(reference)
+        torch.nn.utils.clip_grad_norm_(reference_model.parameters(), 0.5)
+        reference_scaler.step(reference)
+        reference_scaler.update()
+        reference.zero_grad()
+    for new, old in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(new, old)
+    before = [param.detach().clone() for param in model.parameters()]
+    scaler.update(2.0 ** 127)
+    images, labels = batch(5)
+    scaler.scale(F.cross_entropy(model(images * 1e3), labels)).backward()  # first-layer grads ~ 1e3 * 2^127
+    outcome = joint.step(loss=1.0)
+    assert not outcome.stepped and not outcome.grads_finite and scaler.get_scale() == 2.0 ** 126
+    assert all(torch.equal(param, old) for param, old in zip(model.parameters(), before))

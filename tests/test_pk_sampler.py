@@ -143,3 +143,18 @@ def test_get_dataloader_with_pk_batches():
         assert labels[:4].unique().numel() == 1 and labels[4:].unique().numel() == 1 and labels[0] != labels[4]
     cfg.sampler = "random"
     assert type(get_dataloader(cfg, 0, 1).sampler) is ResumableDistributedSampler
+
+
+def test_any_window_of_half_the_identities_is_distinct():
+    # The property that lets a resume with another batch size keep P distinct identities per batch.
+    for identities in (2, 3, 5, 8):
+        for seed in range(5):
+            rng = np.random.default_rng(seed)
+            labels = np.repeat(np.arange(identities), rng.integers(1, 30, identities))
+            sampler = PKSampler(labels, 2, 2, 0, 1, seed)
+            sampler.set_epoch(seed)
+            groups = labels[sampler.stream()].reshape(-1, 2)
+            assert (groups[:, 0] == groups[:, 1]).all()
+            half = identities // 2
+            windows = np.lib.stride_tricks.sliding_window_view(groups[:, 0], half)
+            assert all(len(set(window.tolist())) == half for window in windows)

@@ -119,7 +119,9 @@ def test_pack_unpack_array_label_and_img_roundtrip():
 
 
 def test_large_label_warns(caplog, monkeypatch):
-    monkeypatch.setattr(recordio, "_warned_float32", False)
+    from utils import recordio_header
+
+    monkeypatch.setattr(recordio_header, "_warned_float32", False)  # the warning is once per process
     with caplog.at_level("WARNING"):
         recordio.pack(recordio.IRHeader(0, float(2**24 + 2), 1, 0), b"")
     assert "2^24" in caplog.text

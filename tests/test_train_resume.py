@@ -46,12 +46,12 @@ def check_continuation(log_part: str, resumed_from: dict, new_batch: int, refere
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("resume_step", [10, 35], ids=["in-warmup-step-10", "late-step-35"])
+@pytest.mark.parametrize("resume_step", [10, 25], ids=["in-warmup-step-10", "late-step-25"])
 def test_a_one_rank_run_continues_on_two_ranks(tmp_path, identity_cache, reference, resume_step):  # noqa: F811
     # The uninterrupted 1-rank run's checkpoint at a known step, resumed on 2 ranks (global batch 8 -> 16).
-    # Step 10: 80 samples, inside the 96-sample warmup. Step 35: 280 samples, half a 16-batch into step 17
-    # of the new plan, and numbered above every step of it (24): with keep_checkpoints=1 pruning must keep
-    # this run's final checkpoint and drop the old one, which a later resume would otherwise take.
+    # Step 10: 80 samples, inside the 96-sample warmup. Step 25: 200 samples (8 into epoch 2), half a 16-batch
+    # into step 12 of the new plan, and numbered above every step of it (24): with keep_checkpoints=1 pruning
+    # must keep this run's final checkpoint and drop the old one, which a later resume would otherwise take.
     config = write_config(tmp_path, "grow", identity_cache, keep_checkpoints=1)
     output = tmp_path / "out_grow"
     output.mkdir()
@@ -86,12 +86,13 @@ def test_a_two_rank_run_continues_on_one_rank(tmp_path, identity_cache, referenc
     assert resumed.proc.returncode == 0, resumed.output[-3000:]
     check_continuation(training_log(output)[log_before:], state, 8, reference["steps"])
     final = load(checkpoints(output)[max(checkpoints(output))])
-    assert final["epoch"] == NUM_EPOCH and final["step"] == PLANNED_1_RANK  # done at 16/sample, rest at 8
+    assert final["epoch"] == NUM_EPOCH and final["step"] == PLANNED_1_RANK  # a 2-rank step counts as two here
 
 
 # ---------------------------------------------------------------- existing output folders
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """{file name: (sha256, mtime_ns)} of everything in ``folder``."""
     return {name: (hashlib.sha256((folder / name).read_bytes()).hexdigest(), (folder / name).stat().st_mtime_ns)
             for name in sorted(os.listdir(folder))}
 

@@ -1,6 +1,5 @@
 """metric_losses.py (TripletLoss, re-exported by losses.py): the three mining rules against brute-force
 loops, values and gradients, the sqrt at 0, no-triplet batches, errors, and 1 vs 2 gloo ranks."""
-import itertools
 
 import pytest
 import torch

@@ -66,6 +66,7 @@ def align_folder(input_dir: str, landmarks_path: str, output_dir: str, image_siz
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Align the faces listed with 5 landmarks; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input-dir", required=True, help="folder the landmark paths are relative to")
     parser.add_argument("--landmarks", required=True, help="text file: path x1 y1 ... x5 y5 per line")

@@ -23,6 +23,7 @@ SUBCOMMANDS = ("data", "backbone", "head", "train", "eval", "detect")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the subcommand and run it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     modules = {}
@@ -36,7 +37,12 @@ def main(argv: list[str] | None = None) -> None:
         sub_parser = sub.add_parser(name, help=(modules[name].__doc__ or "").strip().splitlines()[0])
         modules[name].add_arguments(sub_parser)
     args = parser.parse_args(argv)
-    modules[args.what].run(args)
+    from utils.device import DeviceError
+
+    try:
+        modules[args.what].run(args)
+    except DeviceError as exc:  # e.g. --device cuda on a CPU-only build: one line, no traceback
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -124,7 +124,11 @@ def process_photo(relative: str) -> list[str]:
         face = cv2.cvtColor(detector.crop(rgb, boxes[0], size, settings["margin"]), cv2.COLOR_RGB2BGR)
     else:
         face = norm_crop(image, landmarks[0], size)
-    _write_atomic_image(os.path.join(settings["out_dir"], relative), face, settings["quality"])
+    target = os.path.join(settings["out_dir"], relative)
+    try:
+        _write_atomic_image(target, face, settings["quality"])
+    except OSError as exc:  # a full disk or a read-only folder ends the run with one line, not a traceback
+        raise DetectFacesError(f"{target}: cannot write the face ({exc.strerror or exc})") from None
     numbers = list(boxes[0]) + [probs[0]] + list(landmarks[0].reshape(-1))
     return [relative, "ok", str(len(boxes))] + [f"{float(value):.3f}" if i != 4 else f"{float(value):.6f}"
                                                 for i, value in enumerate(numbers)]

@@ -81,6 +81,7 @@ def build_on_meta(name: str, **kwargs) -> nn.Module:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Print parameters and GFLOPs of the named networks."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("networks", nargs="*", help=f"model names: {', '.join(MODEL_NAMES)}")
     parser.add_argument("--all", action="store_true", help="every registered model")

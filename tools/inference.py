@@ -2,10 +2,13 @@
 
     python tools/inference.py --model model.pt --network r50 --img a.jpg [--save a.npy]
     python tools/inference.py --model model.pt --network r50 --img a.jpg --img2 b.jpg --threshold 0.3
+    python tools/inference.py --model model.pt --img photo1.jpg --img2 photo2.jpg --detect   # raw photos
 
-Images should be aligned crops of the model's input size (112x112 for insightface's networks,
-160x160 for inception_resnet_v1; see tools/align_faces.py); other sizes are resized, as
-arcface_torch's inference.py does. The size and pixel normalisation come from the model
+With ``--detect`` the inputs are raw photos: MTCNN (utils/mtcnn.py) finds the largest face, which is
+aligned onto the ArcFace template for 112-style models or cut as box + ``--margin`` for 160x160 facenet
+models (docs/facenet.md). Otherwise images should be aligned crops of the model's input size (112x112
+for insightface's networks, 160x160 for inception_resnet_v1; see tools/align_faces.py); other sizes are
+resized, as arcface_torch's inference.py does. The size and pixel normalisation come from the model
 (``backbones.input_spec``). ``--model`` may also be an .onnx file from tools/torch2onnx.py.
 ``--network`` and ``--embedding-size`` default to what the file says (utils.weights.load_backbone_file).
 The verdict compares the cosine similarity of the L2-normalised embeddings with ``--threshold``;
@@ -80,10 +83,12 @@ def embed(model, image: torch.Tensor, device: torch.device, flip: bool = False) 
 
 
 def cosine(first: np.ndarray, second: np.ndarray) -> float:
+    """Cosine similarity of two embeddings."""
     return float(np.dot(first, second) / (np.linalg.norm(first) * np.linalg.norm(second)))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Embed one image (or compare two) from the command line; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model.pt, a training checkpoint, or an .onnx file")
     parser.add_argument("--network", default=None,

@@ -22,6 +22,7 @@ from utils.synthetic import SyntheticDataError, make_identity_set  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write a generated identity set to ``out_dir``; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--identities", type=int, default=200, help="training identities")

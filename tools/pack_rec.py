@@ -81,27 +81,14 @@ def read_list_file(path: str, image_root: str | None = None) -> tuple[list[str],
 
 
 def scan_folder(root: str) -> tuple[list[str], list[int], list[str]]:
-    """``root/<identity>/<image>``: (paths, labels, identity names); class ids follow sorted folder names."""
-    from dataset import IMAGE_EXTENSIONS
+    """``root/<identity>/<image>``: (paths, labels, identity names), read exactly as training reads the folder
+    (``dataset.scan_image_folder``), so a pack gives every image the class id training on the folder would."""
+    from dataset import DatasetError, scan_image_folder
 
-    identities = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    paths, labels, empty = [], [], []
-    for label, identity in enumerate(identities):
-        folder = os.path.join(root, identity)
-        files = sorted(entry.name for entry in os.scandir(folder) if entry.name.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            empty.append(identity)
-        paths.extend(os.path.join(folder, name) for name in files)
-        labels.extend([label] * len(files))
-    if not paths:
-        raise PackError(f"{root}: no images found, expected root/<identity>/<image> files ending in "
-                        f"{'/'.join(IMAGE_EXTENSIONS)}")
-    if empty:
-        more = f", ... {len(empty) - SHOWN} more" if len(empty) > SHOWN else ""
-        raise PackError(f"{root}: {len(empty)} identity folder(s) hold no images ({', '.join(empty[:SHOWN])}{more}); "
-                        f"class ids follow sorted folder names, so every later id would shift: remove the "
-                        f"folder(s) or add images")
-    return paths, labels, identities
+    try:
+        return scan_image_folder(root)
+    except DatasetError as exc:
+        raise PackError(str(exc)) from None
 
 
 def encode_file(job: tuple[str, int, int, int]) -> bytes:

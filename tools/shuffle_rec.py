@@ -54,6 +54,7 @@ def shuffle_rec(in_dir: str, out_dir: str, seed: int = 0, force: bool = False, p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Shuffle a RecordIO set into the plain layout; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("in_dir", help="folder with train.rec/train.idx (either layout)")
     parser.add_argument("out_dir", help="output folder for the shuffled plain-layout set")

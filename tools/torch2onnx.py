@@ -144,6 +144,7 @@ def verify_onnx(model: nn.Module, output: str, image_size: tuple[int, int] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Export a backbone to ONNX and check it against torch; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="model.pt (bare backbone state_dict) or a training checkpoint")
     parser.add_argument("--network", default=None,

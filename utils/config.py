@@ -143,6 +143,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_override(cfg: EasyDict, key: str, value: Any) -> None:
+    """Set dotted ``key`` in ``cfg``; an unknown key is a ConfigError with a suggestion."""
     node = cfg
     parts = key.split(".")
     for depth, part in enumerate(parts):

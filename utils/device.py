@@ -156,12 +156,17 @@ def pin_memory(ctx: DeviceContext) -> bool:
     return ctx.kind in ("cuda", "npu")
 
 
+def _accelerator(ctx: DeviceContext):
+    """``torch.cuda`` or ``torch.npu`` (same API for what this module calls) for ``ctx``; None on CPU."""
+    if ctx.kind == "cuda":
+        return torch.cuda
+    return torch.npu if ctx.kind == "npu" else None  # torch.npu exists once torch_npu is imported
+
+
 def synchronize(ctx: DeviceContext) -> None:
     """Wait for the accelerator's queued work (timing); a no-op on CPU."""
-    if ctx.kind == "cuda":
-        torch.cuda.synchronize(ctx.device)
-    elif ctx.kind == "npu":
-        torch.npu.synchronize(ctx.device)
+    if _accelerator(ctx) is not None:
+        _accelerator(ctx).synchronize(ctx.device)
 
 
 def bf16_supported(ctx: DeviceContext) -> bool:
@@ -173,18 +178,14 @@ def bf16_supported(ctx: DeviceContext) -> bool:
 
 def reset_peak_memory(ctx: DeviceContext) -> None:
     """Start a new peak for :func:`memory_gib` on an accelerator (the CPU's peak RSS cannot be reset)."""
-    if ctx.kind == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    elif ctx.kind == "npu":
-        torch.npu.reset_peak_memory_stats(ctx.device)
+    if _accelerator(ctx) is not None:
+        _accelerator(ctx).reset_peak_memory_stats(ctx.device)
 
 
 def memory_gib(ctx: DeviceContext) -> float:
     """Peak accelerator memory (allocator) or, on CPU, this process's peak RSS, in GiB."""
-    if ctx.kind == "cuda":
-        return torch.cuda.max_memory_allocated(ctx.device) / 2**30
-    if ctx.kind == "npu":
-        return torch.npu.max_memory_allocated(ctx.device) / 2**30
+    if _accelerator(ctx) is not None:
+        return _accelerator(ctx).max_memory_allocated(ctx.device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 

@@ -31,15 +31,18 @@ class RunningMean:
         self.reset()
 
     def reset(self) -> None:
+        """Forget every value."""
         self.total = 0.0
         self.count = 0
 
     def update(self, value: float, count: int = 1) -> None:
+        """Add ``value`` with weight ``count``."""
         self.total += value * count
         self.count += count
 
     @property
     def mean(self) -> float:
+        """Weighted mean so far (0 before any value)."""
         return self.total / max(self.count, 1)
 
 
@@ -53,10 +56,12 @@ class StepTimer:
         self.samples = 0
 
     def add(self, samples: int, data_wait: float) -> None:
+        """Count a step's samples and data-wait seconds."""
         self.samples += samples
         self.data_wait += data_wait
 
     def report(self, step: int, total_steps: int, start_step: int) -> dict:
+        """samples/s, data-wait fraction and ETA since the last report; starts a new interval."""
         now = time.perf_counter()
         elapsed = max(now - self.last, 1e-9)
         done = max(step - start_step, 1)
@@ -69,5 +74,6 @@ class StepTimer:
 
 
 def format_eta(seconds: float) -> str:
+    """Seconds as ``0h00m00s``."""
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

@@ -3,9 +3,9 @@
 The pipeline reproduces facenet-pytorch's ``detect_face`` (the "FaceNet for PyTorch" seed's detector)
 number for number: the same scale pyramid with area resampling, thresholds, per-scale and per-stage
 NMS, box regression, squaring and the final "Min"-overlap NMS. It is faster because the area
-resampling of the RNet/ONet crops is one batched gather from an integral image instead of one
-``interpolate`` call per box, NMS is a vectorised block-wise greedy pass, and PNet's 2x2 pooling is a
-reshape. Weights ship in ``utils/mtcnn_weights/`` (MIT, see the LICENSE there).
+resampling (pyramid levels and RNet/ONet crops) comes from integer running sums of the image, one
+batched gather instead of one ``interpolate`` call per box, and NMS is a vectorised block-wise greedy
+pass. Weights ship in ``utils/mtcnn_weights/`` (MIT, see the LICENSE there).
 
     det = MTCNN()
     boxes, probs, landmarks = det.detect(rgb)        # [N, 4] x1 y1 x2 y2, [N], [N, 5, 2]
@@ -13,7 +13,6 @@ reshape. Weights ship in ``utils/mtcnn_weights/`` (MIT, see the LICENSE there).
 """
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 from typing import Sequence
@@ -23,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-logger = logging.getLogger(__name__)
-
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mtcnn_weights")
 _NMS_BLOCK = 1024  # boxes per block of the pairwise-overlap matrix (1M booleans at most per block)
+_NET_CHUNK = 64  # RNet/ONet crops per network call
 
 
 class MTCNNError(ValueError):
@@ -34,6 +32,20 @@ class MTCNNError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- networks
+
+
+def _pool2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(x, 2, 2, ceil_mode=True)`` of a channels_last map as maxima of strided slices of its NHWC view:
+    the same values, several times faster than torch's pooling kernel on PNet's 10-channel maps."""
+    nhwc = x.permute(0, 2, 3, 1)
+    height, width = nhwc.shape[1:3]
+    rows = torch.maximum(nhwc[:, 0:height - 1:2], nhwc[:, 1::2])
+    if height % 2:  # ceil mode: the last row is a window of its own
+        rows = torch.cat([rows, nhwc[:, height - 1:]], 1)
+    out = torch.maximum(rows[:, :, 0:width - 1:2], rows[:, :, 1::2])
+    if width % 2:
+        out = torch.cat([out, rows[:, :, width - 1:]], 2)
+    return out.permute(0, 3, 1, 2)
 
 
 class PNet(nn.Module):
@@ -49,9 +61,12 @@ class PNet(nn.Module):
 
     def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Box regression [N, 4, h, w] and the two class logits [N, 2, h, w] (softmax not applied)."""
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 2, 2, ceil_mode=True)
+        x = _pool2_ceil(self.prelu1(self.conv1(x.contiguous(memory_format=torch.channels_last))))
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
-        return self.conv4_2(x), self.conv4_1(x)
+        # both 1x1 heads as one matmul over the NHWC view: torch runs a 1x1 conv with 2-4 outputs slowly
+        weight = torch.cat([self.conv4_2.weight, self.conv4_1.weight]).flatten(1)
+        heads = F.linear(x.permute(0, 2, 3, 1), weight, torch.cat([self.conv4_2.bias, self.conv4_1.bias]))
+        return heads[..., :4].permute(0, 3, 1, 2), heads[..., 4:].permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Box regression [N, 4, h, w] and face/non-face probabilities [N, 2, h, w]."""
@@ -220,9 +235,10 @@ def _resize_level(rows: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     device = rows.device
     rs, re = _bounds(torch.tensor(height, device=device), out_h)
     cs, ce = _bounds(torch.tensor(width, device=device), out_w)
-    cols = (rows.index_select(1, re) - rows.index_select(1, rs)).cumsum(2, dtype=rows.dtype)
-    cells = (cols.index_select(2, ce) - cols.index_select(2, cs)).to(torch.float32)
-    cells = cells / (re - rs).to(torch.float32)[None, :, None, None] / (ce - cs).to(torch.float32)[None, None, :, None]
+    # in-place steps: fewer multi-MB temporaries to allocate (and fault in) per level
+    band = rows.index_select(1, re).sub_(rows.index_select(1, rs)).cumsum_(2)
+    cells = band.index_select(2, ce).sub_(band.index_select(2, cs)).to(torch.float32)
+    cells.div_((re - rs).to(torch.float32)[None, :, None, None]).div_((ce - cs).to(torch.float32)[None, None, :, None])
     return cells.permute(0, 3, 1, 2)
 
 
@@ -242,10 +258,10 @@ def _resize_crops(integral: torch.Tensor, image_inds: torch.Tensor, y0: torch.Te
     def corner(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         return pixels.index_select(0, (row + col).flatten()).view(len(image_inds), size, size, 3)
 
-    total = corner(bottom, right) - corner(top, right) - corner(bottom, left) + corner(top, left)
-    cell_h = (re - rs).to(torch.float32)[:, :, None, None]
-    cell_w = (ce - cs).to(torch.float32)[:, None, :, None]
-    return (total.to(torch.float32) / cell_h / cell_w).permute(0, 3, 1, 2)
+    total = corner(bottom, right).sub_(corner(top, right)).sub_(corner(bottom, left)).add_(corner(top, left))
+    cells = total.to(torch.float32)
+    cells.div_((re - rs).to(torch.float32)[:, :, None, None]).div_((ce - cs).to(torch.float32)[:, None, :, None])
+    return cells.permute(0, 3, 1, 2)
 
 
 def _crop_boxes(boxes: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, ...]:
@@ -366,7 +382,7 @@ class MTCNN:
         rows, owners = [], []
         for scale in self._scales(height, width):
             data = _resize_level(table, int(height * scale + 1), int(width * scale + 1))
-            reg, logits = self.pnet.logits((data - 127.5) * 0.0078125)
+            reg, logits = self.pnet.logits(data.sub_(127.5).mul_(0.0078125))
             # A softmax over the whole map costs more than PNet's last layers: screen the cells with a cheap
             # sigmoid of the logit difference (a margin above float rounding), then take the softmax of the few
             # candidates and apply the threshold to it.
@@ -390,14 +406,26 @@ class MTCNN:
         boxes = _regress(found[:, :4], found[:, 5:9], 0.0)
         return torch.cat([_square(boxes), found[:, 4:5]], dim=1), owner
 
-    def _crops(self, integral: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor, size: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised [K, 3, size, size] network input for the boxes that cut at least one pixel; their mask."""
+    def _refine(self, net: nn.Module, integral: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor,
+                size: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """``net`` on the [size x size] crops of the boxes that cut at least one pixel; (outputs, that mask).
+
+        Crops and network run in chunks of ``_NET_CHUNK`` boxes: the same results, and each chunk reuses the
+        memory the previous one freed instead of fresh multi-MB buffers (measured: the group photo's ~600
+        RNet crops, whole detection 20% faster than with one call)."""
         height, width = integral.shape[1] - 1, integral.shape[2] - 1
         x0, y0, wc, hc = _crop_boxes(boxes[:, :4], width, height)
         valid = (wc > 0) & (hc > 0)
-        data = _resize_crops(integral, owner[valid], y0[valid], x0[valid], hc[valid], wc[valid], size)
-        return (data - 127.5) * 0.0078125, valid
+        x0, y0, wc, hc, owner = x0[valid], y0[valid], wc[valid], hc[valid], owner[valid]
+        outputs = []
+        for start in range(0, len(owner), _NET_CHUNK):
+            part = slice(start, start + _NET_CHUNK)
+            data = _resize_crops(integral, owner[part], y0[part], x0[part], hc[part], wc[part], size)
+            outputs.append(net(data.sub_(127.5).mul_(0.0078125)))
+        if not outputs:  # no box cuts a pixel of the image: empty outputs of the right widths
+            widths = (4, 2) if isinstance(net, RNet) else (4, 10, 2)
+            return tuple(boxes.new_zeros(0, w) for w in widths), valid
+        return tuple(torch.cat(parts) for parts in zip(*outputs)), valid
 
     @torch.inference_mode()
     def _detect_equal(self, arrays: list[np.ndarray]) -> list[Detection]:
@@ -406,10 +434,9 @@ class MTCNN:
         boxes, owner = self._proposals(table)
         landmarks = torch.zeros(0, 5, 2, device=self.device)
         if len(boxes):
-            integral = table.cumsum(2, dtype=table.dtype)
-            data, valid = self._crops(integral, boxes, owner, 24)
+            integral = table.cumsum_(2)  # the column sums are not needed any more: no new 4-byte-per-value table
+            (reg, probs), valid = self._refine(self.rnet, integral, boxes, owner, 24)
             boxes, owner = boxes[valid], owner[valid]
-            reg, probs = self.rnet(data)
             keep = probs[:, 1] > self.thresholds[1]
             boxes = torch.cat([boxes[keep, :4], probs[keep, 1:2]], dim=1)
             owner, reg = owner[keep], reg[keep]
@@ -417,9 +444,8 @@ class MTCNN:
             boxes, owner, reg = boxes[pick], owner[pick], reg[pick]
             boxes = torch.cat([_square(_regress(boxes, reg, 1.0)), boxes[:, 4:5]], dim=1)
             if len(boxes):
-                data, valid = self._crops(integral, boxes, owner, 48)
+                (reg, points, probs), valid = self._refine(self.onet, integral, boxes, owner, 48)
                 boxes, owner = boxes[valid], owner[valid]
-                reg, points, probs = self.onet(data)
                 keep = probs[:, 1] > self.thresholds[2]
                 boxes = torch.cat([boxes[keep, :4], probs[keep, 1:2]], dim=1)
                 owner, reg, points = owner[keep], reg[keep], points[keep]

@@ -249,6 +249,8 @@ def make_identity_set(out_dir: str, num_identities: int, images_per_identity: in
 
 def _write_set(folder: str, num_identities: int, images_per_identity: int, num_val_identities: int,
                num_val_pairs: int, seed: int, size: int) -> None:
+    from dataset import write_property  # imported here: dataset imports this module's readers lazily too
+
     samples = list(range(images_per_identity))
     # OpenCV and large numpy ops release the GIL, so threads give a real speed-up here.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -269,8 +271,7 @@ def _write_set(folder: str, num_identities: int, images_per_identity: int, num_v
             key += 1
         writer.write_idx(0, recordio.pack(recordio.IRHeader(0, [first_identity_key, key], 0, 1), b""))
         writer.close()
-        with open(os.path.join(folder, "property"), "w") as handle:  # InsightFace: num_classes,height,width
-            handle.write(f"{num_identities},{size},{size}\n")
+        write_property(os.path.join(folder, "property"), num_identities, size)
         if num_val_pairs:
             heldout = _pairs(seed, _TRAIN, num_identities, num_val_pairs, size, pool, "synthetic_heldout")
             unseen = _pairs(seed, _UNSEEN, num_val_identities, num_val_pairs, size, pool, "synthetic_unseen")
@@ -285,6 +286,7 @@ def _write_set(folder: str, num_identities: int, images_per_identity: int, num_v
 
 
 def identity_set_params(cfg: Any) -> dict[str, Any]:
+    """The generator's parameters from ``cfg.synthetic`` (they name the cached set)."""
     synthetic = cfg.synthetic
     return {"num_identities": int(synthetic.num_identities), "images_per_identity": int(synthetic.images_per_identity),
             "num_val_identities": int(synthetic.num_val_identities), "num_val_pairs": int(synthetic.num_val_pairs),

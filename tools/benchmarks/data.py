@@ -17,6 +17,7 @@ import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``data`` subcommand's options."""
     parser.add_argument("--rec", default=None, help="folder with train.rec/train.idx (default: generate one)")
     parser.add_argument("--num-images", type=int, default=3000, help="records to time (and to generate)")
     parser.add_argument("--batch-size", type=int, default=128, help="DataLoader batch (needs 2 batches of images)")
@@ -50,6 +51,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Time raw reads, decoding, the per-worker pipeline and DataLoader scaling."""
     check_arguments(args)
     import cv2
     import numpy as np

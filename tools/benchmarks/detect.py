@@ -32,6 +32,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``detect`` subcommand's options."""
     parser.add_argument("--images", nargs="+", default=[FIXTURE_IMAGES],
                         help="photos or folders of photos (default: tests/fixtures/facenet/images)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds over all photos (median per photo)")
@@ -124,6 +125,7 @@ def _timed(function, image: np.ndarray) -> tuple[float, float, np.ndarray]:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Time MTCNN detection per photo (and the reference implementation when installed)."""
     if args.rounds < 1 or args.warmup < 0 or args.threads < 1:
         raise SystemExit(f"--rounds {args.rounds} --warmup {args.warmup} --threads {args.threads}: expected "
                          f"rounds >= 1, warmup >= 0, threads >= 1")

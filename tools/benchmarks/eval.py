@@ -59,10 +59,7 @@ def bench_bin(args: argparse.Namespace) -> None:
     from eval.verification import load_bin
     from utils import device as devices
 
-    try:
-        ctx = devices.setup(args.device)
-    except devices.DeviceError as exc:  # e.g. --device cuda on a CPU-only build: one line, no traceback
-        raise SystemExit(f"error: {exc}") from None
+    ctx = devices.setup(args.device)  # a DeviceError becomes one line in tools/benchmark.py
     device = ctx.device
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.bin")

@@ -24,6 +24,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``head`` subcommand's options."""
     parser.add_argument("--num-classes", type=int, nargs="+", default=[1_000_000])
     parser.add_argument("--sample-rate", type=float, nargs="+", default=[0.1])
     parser.add_argument("--batch", type=int, default=256, help="global batch (one process)")
@@ -191,6 +192,7 @@ def _line(spec: dict, result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Run each configuration in its own subprocess and print step time and memory (or find the largest class count)."""
     weight_bytes = 4 if args.weight_dtype == "float32" else 2
     state_bytes = {"float32": 4, "bfloat16": 2, "int8": 1}[args.state_dtype] * (1 if args.optimizer == "sgd" else 2)
     print(f"head benchmark: batch {args.batch}, D={args.embedding_size}, {args.optimizer}, {args.threads} threads, "

@@ -24,6 +24,7 @@ MIN_STEPS = FREQUENT + 1  # the first logged interval is warm-up and dropped: on
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` subcommand's options."""
     parser.add_argument("--networks", default="r18,r50,mbf", help="comma-separated backbone names")
     parser.add_argument("--nprocs", default="1,2", help="comma-separated process counts")
     parser.add_argument("--steps", type=int, default=12,
@@ -45,6 +46,7 @@ def free_port() -> int:
 
 
 def threads_per_process(args: argparse.Namespace, nproc: int) -> int:
+    """``--threads``, else the CPU count shared by ``nproc`` processes."""
     return args.threads or max(1, (os.cpu_count() or 1) // nproc)
 
 
@@ -70,6 +72,7 @@ def check_arguments(args: argparse.Namespace) -> list[int]:
 
 
 def run_case(args: argparse.Namespace, network: str, nproc: int, workdir: str) -> tuple[float, float]:
+    """Train one case on random tensors; returns (samples/s, data-wait fraction) after the warm-up interval."""
     overrides = {"device": args.device, "network": network, "rec": "random", "num_classes": args.num_classes,
                  "num_image": args.batch * nproc * args.steps * 2, "batch_size": args.batch,
                  "max_steps": args.steps, "frequent": FREQUENT, "verbose": 0, "val_targets": [],
@@ -90,6 +93,7 @@ def run_case(args: argparse.Namespace, network: str, nproc: int, workdir: str) -
 
 
 def run(args: argparse.Namespace) -> None:
+    """Run every (network, process count) case and print the table."""
     nprocs = check_arguments(args)
     print(f"device={args.device} precision={args.precision} batch/process={args.batch} steps={args.steps} "
           f"classes={args.num_classes} workers={args.workers}")
