@@ -43,7 +43,8 @@ from utils.weights import load_backbone
 logger = logging.getLogger("arcscale.train")
 
 # Errors raised by our own modules are user-facing: print one line, exit 2, no traceback.
-OUR_PACKAGES = {"__main__", "train", "dataset", "losses", "partial_fc", "backbones", "utils", "eval"}
+OUR_PACKAGES = {"__main__", "train", "dataset", "losses", "metric_losses", "partial_fc", "pfc", "softmax_head",
+                "backbones", "utils", "eval"}
 
 
 class TrainingError(RuntimeError):

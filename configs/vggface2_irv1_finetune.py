@@ -14,6 +14,7 @@ config = edict()
 config.network = "inception_resnet_v1"
 config.image_size = (160, 160)
 config.embedding_size = 512
+config.dropout = 0.6                        # facenet-pytorch InceptionResnetV1(dropout_prob=0.6)
 config.init_backbone = "vggface2.pt"        # facenet-pytorch's 20180402-114759-vggface2 weights
 config.rec = "/data/my_faces_mtcnn160"      # tools/detect_faces.py --mode facenet output
 config.head = "softmax"

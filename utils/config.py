@@ -241,7 +241,7 @@ RULES: dict[str, Rule] = {
     "val_batch_size": _int(1), "save_every_steps": _int(0), "keep_checkpoints": _int(0),
     "max_bad_records": _num(0, 1), "resume": Rule("bool", choices=("auto",)),
     "lr_schedule": _enum("poly", "step"), "lr_steps": Rule("seq", 0, item="float"), "lr_gamma": _num(0, low_open=True),
-    "on_save_error": _enum("stop", "warn"), "triplet_margin": _num(0), "images_per_identity": _int(1),
+    "on_save_error": _enum("stop", "warn"), "triplet_margin": _num(0, low_open=True), "images_per_identity": _int(2),
 }
 
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
