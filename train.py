@@ -31,12 +31,12 @@ from losses import build_margin_loss
 from partial_fc import PartialFC
 from pfc.optim import JointOptimizer, build_joint_optimizer
 from utils import device as devices
-from utils.checkpoint import (atomic_save, build_checkpoint, capture_rng_state, checkpoint_path, clean_partial_writes,
-                              newest_loadable, previous_run_files, prune_checkpoints, restore_rng_state)
 from utils.config import ConfigError, load_config, to_plain
-from utils.logging_utils import RunningMean, StepTimer, format_eta, setup_logging
-from utils.paths import ensure_output_dir
-from utils.run_plan import make_plan, make_schedule, resume_position
+from utils.logging_utils import RunningMean, StepTimer, attach_log_file, setup_logging
+from utils.run_plan import make_plan, make_schedule
+from utils.run_state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint,
+                             save_checkpoint)
+from utils.run_summary import log_progress, log_scalars, open_summary_writers, print_summary
 from utils.stop import StopRequest, stop_signals_blocked
 from utils.weights import load_backbone
 
@@ -45,10 +45,6 @@ logger = logging.getLogger("arcscale.train")
 # Errors raised by our own modules are user-facing: print one line, exit 2, no traceback.
 OUR_PACKAGES = {"__main__", "train", "dataset", "losses", "metric_losses", "partial_fc", "pfc", "softmax_head",
                 "backbones", "utils", "eval"}
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. the loss stayed non-finite); the message says why."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,52 +56,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # torch.distributed.launch (legacy) passes the local rank as an argument instead of LOCAL_RANK.
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def all_ranks_min(values: list[float], ctx: devices.DeviceContext) -> list[float]:
-    """Element-wise minimum over ranks, so every rank takes the same skip/stop decision."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.kind != "cpu" else "cpu")
-    if ctx.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor.tolist()
-
-
-def rank0_decides(value: float, ctx: devices.DeviceContext) -> float:
-    """Rank 0's ``value`` on every rank (decisions about the output folder are rank 0's to make)."""
-    tensor = torch.tensor([value], dtype=torch.float64, device=ctx.device if ctx.kind != "cpu" else "cpu")
-    if ctx.distributed:
-        dist.broadcast(tensor, src=0)
-    return float(tensor.item())
-
-
-def prepare_output(cfg: Any, ctx: devices.DeviceContext) -> tuple[str | None, dict | None]:
-    """Clean interrupted writes, refuse to clobber a previous run, find the checkpoint to resume from."""
-    if ctx.is_main:
-        ensure_output_dir(cfg.output, "config key 'output'")
-        clean_partial_writes(cfg.output)
-    resume = cfg.resume
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarts and not resume:  # torchrun --max-restarts restarted us: the folder holds this very run
-        logger.warning("elastic restart %d: continuing from the newest checkpoint (as resume=\"auto\")", restarts)
-        resume = "auto"
-    path, state = newest_loadable(cfg.output) if resume else (None, None)
-    found = rank0_decides(float(path is not None), ctx)
-    if resume is True and not found:
-        raise ConfigError(f"resume=True but {cfg.output} holds no usable checkpoint; use resume=\"auto\" to start "
-                          f"fresh when there is none, or check `output`")
-    if resume == "auto" and not found:
-        logger.info("resume=\"auto\": no checkpoint in %s, starting fresh", cfg.output)
-    if not resume:
-        existing = previous_run_files(cfg.output) if ctx.is_main else []
-        if rank0_decides(float(bool(existing)), ctx) and not cfg.overwrite:
-            raise ConfigError(f"output folder {cfg.output} already holds a run ({len(existing) or 'some'} checkpoint/"
-                              f"model files); continue it with resume=True (or \"auto\"), choose another `output`, "
-                              f"or set overwrite=True to delete them")
-        if ctx.is_main and existing:
-            for old in existing:
-                os.remove(old)
-            logger.warning("overwrite=True: deleted %d file(s) of the previous run in %s", len(existing), cfg.output)
-    return (path, state) if found else (None, None)
 
 
 def resolve_data(cfg: Any, ctx: devices.DeviceContext) -> str:
@@ -162,19 +112,6 @@ def build_head(cfg: Any, num_classes: int, classifier: dict | None, ctx: devices
                      seed=cfg.seed).to(ctx.device)
 
 
-def head_state_dict(head: torch.nn.Module) -> dict:
-    """Collective for Partial FC (shards gathered, world-size independent); replicated heads as they are."""
-    return head.full_state_dict() if isinstance(head, PartialFC) else head.state_dict()
-
-
-def load_head_state(head: torch.nn.Module, state: dict) -> None:
-    """Inverse of :func:`head_state_dict` (Partial FC re-splits the shards for this world size)."""
-    if isinstance(head, PartialFC):
-        head.load_full_state_dict(state)
-    else:
-        head.load_state_dict(state)
-
-
 def sum_replicated_grads(head: torch.nn.Module, ctx: devices.DeviceContext) -> None:
     """A replicated head outside DDP: SUM its gradients over ranks, as the backbone's DDP hook does
     (its loss gives each rank its share of the global-mean gradient)."""
@@ -214,72 +151,6 @@ def wrap_ddp(backbone: torch.nn.Module, cfg: Any, ctx: devices.DeviceContext) ->
     return model
 
 
-def gather_rng_states(ctx: devices.DeviceContext) -> list:
-    """Every rank's RNG state (rank 0 writes them all into the checkpoint)."""
-    state = capture_rng_state()
-    if not ctx.distributed:
-        return [state]
-    states = [None] * ctx.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples_in_epoch, bad_records, source) -> None:
-    """Collective: every rank takes part (head shards are gathered); rank 0 writes atomically.
-
-    A failed write (disk full, permissions) leaves the previous checkpoint intact and, with
-    ``on_save_error="stop"``, stops every rank with one line naming the path.
-    """
-    backbone, head, optimizer, scaler, sampler = parts
-    head_state = head_state_dict(head)
-    rng_states = gather_rng_states(ctx)
-    path, error = checkpoint_path(cfg.output, step), ""
-    if ctx.is_main:
-        state = build_checkpoint(
-            step=step, epoch=epoch, samples_in_epoch=samples_in_epoch, global_batch=plan.global_batch,
-            world_size=ctx.world_size, rng=rng_states, config=to_plain(cfg),
-            data={"source": str(source), "num_images": plan.num_images, "bad_records": bad_records},
-            states={"backbone": backbone.state_dict(), "head": head_state, "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "sampler": sampler.state_dict()})
-        try:
-            atomic_save(state, path)
-            prune_checkpoints(cfg.output, cfg.keep_checkpoints, protect=path)
-            atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
-            logger.info("saved checkpoint %s (step %d, epoch %d)", path, step, epoch)
-        except OSError as exc:
-            error = f"cannot write checkpoint {path}: {exc.strerror or exc} (the previous checkpoint is intact)"
-    saved = all_ranks_min([0.0 if error else 1.0], ctx)[0]
-    if not saved:
-        error = error or f"cannot write checkpoint {path} on rank 0 (see its log)"
-        if cfg.on_save_error == "warn":
-            logger.warning("%s; training goes on (on_save_error=\"warn\")", error)
-        else:
-            raise TrainingError(f"{error}; stopping (on_save_error=\"stop\"; \"warn\" trains on)")
-
-
-def restore_checkpoint(path, state, ctx, plan, parts) -> tuple[int, int]:
-    """Load every part of a training checkpoint; returns (step, epoch) converted to the current plan."""
-    backbone, head, optimizer, scaler, sampler = parts
-    try:
-        backbone.load_state_dict(state["backbone"])
-    except RuntimeError as exc:
-        raise TrainingError(f"{path}: backbone does not match the config's network "
-                            f"({str(exc).splitlines()[0]})") from None
-    load_head_state(head, state["head"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    sampler.load_state_dict(state["sampler"])
-    step, epoch, samples = resume_position(state["progress"], plan)
-    if state["world_size"] == ctx.world_size:
-        restore_rng_state(state["rng"][ctx.rank])
-    else:
-        logger.info("resuming %d-rank checkpoint on %d ranks: head shards re-split, RNG reseeded",
-                    state["world_size"], ctx.world_size)
-    logger.info("resumed from %s at step %d of %d (epoch %d, %d samples into it)", path, step, plan.total_steps,
-                epoch, samples)
-    return step, epoch
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch."""
     import random
@@ -287,35 +158,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def open_summary_writers(cfg: Any, ctx: devices.DeviceContext) -> tuple[Any, Any]:
-    """TensorBoard (rank 0) and, when asked, wandb (lazy import; key from WANDB_API_KEY)."""
-    if not ctx.is_main:
-        return None, None
-    writer = None
-    if cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(cfg.output, "tensorboard"))
-    run = None
-    if cfg.using_wandb:
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("config key 'using_wandb' is True but wandb is not installed (pip install wandb)") from None
-        run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_run_name,
-                         config=to_plain(cfg), dir=cfg.output)
-    return writer, run
-
-
-def log_scalars(writer: Any, run: Any, scalars: dict[str, float], step: int) -> None:
-    """Write scalars to TensorBoard and wandb when they are open."""
-    if writer is not None:
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, step)
-    if run is not None:
-        run.log(scalars, step=step)
 
 
 def build_verification(cfg: Any, source: str) -> Any:
@@ -381,6 +223,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
     """Train ``cfg`` on this rank; returns the last verification results (empty without val_targets)."""
     seed_everything(cfg.seed + ctx.rank)
     resume_path, resume_state = prepare_output(cfg, ctx)
+    attach_log_file(ctx.rank, cfg.output)
     logger.info("config %s: %s", cfg.config_path, json.dumps(to_plain(cfg), sort_keys=True, default=str))
     source = resolve_data(cfg, ctx)
     loader = get_dataloader(cfg, ctx.rank, ctx.world_size, pin_memory=devices.pin_memory(ctx), source=source)
@@ -403,6 +246,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
     step, epoch = 0, 0
     if resume_path:
         step, epoch = restore_checkpoint(resume_path, resume_state, ctx, plan, parts)
+        plan = plan.resumed_at(step, epoch, sampler.consumed if sampler.epoch == epoch else 0)
         del resume_state
     model = wrap_ddp(backbone, cfg, ctx)
     verification = build_verification(cfg, source)
@@ -422,12 +266,12 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
         log_scalars(writer, wandb_run, verification(0, backbone, ctx.device), 0)
 
     # ---- the loop: one iteration = one optimizer step of `accumulation` micro-batches
-    while epoch < plan.num_epoch and step < plan.total_steps and not ended:
+    while epoch < plan.num_epoch and step < plan.last_step and not ended:
         sampler.set_epoch(epoch)
         with stop_signals_blocked():  # workers start with stop signals blocked (see utils/stop.py)
             batches = iter(loader)
         steps_this_epoch = len(loader) // plan.accumulation
-        steps_to_run = min(steps_this_epoch, plan.total_steps - step)
+        steps_to_run = min(steps_this_epoch, plan.last_step - step)
         for _ in range(steps_to_run):
             wait_start = time.perf_counter()
             micro_batches, fetch_error = fetch_step(batches, plan.accumulation)
@@ -455,11 +299,11 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
             sampler.advance(plan.global_batch)
             step += 1
             timer.add(plan.global_batch, data_wait)
-            if step % cfg.frequent == 0 or step == plan.total_steps:
+            if step % cfg.frequent == 0 or step == plan.last_step:
                 check_data_health(loader, cfg, ctx)
                 log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, current_lr,
                              start_step, getattr(head, "last_stats", None))
-            if verification is not None and cfg.verbose > 0 and step % cfg.verbose == 0 and step < plan.total_steps:
+            if verification is not None and cfg.verbose > 0 and step % cfg.verbose == 0 and step < plan.last_step:
                 results = verification(step, backbone, ctx.device)
                 log_scalars(writer, wandb_run, results, step)
             if cfg.save_every_steps and step % cfg.save_every_steps == 0:
@@ -492,43 +336,6 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
     return results
 
 
-def log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, lr, start_step,
-                 triplet_stats=None) -> None:
-    """The periodic status line (a window without a finite step shows no loss, never 0); with the triplet
-    loss also the active-triplet fraction and the mean anchor-positive / anchor-negative distances."""
-    stats = timer.report(step, plan.total_steps, start_step)
-    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-    loss_text = f"{loss_meter.mean:.4f}" if loss_meter.count else "n/a (all steps skipped)"
-    logger.info("step %d/%d epoch %d | loss %s | lr %.6g | %.1f samples/s | data wait %.0f%% | scale %.0f | "
-                "mem %.2f GiB | ETA %s", step, plan.total_steps, epoch, loss_text, lr, stats["samples_per_s"],
-                100 * stats["data_wait"], scale, devices.memory_gib(ctx), format_eta(stats["eta_s"]))
-    scalars = {"train/lr": lr, "train/samples_per_s": stats["samples_per_s"], "train/data_wait": stats["data_wait"]}
-    if loss_meter.count:
-        scalars["train/loss"] = loss_meter.mean
-    if triplet_stats:
-        logger.info("step %d triplets | active %.3f | d(a,p) %.4f | d(a,n) %.4f", step,
-                    triplet_stats.get("active_fraction", float("nan")), triplet_stats.get("mean_ap", float("nan")),
-                    triplet_stats.get("mean_an", float("nan")))
-        scalars.update({f"triplet/{key}": value for key, value in triplet_stats.items()})
-    log_scalars(writer, wandb_run, scalars, step)
-    loss_meter.reset()
-
-
-def print_summary(cfg: Any, results: dict[str, float]) -> None:
-    """Final verification table and where every output went."""
-    lines = ["", "Final verification:" if results else "Training finished (no val_targets configured)."]
-    for key in sorted(results):
-        lines.append(f"  {key:<40s} {results[key]:.5f}")
-    output = os.path.abspath(cfg.output)
-    lines.append(f"outputs in {output}:")
-    lines.append(f"  training.log     {os.path.join(output, 'training.log')}")
-    if cfg.tensorboard:
-        lines.append(f"  tensorboard/     {os.path.join(output, 'tensorboard')}  (tensorboard --logdir ...)")
-    lines.append(f"  checkpoints      {os.path.join(output, 'checkpoint_step*.pt')}  (resume=True continues)")
-    lines.append(f"  model.pt         {os.path.join(output, 'model.pt')}  (backbone state_dict)")
-    logger.info("\n".join(lines))
-
-
 def one_line(exc: BaseException) -> str:
     """A user-facing one-liner: worker exceptions carry a whole traceback in their text; keep its last line."""
     text = str(exc).strip()
@@ -549,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    setup_logging(ctx.rank, cfg.output, cfg.log_level)
+    setup_logging(ctx.rank, None, cfg.log_level)  # training.log joins once the output folder is accepted
     try:
         with StopRequest() as stop:
             train(cfg, ctx, stop)
@@ -558,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         worker_died = isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
         if type(exc).__module__.split(".")[0] not in OUR_PACKAGES and not worker_died:
             raise
-        logger.error("error: %s", one_line(exc))
+        message = one_line(exc)
+        logger.error("error: %s", message, extra={"console": False})  # training.log; the console gets stderr
+        print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
     finally:
         devices.teardown()

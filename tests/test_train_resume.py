@@ -19,6 +19,7 @@ from tests.test_train_stops import (NUM_EPOCH, NUM_IMAGES, PLANNED_1_RANK, asser
                                     stop_point, torchrun_args, train_args, training_log, wait_for_step, write_config)
 
 TOTAL_SAMPLES = NUM_IMAGES * NUM_EPOCH  # 384
+WARMUP_SAMPLES = 96  # warmup_epoch=1 of the tiny config: 12 steps of 8, 6 of 16
 
 
 # ---------------------------------------------------------------- resume on another world size
@@ -30,8 +31,12 @@ def check_continuation(log_part: str, resumed_from: dict, new_batch: int, refere
     assert done == resumed_from["step"] * progress["global_batch"]
     steps = logged_steps(log_part)
     first, last = steps[0], steps[-1]
-    # LR at the same sample progress as the uninterrupted 1-rank run (batch 8): its step done/8 + 1.
-    expected_lr = reference_steps[done // 8]["lr"]
+    # LR at the same sample progress as the uninterrupted 1-rank run (batch 8). After warmup a step's LR is the
+    # curve at the step's first sample: the reference's step done/8 + 1. During warmup it is the curve at the
+    # step's last sample (arcface_torch's (step + 1) / warmup, so the first step does not run at LR 0): the
+    # reference step that ends where this bigger or smaller step ends.
+    in_warmup = done < WARMUP_SAMPLES
+    expected_lr = reference_steps[(done + new_batch) // 8 - 1 if in_warmup else done // 8]["lr"]
     assert math.isclose(first["lr"], expected_lr, rel_tol=1e-6), (first, expected_lr, done)
     assert first["step"] - 1 == done // new_batch  # continues right after the samples already trained
     # The plan: steps already done (converted to the new batch) + the remaining samples in new batches.

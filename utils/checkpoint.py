@@ -107,15 +107,34 @@ def latest_checkpoint(output: str) -> str | None:
     return paths[-1] if paths else None
 
 
-def newest_loadable(output: str) -> tuple[str | None, dict | None]:
-    """Newest checkpoint that loads and validates; unreadable ones (a write cut by kill -9 on a file
-    system without atomic rename, a truncated copy) are skipped with a warning naming them."""
-    for path in reversed(list_checkpoints(output)):
+def _progress_key(path: str, state: dict) -> tuple:
+    """Order of checkpoints by training progress (epoch, samples into it), then by write time: step
+    numbers are in units of the global batch, which a resume on another world size changes."""
+    progress = state["progress"]
+    return int(progress["epoch"]), int(progress["samples_in_epoch"]), os.path.getmtime(path)
+
+
+def by_progress(output: str) -> list[tuple[str, dict | None]]:
+    """(path, state or None if unusable) of every checkpoint in ``output``, least progress first;
+    unusable files (a truncated copy, a foreign file) come first, so they are pruned first."""
+    usable, unusable = [], []
+    for path in list_checkpoints(output):
         try:
-            return path, load_checkpoint(path)
+            state = load_checkpoint(path)
         except CheckpointError as exc:
             logger.warning("skipping unusable checkpoint: %s", exc)
-    return None, None
+            unusable.append((path, None))
+            continue
+        usable.append((_progress_key(path, state), path, state))
+    usable.sort(key=lambda item: item[0])
+    return unusable + [(path, state) for _, path, state in usable]
+
+
+def newest_loadable(output: str) -> tuple[str | None, dict | None]:
+    """The checkpoint furthest into training that loads and validates; unreadable ones (a write cut
+    by kill -9 on a file system without atomic rename, a truncated copy) are skipped with a warning."""
+    found = [(path, state) for path, state in by_progress(output) if state is not None]
+    return found[-1] if found else (None, None)
 
 
 def clean_partial_writes(output: str) -> list[str]:
@@ -139,12 +158,15 @@ def previous_run_files(output: str) -> list[str]:
 
 
 def prune_checkpoints(output: str, keep: int, protect: str | None = None) -> None:
-    """Delete all but the newest ``keep`` checkpoints (keep <= 0 keeps everything); never ``protect``."""
+    """Delete all but the ``keep`` checkpoints furthest into training (keep <= 0 keeps everything);
+    never ``protect`` (the checkpoint just written)."""
     if keep <= 0:
         return
-    for path in list_checkpoints(output)[:-keep]:
-        if protect is None or os.path.abspath(path) != os.path.abspath(protect):
-            os.remove(path)
+    ordered = [path for path, _ in by_progress(output)]
+    if protect is not None:  # the one just written is the newest of this run, whatever its number
+        ordered = [p for p in ordered if os.path.abspath(p) != os.path.abspath(protect)] + [protect]
+    for path in ordered[:-keep]:
+        os.remove(path)
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:

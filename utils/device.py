@@ -100,8 +100,18 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise DeviceError(f"WORLD_SIZE={world_size} but {key} is not set; launch with torchrun")
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
+            # torchrun keeps its store across restarts: a fresh key prefix per attempt keeps the restarted
+            # ranks from reading the dead ranks' gloo/NCCL addresses.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=False, timeout=timeout)
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"arcscale/attempt_{restart}", store),
+                                    rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                    timeout=timeout)
     return DeviceContext(kind, device, rank, local_rank, world_size, backend)
 
 

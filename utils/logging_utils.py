@@ -7,21 +7,39 @@ import sys
 import time
 
 
-def setup_logging(rank: int, output: str | None, level: str = "INFO") -> None:
-    """Rank 0 logs at ``level`` to stdout and ``<output>/training.log``; other ranks log warnings only."""
+def _console_record(record: logging.LogRecord) -> bool:
+    # Records logged with extra={"console": False} go to training.log only (main() prints them itself).
+    return getattr(record, "console", True)
+
+
+def setup_logging(rank: int, output: str | None = None, level: str = "INFO") -> None:
+    """Rank 0 logs at ``level`` to stdout (and ``<output>/training.log`` when given); other ranks log
+    warnings only."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(getattr(logging, str(level).upper(), logging.INFO) if rank == 0 else logging.WARNING)
-    formatter = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     stream = logging.StreamHandler(sys.stdout)
-    stream.setFormatter(formatter)
+    stream.setFormatter(_formatter(rank))
+    stream.addFilter(_console_record)
     root.addHandler(stream)
-    if rank == 0 and output:
-        os.makedirs(output, exist_ok=True)
-        file_handler = logging.FileHandler(os.path.join(output, "training.log"))
-        file_handler.setFormatter(formatter)
-        root.addHandler(file_handler)
+    if output:
+        attach_log_file(rank, output)
+
+
+def _formatter(rank: int) -> logging.Formatter:
+    return logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+def attach_log_file(rank: int, output: str) -> None:
+    """Rank 0 also logs to ``<output>/training.log`` (appended: a resumed run continues the same file).
+    The trainer attaches it only once the output folder is accepted, so a refused run leaves it untouched."""
+    if rank != 0:
+        return
+    os.makedirs(output, exist_ok=True)
+    file_handler = logging.FileHandler(os.path.join(output, "training.log"))
+    file_handler.setFormatter(_formatter(rank))
+    logging.getLogger().addHandler(file_handler)
 
 
 class RunningMean:

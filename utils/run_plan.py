@@ -7,7 +7,7 @@ trains the same remaining epochs on the same LR curve (the step counter is only 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from utils.config import ConfigError
@@ -26,6 +26,7 @@ class RunPlan:
     accumulation: int
     num_epoch: int
     max_steps: int | None = None
+    end_step: int | None = None  # set by resumed_at(): where a resumed run's step count ends
 
     @property
     def global_batch(self) -> int:
@@ -42,6 +43,25 @@ class RunPlan:
         """Planned optimizer steps; ``max_steps`` truncates the run and the LR schedule is fitted to it."""
         total = self.steps_per_epoch * self.num_epoch
         return min(total, int(self.max_steps)) if self.max_steps else total
+
+    @property
+    def last_step(self) -> int:
+        """The step at which this run ends (``total_steps`` unless resumed mid-epoch on another global batch)."""
+        return self.end_step if self.end_step is not None else self.total_steps
+
+    def resumed_at(self, step: int, epoch: int, samples_in_epoch: int) -> "RunPlan":
+        """This plan for a run continuing at ``step`` (epoch, samples into it): the steps the loader will
+        really give (each rank drops its partial last batch of the epoch) end it, so the log's
+        ``step N/N`` is reached; the LR schedule stays on ``total_steps`` (a function of progress)."""
+        if epoch >= self.num_epoch:
+            end = step
+        else:
+            left_in_epoch = ((self.num_images - samples_in_epoch) // (self.batch_size * self.world_size)
+                             // self.accumulation) if samples_in_epoch else self.steps_per_epoch
+            end = step + left_in_epoch + (self.num_epoch - epoch - 1) * self.steps_per_epoch
+        if self.max_steps:
+            end = min(end, int(self.max_steps))
+        return replace(self, end_step=end)
 
     def position(self, epoch: int, samples_in_epoch: int) -> float:
         """Progress as a (possibly fractional) step in this plan's units."""
