@@ -69,3 +69,19 @@ def _hook_worker(rank: int, world_size: int) -> list:
 def test_sum_hook_sums_instead_of_averaging(port):
     grads = run_ranks(_hook_worker, 2, port)
     assert grads[0] == grads[1] == [[3.0, 3.0, 3.0]]  # 1 + 2, not their mean 1.5
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(False, (False, False)), (True, (False, True))])
+def test_fp16_on_cpu_falls_back_with_one_warning(monkeypatch, caplog, native_bf16, expected):
+    ctx = devices.DeviceContext("cpu", torch.device("cpu"), 0, 0, 1, "gloo")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
+    with caplog.at_level("WARNING", logger="utils.device"):
+        assert devices.resolve_precision(ctx, True, False) == expected
+    assert len(caplog.records) == 1 and "fp16=True on CPU" in caplog.records[0].getMessage()
+    caplog.clear()
+    assert devices.resolve_precision(ctx, False, True) == (False, True)  # an explicit bf16 stays
+    assert devices.resolve_precision(ctx, False, False) == (False, False) and not caplog.records
+    cuda = devices.DeviceContext("cuda", torch.device("cpu"), 0, 0, 1, "nccl")
+    assert devices.resolve_precision(cuda, True, False) == (True, False)  # real fp16 hardware keeps it
+    with pytest.raises(devices.DeviceError, match="'fp16' and 'bf16' are both True"):
+        devices.resolve_precision(ctx, True, True)
