@@ -357,9 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     setup_logging(ctx.rank, None, cfg.log_level)  # training.log joins once the output folder is accepted
+    finished = False
     try:
         with StopRequest() as stop:
             train(cfg, ctx, stop)
+        finished = True
         return 0
     except Exception as exc:
         worker_died = isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
     finally:
-        devices.teardown()
+        devices.teardown(together=finished)
 
 
 if __name__ == "__main__":

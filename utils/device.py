@@ -115,9 +115,15 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
     return DeviceContext(kind, device, rank, local_rank, world_size, backend)
 
 
-def teardown() -> None:
-    """Leave the process group, if this process joined one."""
+def teardown(together: bool = False) -> None:
+    """Leave the process group, if this process joined one.
+
+    ``together``: first wait for every rank (after a normal end). A rank that tears gloo down while a
+    peer is still finishing (rank 0 writing the summary) can abort in gloo's threads at exit.
+    """
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
