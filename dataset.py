@@ -517,6 +517,10 @@ def get_dataloader(cfg: Any, rank: int, world_size: int, pin_memory: bool = Fals
         multiprocessing_context="spawn" if num_workers > 0 else None,
     )
     loader.data_info = data_info
+    if num_workers > 0:
+        from utils.stop import end_workers_at_exit
+
+        end_workers_at_exit()
     return loader
 
 

@@ -74,3 +74,32 @@ def ignore_stop_signals() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+_EXIT_HOOK_REGISTERED = False
+
+
+def _kill_leftover_workers() -> None:
+    # multiprocessing's own exit hook SIGTERMs daemonic children and then joins them; our DataLoader
+    # workers ignore SIGTERM (see above), so a loader still alive at interpreter exit would hang the
+    # join. This hook runs first (atexit is last-in, first-out) and ends such workers for good.
+    # Daemonic children are meant to die with this process anyway; SIGKILL instead of SIGTERM.
+    import multiprocessing
+
+    # torch's SIGCHLD handler would report each of these deaths as a failed worker.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for process in multiprocessing.active_children():
+        if process.daemon:
+            process.kill()
+            process.join(timeout=5)
+
+
+def end_workers_at_exit() -> None:
+    """Make sure DataLoader workers that ignore SIGTERM never outlive the interpreter (idempotent)."""
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED:
+        import atexit
+        import multiprocessing.util  # noqa: F401
+
+        atexit.register(_kill_leftover_workers)
+        _EXIT_HOOK_REGISTERED = True
