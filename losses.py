@@ -224,7 +224,9 @@ class CombinedMarginLoss(MarginLoss):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None,
                 inplace: bool = False, model_parallel: bool = False) -> torch.Tensor:
-        """``inplace=True`` lets the loss overwrite ``logits`` (saves one [N, C] copy; Partial FC uses it)."""
+        """Scaled margin logits. ``inplace=True`` lets the loss overwrite ``logits`` (saves one [N, C] copy;
+        Partial FC uses it); ``model_parallel`` is part of the common convention and not needed here: every
+        statistic of this margin is per element."""
         logits, rows, columns = self._prepare(logits, labels, inplace)
         return _ApplyFusedMargin.apply(logits, self, rows, columns, norms)
 
@@ -248,6 +250,7 @@ class CombinedMarginLoss(MarginLoss):
         return FusedMargin(self.s, slope, zeroed)
 
     def extra_repr(self) -> str:
+        """The margin settings, shown by ``print(module)``."""
         return (f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, margin_grad={self.margin_grad}, "
                 f"interclass_filtering_threshold={self.interclass_filtering_threshold}")
 
@@ -280,6 +283,8 @@ class AdaFaceLoss(MarginLoss):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None,
                 inplace: bool = False, model_parallel: bool = False) -> torch.Tensor:
+        """Scaled AdaFace logits; ``norms`` are the rows' embedding norms (already global inside Partial FC,
+        so ``model_parallel`` needs no extra all-reduce here)."""
         self._check_norms(norms, logits.shape[0])
         logits, rows, columns = self._prepare(logits, labels, inplace)
         return _ApplyFusedMargin.apply(logits, self, rows, columns, norms)
@@ -313,6 +318,7 @@ class AdaFaceLoss(MarginLoss):
         return FusedMargin(self.s, slope, None)
 
     def extra_repr(self) -> str:
+        """The margin settings, shown by ``print(module)``."""
         return f"s={self.s}, m={self.m}, h={self.h}, t_alpha={self.t_alpha}, margin_grad={self.margin_grad}"
 
 
@@ -336,6 +342,8 @@ class CurricularFaceLoss(MarginLoss):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None,
                 inplace: bool = False, model_parallel: bool = False) -> torch.Tensor:
+        """Scaled CurricularFace logits; with ``model_parallel`` the per-row targets are all-reduced over the
+        class shards, so the hard-negative threshold and ``t`` do not depend on the world size."""
         logits, rows, columns = self._prepare(logits, labels, inplace)
         target = logits[rows, columns]
         target_m = apply_target_margin(target, 1.0, self.m, self.margin_grad == "exact")
@@ -360,6 +368,7 @@ class CurricularFaceLoss(MarginLoss):
         return logits.mul_(self.s)
 
     def extra_repr(self) -> str:
+        """The margin settings, shown by ``print(module)``."""
         return f"s={self.s}, m={self.m}, t_alpha={self.t_alpha}, margin_grad={self.margin_grad}"
 
 

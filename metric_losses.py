@@ -169,6 +169,7 @@ class TripletLoss(nn.Module):
         return total / num_active.clamp_min(1.0), stats
 
     def extra_repr(self) -> str:
+        """The loss settings, shown by ``print(module)``."""
         return f"margin={self.margin}, mining={self.mining}, squared={self.squared}"
 
 

@@ -38,19 +38,14 @@ from utils import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PartialFC", "PartialFCError", "class_range", "init_weight_rows", "OPTIMIZERS", "WEIGHT_DTYPES",
+__all__ = ["PartialFC", "PartialFCError", "init_weight_rows", "OPTIMIZERS", "WEIGHT_DTYPES",
            "STATE_DTYPES", "stochastic_round", "quantize_rows_int8", "dequantize_rows_int8"]
 
 STATE_FORMAT = "arcscale-partial-fc"
 STATE_VERSION = 1
 PFC_UPDATES = ("sparse", "dense")
 INIT_BLOCK_ROWS = 1 << 16  # weight init is generated per block of rows from (seed, block): world-size independent
-
-
-def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """(first class, number of classes) held by ``rank``: contiguous, sizes differ by at most one."""
-    base, extra = divmod(num_classes, world_size)
-    return base * rank + min(rank, extra), base + (1 if rank < extra else 0)
+GATHER_CHUNK_VALUES = 1 << 24  # values per rank in one all-gather of a checkpoint (bounds the transient memory)
 
 
 def init_weight_rows(start: int, count: int, embedding_size: int, seed: int, std: float,
@@ -116,7 +111,9 @@ class PartialFC(nn.Module):
         self.sample_rate, self.pfc_update = float(sample_rate), pfc_update
         self.weight_dtype, self.state_dtype = WEIGHT_DTYPES[weight_dtype], STATE_DTYPES[state_dtype]
         self.seed, self.update_chunk_rows = int(seed), int(update_chunk_rows)
-        self.class_start, self.num_local = class_range(num_classes, self.rank, self.world_size)
+        # contiguous class shards, sizes differ by at most one (the same split as every other sharded tensor)
+        self.class_start, class_end = dist_utils.shard_bounds(num_classes, self.world_size)[self.rank]
+        self.num_local = class_end - self.class_start
         self.num_sample = max(1, int(round(self.sample_rate * self.num_local)))
         # A buffer, not a Parameter: `.to(device)` moves it, DDP and the backbone optimizer never see it.
         self.register_buffer("weight", init_weight_rows(self.class_start, self.num_local, embedding_size,
@@ -287,34 +284,31 @@ class PartialFC(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, *args, **kwargs):
+        """Refused: a shard's state depends on the world size; use the collective ``full_state_dict()``."""
         raise PartialFCError("PartialFC: use full_state_dict() / load_full_state_dict() (collective, "
                              "world-size independent) instead of state_dict()")
 
     def load_state_dict(self, *args, **kwargs):
+        """Refused: use ``load_full_state_dict()``, which re-shards for this world size."""
         raise PartialFCError("PartialFC: use load_full_state_dict() instead of load_state_dict()")
 
     def _gather_to_rank0(self, shard: torch.Tensor) -> torch.Tensor | None:
-        """[num_classes, ...] on CPU at rank 0 (None elsewhere), gathered in bounded row chunks."""
+        """[num_classes, ...] on CPU at rank 0 (None elsewhere), gathered in bounded row chunks: at most
+        ``GATHER_CHUNK_VALUES`` per rank travel at once, whatever the number of classes."""
         if not dist_utils.is_distributed():
             return shard.detach().to("cpu", copy=True)
-        import torch.distributed as dist
-
-        counts = [class_range(self.num_classes, rank, self.world_size) for rank in range(self.world_size)]
+        bounds = dist_utils.shard_bounds(self.num_classes, self.world_size)
         full = None
         if self.rank == 0:
             full = torch.empty((self.num_classes,) + tuple(shard.shape[1:]), dtype=shard.dtype)
-        chunk = max(1, (1 << 24) // max(1, shard[0].numel() if shard.numel() else 1))
-        max_local = max(count for _, count in counts)
-        for offset in range(0, max_local, chunk):
-            piece = shard.new_zeros((chunk,) + tuple(shard.shape[1:]))
-            mine = shard[offset: offset + chunk]
-            piece[: mine.shape[0]] = mine
-            pieces = [torch.empty_like(piece) for _ in range(self.world_size)]
-            dist.all_gather(pieces, piece)
+        chunk = max(1, GATHER_CHUNK_VALUES // max(1, shard[0].numel() if shard.numel() else 1))
+        for offset in range(0, max(end - start for start, end in bounds), chunk):
+            sizes = [min(chunk, max(0, end - start - offset)) for start, end in bounds]
+            gathered = dist_utils.all_gather_rows(shard[offset: offset + chunk].detach(), sizes)
             if full is not None:
-                for (start, count), received in zip(counts, pieces):
-                    rows = max(0, min(chunk, count - offset))
-                    full[start + offset: start + offset + rows] = received[:rows].cpu()
+                received = gathered.cpu().split(sizes)
+                for (start, _), rows in zip(bounds, received):
+                    full[start + offset: start + offset + len(rows)] = rows
         return full
 
     def full_state_dict(self) -> dict | None:
@@ -392,6 +386,7 @@ class PartialFC(nn.Module):
             self.storage.convert(target, source, source_scale, target_scale, self.update_chunk_rows)
 
     def extra_repr(self) -> str:
+        """Classes, shard, sampling and update settings, shown by ``print(head)``."""
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, rank={self.rank}/"
                 f"{self.world_size}, classes=[{self.class_start}, {self.class_start + self.num_local}), "
                 f"sample_rate={self.sample_rate}, pfc_update={self.pfc_update}, optimizer={self.optimizer_name}")

@@ -190,6 +190,7 @@ class CosineLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embeddings_n: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+        """[N, C] cosines of the unit embeddings with the centers."""
         inv_norm = centers.norm(dim=1).clamp_min(1e-12).reciprocal_()
         logits = embeddings_n.mm(centers.t())
         logits.mul_(inv_norm)
@@ -198,6 +199,7 @@ class CosineLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        """Gradients of the embeddings and of the centers (projected: the norm division is part of it)."""
         embeddings_n, centers, inv_norm = ctx.saved_tensors
         grad = grad * inv_norm
         grad_embeddings = grad.mm(centers) if ctx.needs_input_grad[0] else None
@@ -213,6 +215,7 @@ class DistributedSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, total_rows: int) -> torch.Tensor:
+        """The loss; ``labels`` are -1 where the row's class is on another shard."""
         rows = torch.nonzero(labels != -1, as_tuple=True)[0]
         columns = labels[rows]
         probs = logits.clone()
@@ -223,6 +226,7 @@ class DistributedSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        """(softmax - one-hot) / total_rows, written over the saved softmax; once per graph."""
         if ctx.used:
             raise RuntimeError("PartialFC: backward through the same loss twice (retain_graph) is not supported")
         ctx.used = True
@@ -249,6 +253,7 @@ class FusedMarginSoftmax(torch.autograd.Function):
                 workspace: Workspace, sink: GradientSink, index: torch.Tensor | None, shard_labels: torch.Tensor,
                 total_rows: int, norms: torch.Tensor | None, centers_lease: Lease | None,
                 weight_version: int) -> torch.Tensor:
+        """The loss; the softmax stays in the workspace buffer for backward."""
         inv_norm = centers.norm(dim=1).clamp_min(1e-12).reciprocal_()
         logits, logits_lease = workspace.take("logits", (embeddings_n.shape[0], centers.shape[0]), centers.device)
         torch.mm(embeddings_n, centers.t(), out=logits)
@@ -266,6 +271,8 @@ class FusedMarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        """The embeddings' gradient; the centers' gradient goes to the sink, with the gathered rows kept for
+        the optimizer step (tagged with the weight's version, so a changed weight is gathered again)."""
         if ctx.probs is None:
             raise RuntimeError("PartialFC: backward through the same loss twice (retain_graph) is not supported")
         embeddings_n, centers, inv_norm = ctx.saved_tensors

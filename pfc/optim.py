@@ -158,7 +158,6 @@ class StepOutcome:
     stepped: bool  # backbone and head moved (False: skipped, and an fp16 scale backed off)
     loss_finite: bool  # the loss was finite on every rank
     grads_finite: bool  # every backbone and head gradient was finite on every rank
-    keep_going: bool  # no rank asked to stop
     grad_norm: float  # this step's backbone gradient norm (before clipping; nan / inf when not finite)
 
 
@@ -166,7 +165,7 @@ class JointOptimizer:
     """One optimizer over the backbone (a torch.optim optimizer) and a Partial FC head (``head=None``:
     the backbone optimizer alone, e.g. with a replicated softmax head whose parameters it holds).
 
-    Per step: ``set_lr(lr)``, ``step(loss=..., keep_going=...)``, ``zero_grad()``. ``scaler`` (a
+    Per step: ``set_lr(lr)``, ``step(loss=...)``, ``zero_grad()``. ``scaler`` (a
     torch.amp.GradScaler; disabled or None for fp32 / bf16) unscales the backbone through its own API
     and the head's rows by the same factor; ``clip_grad_norm`` > 0 clips the backbone's gradient norm.
     The step is skipped on every rank when the loss or any gradient on any rank is not finite (one
@@ -210,7 +209,7 @@ class JointOptimizer:
         return [param for group in self.backbone_optimizer.param_groups for param in group["params"]
                 if param.grad is not None]
 
-    def step(self, loss: float = 0.0, keep_going: bool = True) -> StepOutcome:
+    def step(self, loss: float = 0.0) -> StepOutcome:
         """Unscale, clip, decide on every rank together, then step both (or skip both)."""
         scaler = self.scaler
         head = self.head
@@ -226,10 +225,9 @@ class JointOptimizer:
         grad_norm = float(grad_norm)
         local_finite = math.isfinite(grad_norm) and (head is None or head.grads_finite())
         # Max over ranks of "something is wrong": every rank takes the same decision.
-        bad = torch.tensor([not math.isfinite(loss), not local_finite, not keep_going], dtype=torch.float32,
-                           device=self.device)
+        bad = torch.tensor([not math.isfinite(loss), not local_finite], dtype=torch.float32, device=self.device)
         dist_utils.all_reduce_(bad, "max")
-        loss_bad, grads_bad, stop = (bool(value) for value in bad.tolist())
+        loss_bad, grads_bad = (bool(value) for value in bad.tolist())
         stepped = not loss_bad and not grads_bad
         if stepped:
             # The backbone's own inf check (from unscale_) is finite here, since every rank's norm is.
@@ -239,7 +237,7 @@ class JointOptimizer:
             scaler.update()
         elif scaler.is_enabled():
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-        return StepOutcome(stepped, not loss_bad, not grads_bad, not stop, grad_norm)
+        return StepOutcome(stepped, not loss_bad, not grads_bad, grad_norm)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the backbone's and the head's gradients."""

@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from utils import mtcnn
 from utils.mtcnn import MTCNN, MTCNNError
@@ -166,29 +165,6 @@ def test_crop_clips_at_the_image_border(detector):
 # ------------------------------------------------------------------------------------------- building blocks
 
 
-def test_pyramid_resampling_is_bit_identical_to_torch_area_interpolation():
-    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 61, 97, 3), dtype=np.uint8))
-    table = mtcnn._tables(pixels, integral=False)
-    reference_input = pixels.permute(0, 3, 1, 2).float()
-    for size in [(37, 59), (61, 97), (13, 12), (5, 90), (61, 40)]:
-        mine = mtcnn._resize_level(table, *size)
-        assert torch.equal(mine, F.interpolate(reference_input, size=size, mode="area")), size
-
-
-def test_crop_resampling_is_bit_identical_to_per_crop_area_interpolation():
-    rng = np.random.default_rng(1)
-    pixels = torch.from_numpy(rng.integers(0, 256, (2, 50, 70, 3), dtype=np.uint8))
-    integral = mtcnn._tables(pixels, integral=True)
-    images = pixels.permute(0, 3, 1, 2).float()
-    owner = torch.tensor([0, 1, 1, 0, 1])
-    y0, x0 = torch.tensor([0, 3, 10, 49, 0]), torch.tensor([0, 5, 60, 0, 2])
-    hc, wc = torch.tensor([50, 7, 40, 1, 30]), torch.tensor([70, 31, 10, 70, 3])
-    mine = mtcnn._resize_crops(integral, owner, y0, x0, hc, wc, 24)
-    for k in range(len(owner)):
-        crop = images[owner[k], :, y0[k]:y0[k] + hc[k], x0[k]:x0[k] + wc[k]][None]
-        assert torch.equal(mine[k:k + 1], F.interpolate(crop, size=(24, 24), mode="area")), k
-
-
 def greedy_nms(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float, mode: str) -> list:
     """Textbook greedy NMS, one box at a time (the definition the vectorised version must reproduce)."""
     plus = 1.0 if mode == "min" else 0.0
@@ -225,13 +201,6 @@ def test_nms_equals_one_box_at_a_time_greedy(monkeypatch, mode, threshold, block
     assert kept.tolist() == greedy_nms(boxes, scores, groups, threshold, mode)
     assert 20 < len(kept) < 280  # the case is neither trivial nor all-suppressed
     assert mtcnn.nms(torch.zeros(0, 4), torch.zeros(0), 0.5).tolist() == []
-
-
-@pytest.mark.parametrize("shape", [(1, 10, 9, 7), (2, 10, 8, 6), (1, 4, 1, 1), (1, 3, 2, 5)])
-def test_pnet_pooling_equals_max_pool2d_ceil_mode(shape):
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
-    assert torch.equal(mtcnn._pool2_ceil(x), F.max_pool2d(x, 2, 2, ceil_mode=True))
-    assert torch.equal(mtcnn._pool2_ceil(x.contiguous()), F.max_pool2d(x, 2, 2, ceil_mode=True))
 
 
 def test_candidates_entirely_outside_the_image_are_dropped_not_an_error(detector, photos, monkeypatch):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import losses
 import partial_fc
-from partial_fc import PartialFC, PartialFCError, class_range, init_weight_rows
+from partial_fc import PartialFC, PartialFCError, init_weight_rows
 from tests.conftest import free_port
 from tests.spawn_helpers import run_ranks
 
@@ -94,6 +94,11 @@ def _exactness_worker(rank, world_size, state_for_loading):
     head, _ = run_head(rank, world_size, "arcface")
     head.step(0.1)  # non-trivial weight and momentum rows in the saved state
     results["state"] = head.full_state_dict()
+    default_chunk, partial_fc.GATHER_CHUNK_VALUES = partial_fc.GATHER_CHUNK_VALUES, 5 * D
+    try:  # 5 rows per all-gather: several chunks, the last one short
+        results["state_in_chunks"] = head.full_state_dict()
+    finally:
+        partial_fc.GATHER_CHUNK_VALUES = default_chunk
     results["repr"] = repr(head)
     if state_for_loading is not None:
         _, results["loaded"] = run_head(rank, world_size, "arcface", state=state_for_loading)
@@ -134,6 +139,8 @@ def test_two_and_three_ranks_equal_full_softmax_and_checkpoints_move_between_wor
                 assert rank_result[kind]["buffers"][name].item() == pytest.approx(value.item(), rel=1e-6), name
     state = two[0]["state"]
     assert two[1]["state"] is None
+    assert torch.equal(two[0]["state_in_chunks"]["weight"], state["weight"])
+    assert torch.equal(two[0]["state_in_chunks"]["optimizer"]["momentum_buffer"], state["optimizer"]["momentum_buffer"])
     for saved, expected in ((state["weight"], single["state"]["weight"]),
                             (state["optimizer"]["momentum_buffer"], single["state"]["optimizer"]["momentum_buffer"])):
         assert saved.shape == (C, D)
@@ -151,12 +158,7 @@ def test_two_and_three_ranks_equal_full_softmax_and_checkpoints_move_between_wor
                                    atol=1e-5 * expected.abs().max())
 
 
-def test_class_ranges_are_contiguous_and_balanced():
-    for world_size in (1, 2, 3, 7):
-        ranges = [class_range(C, rank, world_size) for rank in range(world_size)]
-        assert ranges[0][0] == 0 and sum(count for _, count in ranges) == C
-        assert all(ranges[i][0] + ranges[i][1] == ranges[i + 1][0] for i in range(world_size - 1))
-        assert max(count for _, count in ranges) - min(count for _, count in ranges) <= 1
+def test_initial_weight_rows_do_not_depend_on_the_sharding():
     assert torch.equal(init_weight_rows(5, 10, D, 1, 0.01), init_weight_rows(0, 20, D, 1, 0.01)[5:15])
     big = init_weight_rows(partial_fc.INIT_BLOCK_ROWS - 3, 6, 4, 1, 0.01)  # crosses an init block
     assert torch.equal(big[3:], init_weight_rows(partial_fc.INIT_BLOCK_ROWS, 3, 4, 1, 0.01))

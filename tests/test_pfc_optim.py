@@ -76,7 +76,7 @@ def test_finite_steps_equal_the_previous_hand_written_path(optimizer, fp16, clip
         joint.set_lr(lr)
         outcome = joint.step(loss=loss)
         joint.zero_grad()
-        assert outcome.stepped and outcome.loss_finite and outcome.grads_finite and outcome.keep_going
+        assert outcome.stepped and outcome.loss_finite and outcome.grads_finite
         norms.append(outcome.grad_norm)
         old_loss = forward_backward(old_backbone, old_head, old_scaler, step)
         previous_step(old_backbone, old_head, old_optimizer, old_scaler, clip, lr)
@@ -135,18 +135,18 @@ def _two_rank_worker(rank, world_size):
     loss = forward_backward(backbone, head, scaler, 0)
     if rank == 1:
         head.center_grad()[1][0, 0] = float("inf")
-    first = joint.step(loss=loss, keep_going=rank == 0)
+    first = joint.step(loss=loss)
     joint.zero_grad()
     skipped_weight_same = torch.equal(head.weight, weight)
     second = joint.step(loss=forward_backward(backbone, head, scaler, 1))
-    return (first.stepped, first.grads_finite, first.keep_going, skipped_weight_same, scaler.get_scale(),
+    return (first.stepped, first.grads_finite, skipped_weight_same, scaler.get_scale(),
             second.stepped, torch.equal(head.weight, weight))
 
 
 def test_every_rank_takes_the_same_decision(port):
     results = run_ranks(_two_rank_worker, 2, port, timeout=90)
-    # Both ranks: first step skipped (rank 1's inf), stop requested (rank 1), scale halved; second step taken.
-    assert results[0] == results[1] == (False, False, False, True, 2.0 ** 15, True, False)
+    # Both ranks: first step skipped (rank 1's inf), scale halved; second step taken.
+    assert results[0] == results[1] == (False, False, True, 2.0 ** 15, True, False)
 
 
 @pytest.mark.parametrize("pfc_update", ["dense", "sparse"])

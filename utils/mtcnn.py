@@ -3,9 +3,10 @@
 The pipeline reproduces facenet-pytorch's ``detect_face`` (the "FaceNet for PyTorch" seed's detector)
 number for number: the same scale pyramid with area resampling, thresholds, per-scale and per-stage
 NMS, box regression, squaring and the final "Min"-overlap NMS. It is faster because the area
-resampling (pyramid levels and RNet/ONet crops) comes from integer running sums of the image, one
-batched gather instead of one ``interpolate`` call per box, and NMS is a vectorised block-wise greedy
-pass. Weights ship in ``utils/mtcnn_weights/`` (MIT, see the LICENSE there).
+resampling (pyramid levels and RNet/ONet crops) comes from one summed-area table of the image
+(``utils/area_resample.py``), one batched gather instead of one ``interpolate`` call per box, and NMS
+is a vectorised block-wise greedy pass. The networks are in ``utils/mtcnn_nets.py``; their weights
+ship in ``utils/mtcnn_weights/`` (MIT, see the LICENSE there).
 
     det = MTCNN()
     boxes, probs, landmarks = det.detect(rgb)        # [N, 4] x1 y1 x2 y2, [N], [N, 5, 2]
@@ -13,126 +14,17 @@ pass. Weights ship in ``utils/mtcnn_weights/`` (MIT, see the LICENSE there).
 """
 from __future__ import annotations
 
-import os
-import pickle
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mtcnn_weights")
+from utils.area_resample import area_resize, area_resize_images, summed_area_table
+from utils.mtcnn_nets import WEIGHTS_DIR, MTCNNError, RNet, load_net
+
 _NMS_BLOCK = 1024  # boxes per block of the pairwise-overlap matrix (1M booleans at most per block)
 _NET_CHUNK = 64  # RNet/ONet crops per network call
-
-
-class MTCNNError(ValueError):
-    """Bad detector input or settings; the message is one line."""
-
-
-# ---------------------------------------------------------------------------------------------- networks
-
-
-def _pool2_ceil(x: torch.Tensor) -> torch.Tensor:
-    """``max_pool2d(x, 2, 2, ceil_mode=True)`` of a channels_last map as maxima of strided slices of its NHWC view:
-    the same values, several times faster than torch's pooling kernel on PNet's 10-channel maps."""
-    nhwc = x.permute(0, 2, 3, 1)
-    height, width = nhwc.shape[1:3]
-    rows = torch.maximum(nhwc[:, 0:height - 1:2], nhwc[:, 1::2])
-    if height % 2:  # ceil mode: the last row is a window of its own
-        rows = torch.cat([rows, nhwc[:, height - 1:]], 1)
-    out = torch.maximum(rows[:, :, 0:width - 1:2], rows[:, :, 1::2])
-    if width % 2:
-        out = torch.cat([out, rows[:, :, width - 1:]], 2)
-    return out.permute(0, 3, 1, 2)
-
-
-class PNet(nn.Module):
-    """Proposal network: fully convolutional, one 12x12 window per output cell (stride 2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
-        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
-        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
-        self.conv4_1 = nn.Conv2d(32, 2, 1)
-        self.conv4_2 = nn.Conv2d(32, 4, 1)
-
-    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Box regression [N, 4, h, w] and the two class logits [N, 2, h, w] (softmax not applied)."""
-        x = _pool2_ceil(self.prelu1(self.conv1(x.contiguous(memory_format=torch.channels_last))))
-        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
-        # both 1x1 heads as one matmul over the NHWC view: torch runs a 1x1 conv with 2-4 outputs slowly
-        weight = torch.cat([self.conv4_2.weight, self.conv4_1.weight]).flatten(1)
-        heads = F.linear(x.permute(0, 2, 3, 1), weight, torch.cat([self.conv4_2.bias, self.conv4_1.bias]))
-        return heads[..., :4].permute(0, 3, 1, 2), heads[..., 4:].permute(0, 3, 1, 2)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Box regression [N, 4, h, w] and face/non-face probabilities [N, 2, h, w]."""
-        reg, logits = self.logits(x)
-        return reg, torch.softmax(logits, dim=1)
-
-
-class RNet(nn.Module):
-    """Refinement network on 24x24 crops."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
-        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
-        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
-        self.dense4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
-        self.dense5_1 = nn.Linear(128, 2)
-        self.dense5_2 = nn.Linear(128, 4)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Box regression [N, 4] and probabilities [N, 2]."""
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
-        x = self.prelu3(self.conv3(x))
-        # The weights were converted from TensorFlow: the dense layer expects (W, H, C) flattening order.
-        x = self.prelu4(self.dense4(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
-        return self.dense5_2(x), torch.softmax(self.dense5_1(x), dim=1)
-
-
-class ONet(nn.Module):
-    """Output network on 48x48 crops: final boxes, probabilities and five landmarks."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
-        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
-        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
-        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
-        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
-        self.dense6_1 = nn.Linear(256, 2)
-        self.dense6_2 = nn.Linear(256, 4)
-        self.dense6_3 = nn.Linear(256, 10)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Box regression [N, 4], landmarks [N, 10] (5 x then 5 y, box-relative) and probabilities [N, 2]."""
-        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.prelu3(self.conv3(x)), 2, 2, ceil_mode=True)
-        x = self.prelu4(self.conv4(x))
-        x = self.prelu5(self.dense5(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
-        return self.dense6_2(x), self.dense6_3(x), torch.softmax(self.dense6_1(x), dim=1)
-
-
-def load_net(name: str, weights_dir: str = WEIGHTS_DIR) -> nn.Module:
-    """One of ``pnet``, ``rnet``, ``onet`` with its weights (``weights_only`` load), in eval mode."""
-    net = {"pnet": PNet, "rnet": RNet, "onet": ONet}[name]()
-    path = os.path.join(weights_dir, f"{name}.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
-    except FileNotFoundError:
-        raise MTCNNError(f"{path}: MTCNN weight file not found (expected {name}.pt in {weights_dir})") from None
-    except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
-        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise MTCNNError(f"{path}: not a valid {name} state_dict ({first})") from None
-    return net.eval()
 
 
 # ---------------------------------------------------------------------------------------------- box arithmetic
@@ -208,60 +100,6 @@ def _square(boxes: torch.Tensor) -> torch.Tensor:
     x1 = boxes[:, 0] + w * 0.5 - side * 0.5
     y1 = boxes[:, 1] + h * 0.5 - side * 0.5
     return torch.stack([x1, y1, x1 + side, y1 + side], dim=1)
-
-
-def _bounds(length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive-average-pool cell bounds [.., size]: floor(i*L/size) .. ceil((i+1)*L/size)."""
-    i = torch.arange(size, device=length.device)
-    length = length[..., None]
-    return (i * length) // size, ((i + 1) * length + size - 1) // size
-
-
-def _tables(pixels: torch.Tensor, integral: bool) -> torch.Tensor:
-    """Running sums of the uint8 pixels [B, H, W, 3] with a leading zero row and column: down the columns
-    ([B, H+1, W+1, 3]), or over both axes when ``integral`` (the summed-area table). Integer sums are exact,
-    which is what makes the area resampling below bit-identical to torch's float kernel on the same pixels."""
-    height, width = pixels.shape[1:3]
-    dtype = torch.int32 if 255 * (height + 1) * (width + 1) < 2 ** 31 else torch.int64
-    table = F.pad(pixels, (0, 0, 1, 0, 1, 0)).cumsum(1, dtype=dtype)
-    return table.cumsum(2, dtype=dtype) if integral else table
-
-
-def _resize_level(rows: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """Area resampling of the whole images to [B, 3, out_h, out_w] (channels_last memory), bit-identical to
-    ``interpolate(mode="area")``: exact integer cell sums from the column running sums, divided by cell height,
-    then width (the order torch's kernel divides in)."""
-    height, width = rows.shape[1] - 1, rows.shape[2] - 1
-    device = rows.device
-    rs, re = _bounds(torch.tensor(height, device=device), out_h)
-    cs, ce = _bounds(torch.tensor(width, device=device), out_w)
-    # in-place steps: fewer multi-MB temporaries to allocate (and fault in) per level
-    band = rows.index_select(1, re).sub_(rows.index_select(1, rs)).cumsum_(2)
-    cells = band.index_select(2, ce).sub_(band.index_select(2, cs)).to(torch.float32)
-    cells.div_((re - rs).to(torch.float32)[None, :, None, None]).div_((ce - cs).to(torch.float32)[None, None, :, None])
-    return cells.permute(0, 3, 1, 2)
-
-
-def _resize_crops(integral: torch.Tensor, image_inds: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor,
-                  hc: torch.Tensor, wc: torch.Tensor, size: int) -> torch.Tensor:
-    """Area resampling of K crops to [K, 3, size, size] from the [B, H+1, W+1, 3] summed-area table;
-    bit-identical to one ``interpolate(crop, (size, size), mode="area")`` per crop."""
-    _, rows, cols, _ = integral.shape
-    rs, re = _bounds(hc, size)
-    cs, ce = _bounds(wc, size)
-    base = image_inds[:, None] * rows + y0[:, None]
-    top, bottom = ((base + rs) * cols)[:, :, None], ((base + re) * cols)[:, :, None]
-    left, right = (cs + x0[:, None])[:, None, :], (ce + x0[:, None])[:, None, :]
-
-    pixels = integral.view(-1, 3)  # one row of 3 channel sums per pixel: index_select copies 3 values at a time
-
-    def corner(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-        return pixels.index_select(0, (row + col).flatten()).view(len(image_inds), size, size, 3)
-
-    total = corner(bottom, right).sub_(corner(top, right)).sub_(corner(bottom, left)).add_(corner(top, left))
-    cells = total.to(torch.float32)
-    cells.div_((re - rs).to(torch.float32)[:, :, None, None]).div_((ce - cs).to(torch.float32)[:, None, :, None])
-    return cells.permute(0, 3, 1, 2)
 
 
 def _crop_boxes(boxes: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, ...]:
@@ -376,12 +214,12 @@ class MTCNN:
             shortest *= self.factor
         return scales
 
-    def _proposals(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _proposals(self, integral: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """PNet over the pyramid: rows [x1, y1, x2, y2, score, 4 offsets] and their image indices."""
-        height, width = table.shape[1] - 1, table.shape[2] - 1
+        height, width = integral.shape[1] - 1, integral.shape[2] - 1
         rows, owners = [], []
         for scale in self._scales(height, width):
-            data = _resize_level(table, int(height * scale + 1), int(width * scale + 1))
+            data = area_resize_images(integral, int(height * scale + 1), int(width * scale + 1))
             reg, logits = self.pnet.logits(data.sub_(127.5).mul_(0.0078125))
             # A softmax over the whole map costs more than PNet's last layers: screen the cells with a cheap
             # sigmoid of the logit difference (a margin above float rounding), then take the softmax of the few
@@ -399,7 +237,8 @@ class MTCNN:
             rows.append(found[pick])
             owners.append(where[pick, 0])
         if not rows:
-            return torch.zeros(0, 5, device=table.device), torch.zeros(0, dtype=torch.long, device=table.device)
+            return (torch.zeros(0, 5, device=integral.device),
+                    torch.zeros(0, dtype=torch.long, device=integral.device))
         found, owner = torch.cat(rows), torch.cat(owners)
         pick = nms(found[:, :4], found[:, 4], 0.7, owner)
         found, owner = found[pick], owner[pick]
@@ -420,7 +259,7 @@ class MTCNN:
         outputs = []
         for start in range(0, len(owner), _NET_CHUNK):
             part = slice(start, start + _NET_CHUNK)
-            data = _resize_crops(integral, owner[part], y0[part], x0[part], hc[part], wc[part], size)
+            data = area_resize(integral, owner[part], y0[part], x0[part], hc[part], wc[part], size, size)
             outputs.append(net(data.sub_(127.5).mul_(0.0078125)))
         if not outputs:  # no box cuts a pixel of the image: empty outputs of the right widths
             widths = (4, 2) if isinstance(net, RNet) else (4, 10, 2)
@@ -429,12 +268,10 @@ class MTCNN:
 
     @torch.inference_mode()
     def _detect_equal(self, arrays: list[np.ndarray]) -> list[Detection]:
-        pixels = torch.from_numpy(np.stack(arrays)).to(self.device)
-        table = _tables(pixels, integral=False)
-        boxes, owner = self._proposals(table)
+        integral = summed_area_table(torch.from_numpy(np.stack(arrays)).to(self.device))
+        boxes, owner = self._proposals(integral)
         landmarks = torch.zeros(0, 5, 2, device=self.device)
         if len(boxes):
-            integral = table.cumsum_(2)  # the column sums are not needed any more: no new 4-byte-per-value table
             (reg, probs), valid = self._refine(self.rnet, integral, boxes, owner, 24)
             boxes, owner = boxes[valid], owner[valid]
             keep = probs[:, 1] > self.thresholds[1]

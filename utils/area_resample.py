@@ -1,0 +1,87 @@
+"""Exact area resampling ("INTER_AREA", torch's ``interpolate(mode="area")``) from a summed-area table.
+
+MTCNN resamples the same photo many times: once per pyramid level, then once per candidate box for RNet
+and ONet. Building the image's summed-area table once (integer sums: exact) turns every one of those into
+four gathers per output cell, and the results are bit-identical to torch's float kernel on the same
+pixels: each cell is the exact integer sum of its source rectangle, divided by its height, then by its
+width, as torch's adaptive average pooling divides.
+
+    table = summed_area_table(pixels)                       # [B, H+1, W+1, 3] from uint8 [B, H, W, 3]
+    level = area_resize(table, owner, y0, x0, h, w, 24, 24) # [K, 3, 24, 24] float32, channels_last
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _sum_dtype(height: int, width: int) -> torch.dtype:
+    """int32 while the largest sum of the table fits (255 per channel and pixel), else int64."""
+    return torch.int32 if 255 * (height + 1) * (width + 1) < 2 ** 31 else torch.int64
+
+
+def summed_area_table(pixels: torch.Tensor, dtype: torch.dtype | None = None,
+                      use_opencv: bool | None = None) -> torch.Tensor:
+    """Summed-area table [B, H+1, W+1, C] of uint8 images [B, H, W, C], with a leading zero row and column.
+
+    ``dtype`` defaults to int32 while the image's total fits, else int64. On the CPU (``use_opencv`` None)
+    the table is OpenCV's ``integral`` (SIMD, ~20x faster than torch's cumsum over a middle axis); elsewhere
+    two torch cumsums on the device. Both give the same exact integers."""
+    batch, height, width, channels = pixels.shape
+    dtype = dtype or _sum_dtype(height, width)
+    if use_opencv is None:
+        use_opencv = pixels.device.type == "cpu" and channels <= 4
+    if use_opencv:
+        import cv2
+
+        depth = cv2.CV_32S if dtype == torch.int32 else cv2.CV_64F  # float64 holds these integers exactly
+        table = torch.empty(batch, height + 1, width + 1, channels, dtype=dtype)
+        for i, image in enumerate(pixels.cpu().numpy()):
+            sums = cv2.integral(image, sdepth=depth).reshape(height + 1, width + 1, channels)
+            table[i] = torch.from_numpy(sums)
+        return table.to(pixels.device)
+    table = F.pad(pixels, (0, 0, 1, 0, 1, 0)).cumsum(1, dtype=dtype)
+    return table.cumsum_(2)
+
+
+def cell_bounds(length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive-average-pool cell bounds [..., size] of a span ``length``: floor(i*L/size) .. ceil((i+1)*L/size)."""
+    i = torch.arange(size, device=length.device)
+    length = length[..., None]
+    return (i * length) // size, ((i + 1) * length + size - 1) // size
+
+
+def area_resize(table: torch.Tensor, image_inds: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor,
+                heights: torch.Tensor, widths: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """K rectangles (image ``image_inds[k]``, top-left ``y0, x0``, size ``heights x widths``) area-resampled to
+    [K, C, out_h, out_w] float32 (channels_last memory); bit-identical to one ``interpolate(rect, (out_h, out_w),
+    mode="area")`` per rectangle. ``table`` is ``summed_area_table`` of the images."""
+    _, rows, cols, channels = table.shape
+    count = len(image_inds)
+    rs, re = cell_bounds(heights, out_h)
+    cs, ce = cell_bounds(widths, out_w)
+    base = image_inds[:, None] * rows + y0[:, None]
+    top, bottom = ((base + rs) * cols)[:, :, None], ((base + re) * cols)[:, :, None]
+    left, right = (cs + x0[:, None])[:, None, :], (ce + x0[:, None])[:, None, :]
+    pixels = table.view(-1, channels)  # one row of channel sums per pixel: each gather copies C values at once
+
+    def corner(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        return pixels.index_select(0, (row + col).flatten()).view(count, out_h, out_w, channels)
+
+    total = corner(bottom, right).sub_(corner(top, right)).sub_(corner(bottom, left)).add_(corner(top, left))
+    cells = total.to(torch.float32)
+    cells.div_((re - rs).to(torch.float32)[:, :, None, None]).div_((ce - cs).to(torch.float32)[:, None, :, None])
+    return cells.permute(0, 3, 1, 2)
+
+
+def area_resize_images(table: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """Every whole image of ``table`` area-resampled to [B, C, out_h, out_w] (channels_last memory): an MTCNN
+    pyramid level. Rows first (each output row is the difference of two table rows), then columns."""
+    height, width = table.shape[1] - 1, table.shape[2] - 1
+    device = table.device
+    rs, re = cell_bounds(torch.tensor(height, device=device), out_h)
+    cs, ce = cell_bounds(torch.tensor(width, device=device), out_w)
+    band = table.index_select(1, re).sub_(table.index_select(1, rs))
+    cells = band.index_select(2, ce).sub_(band.index_select(2, cs)).to(torch.float32)
+    cells.div_((re - rs).to(torch.float32)[None, :, None, None]).div_((ce - cs).to(torch.float32)[None, None, :, None])
+    return cells.permute(0, 3, 1, 2)
