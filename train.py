@@ -26,12 +26,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from backbones import get_model, input_spec, normalize
-from dataset import DatasetError, bad_record_count, check_bad_records, get_dataloader
+from dataset import bad_record_count, check_bad_records, get_dataloader
 from losses import build_margin_loss
 from partial_fc import PartialFC
 from pfc.optim import JointOptimizer, build_joint_optimizer
 from utils import device as devices
-from utils.config import ConfigError, load_config, to_plain
+from utils.config import load_config, to_plain
+from utils.config_rules import ConfigError
+from utils.data_errors import DatasetError
 from utils.logging_utils import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run_plan import make_plan, make_schedule
 from utils.run_state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint,
@@ -245,8 +247,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
 
     step, epoch = 0, 0
     if resume_path:
-        step, epoch = restore_checkpoint(resume_path, resume_state, ctx, plan, parts)
-        plan = plan.resumed_at(step, epoch, sampler.consumed if sampler.epoch == epoch else 0)
+        step, epoch, plan = restore_checkpoint(resume_path, resume_state, ctx, plan, parts)
         del resume_state
     model = wrap_ddp(backbone, cfg, ctx)
     verification = build_verification(cfg, source)

@@ -423,7 +423,7 @@ def test_eval_figures_follow_known_stage_times(monkeypatch, capsys):
     # Each stage takes a known time on a fake clock, so every printed figure has an exact expected value:
     # decode 3 s, 0.25 s per embedded view, metrics 0.5 s, pair scores 0.2 s, ROC 0.1 s.
     import eval.embed
-    import eval.ijb
+    import eval.ijb_scores
     import eval.metrics
     import eval.verification
 
@@ -434,8 +434,8 @@ def test_eval_figures_follow_known_stage_times(monkeypatch, capsys):
         lambda model, images, *a, flip=True, **k: 0.25 * images.shape[0] * (2 if flip else 1), eval.embed.embed_images))
     monkeypatch.setattr(eval.metrics, "verification_metrics",
                         clock.took(lambda *a, **k: 0.5, eval.metrics.verification_metrics))
-    monkeypatch.setattr(eval.ijb, "pair_scores", clock.took(lambda *a, **k: 0.2, eval.ijb.pair_scores))
-    monkeypatch.setattr(eval.ijb, "tar_at_far", clock.took(lambda *a, **k: 0.1, eval.ijb.tar_at_far))
+    monkeypatch.setattr(eval.ijb_scores, "pair_scores", clock.took(lambda *a, **k: 0.2, eval.ijb_scores.pair_scores))
+    monkeypatch.setattr(eval.ijb_scores, "tar_at_far", clock.took(lambda *a, **k: 0.1, eval.ijb_scores.tar_at_far))
     benchmark.main(["eval", "--network", "tiny", "--num-images", "20", "--batch-size", "4", "--embed-images", "4",
                     "--ijb-pairs", "200", "--ijb-templates", "10", "--embedding-size", "16"])
     out = capsys.readouterr().out

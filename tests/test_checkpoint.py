@@ -88,3 +88,36 @@ def test_rng_state_round_trip_survives_weights_only(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
+
+
+def write_checkpoint(output: str, step: int, epoch: int, samples: int) -> str:
+    states = {key: {} for key in ("backbone", "head", "optimizer", "scaler", "sampler")}
+    state = resume.build_checkpoint(step=step, epoch=epoch, samples_in_epoch=samples, global_batch=8, world_size=1,
+                                    states=states, rng=[], config={}, data={})
+    path = resume.checkpoint_path(output, step)
+    resume.atomic_save(state, path)
+    return path
+
+
+def test_pruning_orders_by_progress_and_reads_each_file_once(tmp_path, monkeypatch):
+    output = str(tmp_path)
+    loads = []
+    real_load = resume.load_checkpoint
+    monkeypatch.setattr(resume, "load_checkpoint", lambda path, *a, **k: loads.append(os.path.basename(path))
+                        or real_load(path, *a, **k))
+    # step numbers in another global batch's units: step 40 (epoch 0) is behind step 12 (epoch 1)
+    write_checkpoint(output, 40, epoch=0, samples=320)
+    write_checkpoint(output, 12, epoch=1, samples=0)
+    resume.prune_checkpoints(output, keep=2)
+    assert sorted(loads) == ["checkpoint_step000000012.pt", "checkpoint_step000000040.pt"]
+    newest = write_checkpoint(output, 14, epoch=1, samples=16)
+    loads.clear()
+    resume.prune_checkpoints(output, keep=2, protect=newest)
+    assert loads == ["checkpoint_step000000014.pt"]  # the two known files are not opened again
+    assert [os.path.basename(p) for p in resume.list_checkpoints(output)] == [
+        "checkpoint_step000000012.pt", "checkpoint_step000000014.pt"]
+    write_checkpoint(output, 12, epoch=2, samples=0)  # rewritten in place: read again
+    loads.clear()
+    path, state = resume.newest_loadable(output)
+    assert os.path.basename(path) == "checkpoint_step000000012.pt" and state["progress"]["epoch"] == 2
+    assert loads.count("checkpoint_step000000012.pt") == 2  # its new key, then the state handed back

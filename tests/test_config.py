@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from utils.config import ConfigError, load_config, parse_override, to_plain
+from utils.config import load_config, parse_override, to_plain
+from utils.config_rules import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,7 +172,7 @@ def test_output_under_a_file_is_refused_at_load(tmp_path):
 
 
 def test_string_choices_documented_in_base_are_accepted(tmp_path):
-    from utils.config import documented_choices
+    from utils.config_rules import documented_choices
     base = tmp_path / "base.py"
     base.write_text("from easydict import EasyDict as edict\nconfig = edict()\nconfig.output = None\n"
                     "config.optimizer = 'sgd'        # sgd | adamw | lion (a new one, documented here)\n"

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dataset import RecordDataset
+from face_datasets import RecordDataset
 from tools import make_synthetic, pack_rec, rec_info, shuffle_rec
 from utils import recordio
 

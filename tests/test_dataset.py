@@ -13,9 +13,11 @@ import torch
 from easydict import EasyDict
 
 import dataset
-from dataset import (DatasetError, ImageFolderDataset, RecordDataset, ResumableDistributedSampler,
-                     RandomTensorDataset, bad_record_count, get_dataloader, normalize_batch)
+from dataset import bad_record_count, get_dataloader, normalize_batch
+from face_datasets import ImageFolderDataset, RandomTensorDataset, RecordDataset
+from samplers import ResumableDistributedSampler
 from utils import recordio
+from utils.data_errors import DatasetError
 
 
 def _cfg(rec, **overrides):

@@ -75,7 +75,7 @@ def test_arcface_mode_aligns_the_largest_face_lists_failures_and_packs(raw_dir, 
         tolerance = 0.0 if relative.endswith(".png") else 3.0  # JPEG quality 95 of the aligned face
         assert np.abs(written.astype(np.float64) - expected).mean() <= tolerance
     # --pack: train.rec holds the 5 faces, labels by sorted identity, readable by the training reader
-    from dataset import RecordDataset
+    from face_datasets import RecordDataset
 
     data = RecordDataset(out, image_size=(112, 112), flip=False)
     assert len(data) == 5 and data.num_classes == 3

@@ -1,12 +1,14 @@
-"""dataset.py's P x K sampler: batch composition, determinism, rank split, mid-epoch resume on another
+"""samplers.py's P x K sampler: batch composition, determinism, rank split, mid-epoch resume on another
 world size, errors, the labels of every dataset kind, and get_dataloader with sampler='pk'."""
 import numpy as np
 import pytest
 import torch
 from easydict import EasyDict
 
-from dataset import (DatasetError, ImageFolderDataset, PKSampler, RecordDataset, ResumableDistributedSampler,
-                     RandomTensorDataset, build_sampler, dataset_labels, get_dataloader)
+from dataset import get_dataloader
+from face_datasets import ImageFolderDataset, RandomTensorDataset, RecordDataset
+from samplers import PKSampler, ResumableDistributedSampler, build_sampler, dataset_labels
+from utils.data_errors import DatasetError
 from utils.synthetic import identity_set_labels, make_identity_set
 
 

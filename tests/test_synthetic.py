@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from easydict import EasyDict
 
-from dataset import RecordDataset
+from face_datasets import RecordDataset
 from utils import synthetic
 from utils.synthetic import SyntheticDataError, ensure_identity_set, make_identity_set
 

@@ -60,6 +60,20 @@ def training_log(output: str) -> str:
         return handle.read()
 
 
+def run_demo(config: str, tmp_path, max_steps: int, timeout: float) -> tuple[subprocess.CompletedProcess, float, float]:
+    """A demo config as the README runs it, cut to ``max_steps``: (result, unseen-pair accuracy before, after)."""
+    output = tmp_path / "demo"
+    result = run_subprocess([PYTHON, "train.py", config, "--set", f"output={str(output)!r}",
+                             "--set", f"synthetic.cache_dir={str(tmp_path / 'cache')!r}",
+                             "--set", f"max_steps={max_steps}", "--set", "verbose=0"],
+                            timeout=timeout, env={"OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = training_log(str(output))
+    before, after = (float(re.search(rf"\[synthetic_unseen\]\[{step}\]Accuracy-Flip: ([0-9.]+)", log).group(1))
+                     for step in (0, max_steps))
+    return result, before, after
+
+
 class TinyNet(torch.nn.Module):
     """BatchNorm-free stand-in backbone, so results do not depend on how a batch is split."""
 
@@ -224,18 +238,11 @@ def test_legacy_local_rank_argument_is_accepted():
 @pytest.mark.timeout(400)
 def test_demo_config_learns_unseen_identities(tmp_path):
     """The README demo, shortened to 120 steps: verification on unseen identities must clear 0.80."""
-    output = tmp_path / "demo"
-    result = run_subprocess([PYTHON, "train.py", "configs/demo_cpu.py", "--set", f"output={str(output)!r}",
-                             "--set", f"synthetic.cache_dir={str(tmp_path / 'cache')!r}", "--set", "max_steps=120",
-                             "--set", "verbose=0"], timeout=380, env={"OMP_NUM_THREADS": "2"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = training_log(str(output))
-    start = float(re.search(r"\[synthetic_unseen\]\[0\]Accuracy-Flip: ([0-9.]+)", log).group(1))
-    final = float(re.search(r"\[synthetic_unseen\]\[120\]Accuracy-Flip: ([0-9.]+)", log).group(1))
+    result, start, final = run_demo("configs/demo_cpu.py", tmp_path, max_steps=120, timeout=380)
     assert start < 0.80 <= final, (start, final)
     # The end summary names every output.
     for name in ("training.log", "tensorboard", "checkpoint_step*.pt", "model.pt"):
-        assert os.path.join(str(output), name) in result.stdout, name
+        assert os.path.join(str(tmp_path / "demo"), name) in result.stdout, name
 
 
 @pytest.mark.timeout(300)

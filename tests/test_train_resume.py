@@ -43,6 +43,8 @@ def check_continuation(log_part: str, resumed_from: dict, new_batch: int, refere
     planned_after = first["total"] - (first["step"] - 1)
     assert abs(planned_after * new_batch - (TOTAL_SAMPLES - done)) < new_batch, (first, done)
     assert last["step"] == last["total"] == first["total"], last
+    # the "resumed from" line names the same end as the step lines
+    assert re.search(rf"resumed from .* at step {first['step'] - 1} of {last['total']} ", log_part), log_part[:3000]
     trained = done + (last["step"] - first["step"] + 1) * new_batch
     assert abs(trained - TOTAL_SAMPLES) < new_batch, trained
     # The conversion is logged: "batch" then the old then the new size (the run header starts with the new one).

@@ -16,27 +16,22 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.face_align import AlignmentError, as_landmarks, norm_crop  # noqa: E402
+from utils.text_fields import read_fields  # noqa: E402
 
 
 def read_landmarks_file(path: str) -> list[tuple[int, str, object]]:
     """(line number, relative image path, [5, 2] landmarks) per non-comment line."""
-    if not os.path.isfile(path):
-        raise AlignmentError(f"{path}: landmarks file not found")
     entries = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            fields = line.split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            if len(fields) != 11:
-                raise AlignmentError(f"{path} line {line_number}: expected an image path and 10 numbers "
-                                     f"(5 x,y landmarks), got {len(fields) - 1} values")
-            try:
-                numbers = [float(value) for value in fields[1:]]
-            except ValueError:
-                raise AlignmentError(f"{path} line {line_number}: landmark values must be numbers: "
-                                     f"{' '.join(fields[1:])}") from None
-            entries.append((line_number, fields[0], as_landmarks(numbers, f"{path} line {line_number}")))
+    for line_number, fields in read_fields(path, "landmarks", AlignmentError, comment="#"):
+        if len(fields) != 11:
+            raise AlignmentError(f"{path} line {line_number}: expected an image path and 10 numbers "
+                                 f"(5 x,y landmarks), got {len(fields) - 1} values")
+        try:
+            numbers = [float(value) for value in fields[1:]]
+        except ValueError:
+            raise AlignmentError(f"{path} line {line_number}: landmark values must be numbers: "
+                                 f"{' '.join(fields[1:])}") from None
+        entries.append((line_number, fields[0], as_landmarks(numbers, f"{path} line {line_number}")))
     if not entries:
         raise AlignmentError(f"{path}: no landmark lines")
     return entries

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from utils import recordio  # noqa: E402  (dataset.py imports torch, so it loads lazily)
+from utils import recordio  # noqa: E402  (face_datasets.py imports torch, so it loads lazily)
 
 HISTOGRAM_EDGES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -111,7 +111,8 @@ def _check_chunk(idx_path: str, rec_path: str, keys: list[int], num_classes: int
 
 def verify_pack(folder: str, workers: int = 1) -> dict:
     """Check every record of ``folder``; returns counts, layout and ``bad``: [{key, offset, reason}]."""
-    from dataset import DatasetError, read_property
+    from face_datasets import read_property
+    from utils.data_errors import DatasetError
 
     idx_path, rec_path = os.path.join(folder, "train.idx"), os.path.join(folder, "train.rec")
     reader = recordio.MXIndexedRecordIO(idx_path, rec_path, "r")
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--workers", type=int, default=1, help="processes for --verify (default 1)")
     args = parser.parse_args(argv)
-    from dataset import DatasetError, RecordDataset
+    from face_datasets import RecordDataset
+    from utils.data_errors import DatasetError
 
     summary: dict = {"folder": args.folder}
     try:

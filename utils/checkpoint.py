@@ -107,6 +107,11 @@ def latest_checkpoint(output: str) -> str | None:
     return paths[-1] if paths else None
 
 
+# (inode, size, mtime) and progress key of each checkpoint seen: a save prunes by progress, and without the cache
+# each save would open every checkpoint in the folder again
+_progress_cache: dict[str, tuple[tuple[int, int, int], tuple | None]] = {}
+
+
 def _progress_key(path: str, state: dict) -> tuple:
     """Order of checkpoints by training progress (epoch, samples into it), then by write time: step
     numbers are in units of the global batch, which a resume on another world size changes."""
@@ -114,27 +119,42 @@ def _progress_key(path: str, state: dict) -> tuple:
     return int(progress["epoch"]), int(progress["samples_in_epoch"]), os.path.getmtime(path)
 
 
-def by_progress(output: str) -> list[tuple[str, dict | None]]:
-    """(path, state or None if unusable) of every checkpoint in ``output``, least progress first;
+def _cached_progress(path: str) -> tuple | None:
+    """The progress key of ``path`` (None: unusable, with one warning), read once per file version."""
+    info = os.stat(path)
+    version = (info.st_ino, info.st_size, info.st_mtime_ns)
+    cached = _progress_cache.get(path)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    try:
+        key = _progress_key(path, load_checkpoint(path))
+    except CheckpointError as exc:
+        logger.warning("skipping unusable checkpoint: %s", exc)
+        key = None
+    _progress_cache[path] = (version, key)
+    return key
+
+
+def by_progress(output: str) -> list[tuple[str, tuple | None]]:
+    """(path, progress key or None if unusable) of every checkpoint in ``output``, least progress first;
     unusable files (a truncated copy, a foreign file) come first, so they are pruned first."""
-    usable, unusable = [], []
-    for path in list_checkpoints(output):
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as exc:
-            logger.warning("skipping unusable checkpoint: %s", exc)
-            unusable.append((path, None))
-            continue
-        usable.append((_progress_key(path, state), path, state))
-    usable.sort(key=lambda item: item[0])
-    return unusable + [(path, state) for _, path, state in usable]
+    keyed = [(path, _cached_progress(path)) for path in list_checkpoints(output)]
+    unusable = [(path, None) for path, key in keyed if key is None]
+    usable = sorted(((path, key) for path, key in keyed if key is not None), key=lambda item: item[1])
+    return unusable + usable
 
 
 def newest_loadable(output: str) -> tuple[str | None, dict | None]:
     """The checkpoint furthest into training that loads and validates; unreadable ones (a write cut
     by kill -9 on a file system without atomic rename, a truncated copy) are skipped with a warning."""
-    found = [(path, state) for path, state in by_progress(output) if state is not None]
-    return found[-1] if found else (None, None)
+    for path, key in reversed(by_progress(output)):
+        if key is None:
+            break  # the unusable ones come first: nothing loadable is left
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:  # changed since it was read
+            logger.warning("skipping unusable checkpoint: %s", exc)
+    return None, None
 
 
 def clean_partial_writes(output: str) -> list[str]:

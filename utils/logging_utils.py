@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 import time
+
+_STARTUP_RECORDS = 10_000  # records kept for training.log before it exists (far more than a start logs)
 
 
 def _console_record(record: logging.LogRecord) -> bool:
@@ -23,8 +26,22 @@ def setup_logging(rank: int, output: str | None = None, level: str = "INFO") -> 
     stream.setFormatter(_formatter(rank))
     stream.addFilter(_console_record)
     root.addHandler(stream)
+    if rank == 0:
+        root.addHandler(_StartupBuffer(_STARTUP_RECORDS))
     if output:
         attach_log_file(rank, output)
+
+
+class _StartupBuffer(logging.handlers.BufferingHandler):
+    """Holds what rank 0 logs before training.log is attached (cleaning leftovers, skipping a broken
+    checkpoint, an elastic restart), so the file tells the whole start; a refused run just drops it."""
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        return False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.buffer) < self.capacity:
+            self.buffer.append(record)
 
 
 def _formatter(rank: int) -> logging.Formatter:
@@ -32,14 +49,21 @@ def _formatter(rank: int) -> logging.Formatter:
 
 
 def attach_log_file(rank: int, output: str) -> None:
-    """Rank 0 also logs to ``<output>/training.log`` (appended: a resumed run continues the same file).
-    The trainer attaches it only once the output folder is accepted, so a refused run leaves it untouched."""
+    """Rank 0 also logs to ``<output>/training.log`` (appended: a resumed run continues the same file),
+    starting with what it logged since ``setup_logging``. The trainer attaches it only once the output
+    folder is accepted, so a refused run leaves it untouched."""
     if rank != 0:
         return
     os.makedirs(output, exist_ok=True)
     file_handler = logging.FileHandler(os.path.join(output, "training.log"))
     file_handler.setFormatter(_formatter(rank))
-    logging.getLogger().addHandler(file_handler)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _StartupBuffer):
+            root.removeHandler(handler)
+            for record in handler.buffer:
+                file_handler.handle(record)
+    root.addHandler(file_handler)
 
 
 class RunningMean:

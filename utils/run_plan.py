@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
-from utils.config import ConfigError
+from utils.config_rules import ConfigError
 from utils.lr_scheduler import MultiStepWarmupLR, PolyWarmupLR
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from utils import device as devices
 from utils.checkpoint import (atomic_save, build_checkpoint, capture_rng_state, checkpoint_path, clean_partial_writes,
                               newest_loadable, previous_run_files, prune_checkpoints, restore_rng_state)
-from utils.config import ConfigError, to_plain
+from utils.config import to_plain
+from utils.config_rules import ConfigError
 from utils.paths import ensure_output_dir
 from utils.run_plan import resume_position
 
@@ -129,8 +130,9 @@ def save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples_in_epoch, bad_re
             raise TrainingError(f"{error}; stopping (on_save_error=\"stop\"; \"warn\" trains on)")
 
 
-def restore_checkpoint(path, state, ctx, plan, parts) -> tuple[int, int]:
-    """Load every part of a training checkpoint; returns (step, epoch) converted to the current plan."""
+def restore_checkpoint(path, state, ctx, plan, parts) -> tuple[int, int, Any]:
+    """Load every part of a training checkpoint; returns (step, epoch) converted to the current plan, and
+    the plan for the rest of the run (``RunPlan.resumed_at``: it ends where the loader really ends)."""
     backbone, head, optimizer, scaler, sampler = parts
     try:
         backbone.load_state_dict(state["backbone"])
@@ -147,6 +149,10 @@ def restore_checkpoint(path, state, ctx, plan, parts) -> tuple[int, int]:
     else:
         logger.info("resuming %d-rank checkpoint on %d ranks: head shards re-split, RNG reseeded",
                     state["world_size"], ctx.world_size)
-    logger.info("resumed from %s at step %d of %d (epoch %d, %d samples into it)", path, step, plan.total_steps,
-                epoch, samples)
-    return step, epoch
+    resumed = plan.resumed_at(step, epoch, sampler.consumed if sampler.epoch == epoch else 0)
+    # "of N" is where this run really ends (the step lines count to it); on another global batch the loader
+    # may drop a partial batch of the resumed epoch, and the LR schedule still spans the planned total
+    schedule_note = "" if resumed.last_step == plan.total_steps else f"; LR schedule over {plan.total_steps} steps"
+    logger.info("resumed from %s at step %d of %d (epoch %d, %d samples into it%s)", path, step, resumed.last_step,
+                epoch, samples, schedule_note)
+    return step, epoch, resumed

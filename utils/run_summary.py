@@ -6,7 +6,8 @@ import os
 from typing import Any
 
 from utils import device as devices
-from utils.config import ConfigError, to_plain
+from utils.config import to_plain
+from utils.config_rules import ConfigError
 from utils.logging_utils import format_eta
 
 logger = logging.getLogger("arcscale.train")

@@ -249,7 +249,7 @@ def make_identity_set(out_dir: str, num_identities: int, images_per_identity: in
 
 def _write_set(folder: str, num_identities: int, images_per_identity: int, num_val_identities: int,
                num_val_pairs: int, seed: int, size: int) -> None:
-    from dataset import write_property  # imported here: dataset imports this module's readers lazily too
+    from face_datasets import write_property  # imported here: it loads torch, which generating does not need
 
     samples = list(range(images_per_identity))
     # OpenCV and large numpy ops release the GIL, so threads give a real speed-up here.

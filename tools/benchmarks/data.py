@@ -58,8 +58,10 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from easydict import EasyDict
 
-    from dataset import DatasetError, RecordDataset, get_dataloader
+    from dataset import get_dataloader
+    from face_datasets import RecordDataset
     from utils import recordio
+    from utils.data_errors import DatasetError
     from utils.synthetic import make_identity_set
 
     torch.set_num_threads(1)

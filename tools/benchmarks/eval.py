@@ -96,7 +96,7 @@ def bench_ijb(args: argparse.Namespace) -> None:
     """Time IJB 1:1 pair scoring and the TAR@FAR table on random unit embeddings."""
     import sklearn.metrics  # noqa: F401  (tar_at_far imports it on first call: ~1 s that is not ROC time)
 
-    from eval.ijb import pair_scores, tar_at_far
+    from eval.ijb_scores import pair_scores, tar_at_far
 
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(args.ijb_templates, args.embedding_size))
