@@ -44,3 +44,10 @@ def test_rectangles_are_bit_identical_to_per_rectangle_area_interpolation():
         for k in range(len(owner)):
             crop = images[owner[k], :, y0[k]:y0[k] + hc[k], x0[k]:x0[k] + wc[k]][None]
             assert torch.equal(mine[k:k + 1], F.interpolate(crop, size=(out_h, out_w), mode="area")), (k, out_h)
+
+
+def test_a_band_of_rows_is_those_rows_of_the_whole_level():
+    table = summed_area_table(random_pixels(2, (2, 45, 38, 3)))
+    whole = area_resize_images(table, 27, 23)
+    for top, bottom in [(0, 27), (0, 5), (9, 20), (26, 27)]:
+        assert torch.equal(area_resize_images(table, 27, 23, rows=(top, bottom)), whole[:, :, top:bottom])

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from utils import mtcnn_nets
-from utils.mtcnn_nets import MTCNNError, load_net, max_pool2_ceil, prelu_nhwc
+from utils.mtcnn_nets import MTCNNError, load_net, max_pool2_ceil
 
 
 @pytest.mark.parametrize("shape", [(1, 10, 9, 7), (2, 10, 8, 6), (1, 4, 1, 1), (1, 3, 2, 5)])
@@ -12,16 +12,6 @@ def test_pnet_pooling_equals_max_pool2d_ceil_mode(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
     assert torch.equal(max_pool2_ceil(x), F.max_pool2d(x, 2, 2, ceil_mode=True))
     assert torch.equal(max_pool2_ceil(x.contiguous()), F.max_pool2d(x, 2, 2, ceil_mode=True))
-
-
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_prelu_on_the_nhwc_view_equals_torch_prelu(channels_last):
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 10, 13, 9, generator=generator)
-    x[0, :, 0, 0] = 0.0  # zeros stay zeros
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    weight = torch.randn(10, generator=generator)  # negative and > 1 slopes too, as in the released weights
-    assert torch.equal(prelu_nhwc(x, weight), F.prelu(x, weight))
 
 
 def test_pnet_logits_match_the_plain_torch_layers():

@@ -11,6 +11,7 @@ width, as torch's adaptive average pooling divides.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,14 +75,30 @@ def area_resize(table: torch.Tensor, image_inds: torch.Tensor, y0: torch.Tensor,
     return cells.permute(0, 3, 1, 2)
 
 
-def area_resize_images(table: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+def area_resize_images(table: torch.Tensor, out_h: int, out_w: int,
+                       rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Every whole image of ``table`` area-resampled to [B, C, out_h, out_w] (channels_last memory): an MTCNN
-    pyramid level. Rows first (each output row is the difference of two table rows), then columns."""
-    height, width = table.shape[1] - 1, table.shape[2] - 1
+    pyramid level; ``rows=(top, bottom)`` computes only those output rows (a band of the level). Rows first
+    (each output row is the difference of two table rows), then columns. The cell bounds are plain numbers,
+    so they are worked out in numpy: a dozen torch calls per level, not fifty."""
+    batch, table_rows, cols, channels = table.shape
     device = table.device
-    rs, re = cell_bounds(torch.tensor(height, device=device), out_h)
-    cs, ce = cell_bounds(torch.tensor(width, device=device), out_w)
-    band = table.index_select(1, re).sub_(table.index_select(1, rs))
-    cells = band.index_select(2, ce).sub_(band.index_select(2, cs)).to(torch.float32)
-    cells.div_((re - rs).to(torch.float32)[None, :, None, None]).div_((ce - cs).to(torch.float32)[None, None, :, None])
+
+    def bounds(length: int, size: int, first: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        i = np.arange(first, size if stop is None else stop, dtype=np.int64)
+        return i * length // size, ((i + 1) * length + size - 1) // size
+
+    top, bottom = rows if rows is not None else (0, out_h)
+    (rs, re), (cs, ce) = bounds(table_rows - 1, out_h, top, bottom), bounds(cols - 1, out_w)
+    out_h = bottom - top
+    row_index = torch.from_numpy(np.concatenate([re, rs])).to(device)
+    # each output cell's channels as one flat gather per row of the band (~2x faster than index_select(2, ...))
+    column_index = torch.from_numpy(np.concatenate([ce, cs])[:, None] * channels + np.arange(channels)).to(device)
+    divisors = torch.from_numpy(np.concatenate([re - rs, ce - cs]).astype(np.float32)).to(device)
+    ends_starts = table.index_select(1, row_index)
+    band = (ends_starts[:, :out_h] - ends_starts[:, out_h:]).view(batch * out_h, cols * channels)
+    corners = torch.gather(band, 1, column_index.view(1, -1).expand(batch * out_h, -1))
+    corners = corners.view(batch, out_h, 2, out_w, channels)
+    cells = corners[:, :, 0].sub_(corners[:, :, 1]).to(torch.float32)
+    cells.div_(divisors[:out_h, None, None]).div_(divisors[out_h:, None])
     return cells.permute(0, 3, 1, 2)

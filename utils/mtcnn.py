@@ -219,18 +219,22 @@ class MTCNN:
         height, width = integral.shape[1] - 1, integral.shape[2] - 1
         rows, owners = [], []
         for scale in self._scales(height, width):
-            data = area_resize_images(integral, int(height * scale + 1), int(width * scale + 1))
-            reg, logits = self.pnet.logits(data.sub_(127.5).mul_(0.0078125))
+            level_h, level_w = int(height * scale + 1), int(width * scale + 1)
+            # Each band of the level is resampled right before PNet reads it, so it is still in the cache.
+            heads = torch.cat([self.pnet.heads(area_resize_images(integral, level_h, level_w, rows=band)
+                                               .sub_(127.5).mul_(0.0078125))
+                               for band in self.pnet.row_bands(level_h, level_w, len(integral))], dim=1)
+            reg, logits = heads[..., :4], heads[..., 4:]  # [N, h, w, *]
             # A softmax over the whole map costs more than PNet's last layers: screen the cells with a cheap
             # sigmoid of the logit difference (a margin above float rounding), then take the softmax of the few
             # candidates and apply the threshold to it.
-            screen = torch.sigmoid(logits[:, 1] - logits[:, 0]) >= self.thresholds[0] - 1e-4
+            screen = torch.sigmoid(logits[..., 1] - logits[..., 0]) >= self.thresholds[0] - 1e-4
             where = screen.nonzero()
-            face = torch.softmax(logits.permute(0, 2, 3, 1)[screen], dim=1)[:, 1]
+            face = torch.softmax(logits[screen], dim=1)[:, 1]
             passed = face >= self.thresholds[0]
             where, face = where[passed], face[passed]
             cells = where[:, 1:].to(face.dtype).flip(1)  # (x, y) of each 12x12 window, stride 2
-            offsets = reg.permute(0, 2, 3, 1)[where[:, 0], where[:, 1], where[:, 2]]
+            offsets = reg[where[:, 0], where[:, 1], where[:, 2]]
             found = torch.cat([((2 * cells + 1) / scale).floor(), ((2 * cells + 12) / scale).floor(),
                                face[:, None], offsets], dim=1)
             pick = nms(found[:, :4], found[:, 4], 0.5, where[:, 0])

@@ -1,8 +1,9 @@
 """MTCNN's three networks (PNet, RNet, ONet) in plain torch, and their weight loader.
 
 The layers and weights are facenet-pytorch's (MIT, converted from the original TensorFlow/Caffe models);
-the files ship in ``utils/mtcnn_weights/`` with their licence. Two small kernels stand in for torch ops
-that are slow on PNet's 10-channel channels_last maps: the 2x2 ceil-mode pooling and PReLU, both exact.
+the files ship in ``utils/mtcnn_weights/`` with their licence. PNet runs each convolution in the memory
+layout its CPU kernel is fast in, and its 2x2 ceil-mode pooling on channels_last maps as strided maxima
+(exact; torch's pooling kernel is several times slower on 10 channels).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mtcnn_weights")
+_NATIVE_CONV_VALUES = 20480  # torch's CPU rule: one image of at most this many input values skips oneDNN
 _BAND_PIXELS = 1 << 16  # input pixels (x images) per PNet band: its maps then fit in a core's share of cache
 
 
@@ -22,8 +24,10 @@ class MTCNNError(ValueError):
 
 
 def max_pool2_ceil(x: torch.Tensor) -> torch.Tensor:
-    """``max_pool2d(x, 2, 2, ceil_mode=True)`` of a channels_last map as maxima of strided slices of its NHWC view:
-    the same values, several times faster than torch's pooling kernel on PNet's 10-channel maps."""
+    """``max_pool2d(x, 2, 2, ceil_mode=True)``; of a channels_last map as maxima of strided slices of its NHWC
+    view: the same values, several times faster than torch's pooling kernel on PNet's 10-channel maps."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return F.max_pool2d(x, 2, 2, ceil_mode=True)
     nhwc = x.permute(0, 2, 3, 1)
     height, width = nhwc.shape[1:3]
     rows = torch.maximum(nhwc[:, 0:height - 1:2], nhwc[:, 1::2])
@@ -35,11 +39,13 @@ def max_pool2_ceil(x: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 1, 2)
 
 
-def prelu_nhwc(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``prelu(x, weight)`` of a channels_last map, computed on its NHWC view as ``max(x, 0) + weight * min(x, 0)``
-    (the same values: one of the two terms is zero). torch's kernel is ~2x slower on PNet's 10 channels."""
-    nhwc = x.permute(0, 2, 3, 1)
-    return nhwc.clamp(min=0).add_(nhwc.clamp(max=0).mul_(weight)).permute(0, 3, 1, 2)
+def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` in the memory layout its CPU kernel is fast in. torch sends a single image of at most
+    ``_NATIVE_CONV_VALUES`` input values to its native kernel (not oneDNN), which is 2-6x slower on a
+    channels_last input than on a contiguous one; larger maps go to oneDNN, fastest on channels_last."""
+    if x.device.type == "cpu" and x.shape[0] == 1 and x.numel() <= _NATIVE_CONV_VALUES:
+        return conv(x.contiguous())
+    return conv(x.contiguous(memory_format=torch.channels_last))
 
 
 class PNet(nn.Module):
@@ -54,30 +60,37 @@ class PNet(nn.Module):
         self.conv4_2 = nn.Conv2d(32, 4, 1)
 
     def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Box regression [N, 4, h, w] and the two class logits [N, 2, h, w] (softmax not applied).
-
-        Large inputs run in bands of output rows: the network is fully convolutional without padding and
-        pools from even rows, so each band computes the whole map's values (equal up to float32 rounding,
-        < 1e-5, as oneDNN picks its kernel by shape; tested), while its intermediate maps stay in the CPU
-        cache (measured 1.3-1.7x faster on a 512-px photo's top levels)."""
+        """Box regression [N, 4, h, w] and the two class logits [N, 2, h, w] (softmax not applied)."""
         x = x.contiguous(memory_format=torch.channels_last)
         batch, _, height, width = x.shape
-        out_rows = (height - 1) // 2 - 4  # ceil((height - 2) / 2) after conv1 + pooling, then two 3x3 convs
-        band = max(16, _BAND_PIXELS // (2 * width * batch))
-        if out_rows <= band:
-            heads = self._heads(x)
-        else:  # output rows [a, b) read input rows [2a, 2b + 10)
-            heads = torch.cat([self._heads(x[:, :, 2 * a:2 * min(out_rows, a + band) + 10])
-                               for a in range(0, out_rows, band)], dim=1)
+        heads = torch.cat([self.heads(x[:, :, top:bottom]) for top, bottom in self.row_bands(height, width, batch)],
+                          dim=1)
         return heads[..., :4].permute(0, 3, 1, 2), heads[..., 4:].permute(0, 3, 1, 2)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def row_bands(height: int, width: int, batch: int = 1) -> list[tuple[int, int]]:
+        """Input row ranges that cover a [batch, 3, height, width] input's output in cache-sized bands.
+
+        The network is fully convolutional without padding and pools from even rows, so output rows
+        [a, b) are the network on input rows [2a, 2b + 10): the bands' outputs concatenated are the whole
+        map's values (equal up to float32 rounding, < 1e-5, as oneDNN picks its kernel by shape; tested),
+        while each band's intermediate maps stay in the CPU cache (1.3-1.7x faster on a 512-px photo)."""
+        out_rows = (height - 1) // 2 - 4  # ceil((height - 2) / 2) after conv1 + pooling, then two 3x3 convs
+        band = max(16, _BAND_PIXELS // (2 * width * batch))
+        return [(2 * top, min(height, 2 * min(out_rows, top + band) + 10)) for top in range(0, out_rows, band)]
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
         """[N, h, w, 6]: the 4 box offsets then the 2 class logits of each output cell (NHWC)."""
-        x = max_pool2_ceil(prelu_nhwc(self.conv1(x), self.prelu1.weight))
-        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
-        # both 1x1 heads as one matmul over the NHWC view: torch runs a 1x1 conv with 2-4 outputs slowly
-        weight = torch.cat([self.conv4_2.weight, self.conv4_1.weight]).flatten(1)
-        return F.linear(x.permute(0, 2, 3, 1), weight, torch.cat([self.conv4_2.bias, self.conv4_1.bias]))
+        x = max_pool2_ceil(self.prelu1(_conv(self.conv1, x)))
+        x = self.prelu3(_conv(self.conv3, self.prelu2(_conv(self.conv2, x))))
+        # both 1x1 heads as one 6-output convolution; F.conv2d would send it to torch's native kernel
+        # (slow for 1x1 in one thread), oneDNN's takes a third of a matmul over the NHWC view
+        weight = torch.cat([self.conv4_2.weight, self.conv4_1.weight])
+        bias = torch.cat([self.conv4_2.bias, self.conv4_1.bias])
+        if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and x.dtype == torch.float32:
+            x = x.contiguous(memory_format=torch.channels_last)
+            return torch.mkldnn_convolution(x, weight, bias, (0, 0), (1, 1), (1, 1), 1).permute(0, 2, 3, 1)
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Box regression [N, 4, h, w] and face/non-face probabilities [N, 2, h, w]."""
