@@ -30,18 +30,26 @@ _NET_CHUNK = 64  # RNet/ONet crops per network call
 # ---------------------------------------------------------------------------------------------- box arithmetic
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor, plus: float, mode: str) -> torch.Tensor:
-    """Pairwise overlap [len(a), len(b)] of x1,y1,x2,y2 boxes; the operation order follows the reference."""
-    ax1, ay1, ax2, ay2 = a.unbind(1)
-    bx1, by1, bx2, by2 = b.unbind(1)
-    area_a = (ax2 - ax1 + plus) * (ay2 - ay1 + plus)
-    area_b = (bx2 - bx1 + plus) * (by2 - by1 + plus)
-    w = (torch.minimum(ax2[:, None], bx2[None]) - torch.maximum(ax1[:, None], bx1[None]) + plus).clamp_(min=0)
-    h = (torch.minimum(ay2[:, None], by2[None]) - torch.maximum(ay1[:, None], by1[None]) + plus).clamp_(min=0)
-    inter = w * h
+def _areas(boxes: torch.Tensor, plus: float) -> torch.Tensor:
+    """(x2 - x1 + plus) * (y2 - y1 + plus) of x1,y1,x2,y2 boxes."""
+    sides = boxes[:, 2:] - boxes[:, :2]
+    if plus:
+        sides += plus
+    return sides[:, 0] * sides[:, 1]
+
+
+def _overlap(a: torch.Tensor, area_a: torch.Tensor, b: torch.Tensor, area_b: torch.Tensor, plus: float,
+             mode: str) -> torch.Tensor:
+    """Pairwise overlap [len(a), len(b)] of x1,y1,x2,y2 boxes (with their ``_areas``); each value is computed
+    with the reference's operations in the reference's order, over both axes at once."""
+    sides = torch.minimum(a[:, None, 2:], b[None, :, 2:]) - torch.maximum(a[:, None, :2], b[None, :, :2])
+    if plus:
+        sides += plus
+    sides.clamp_(min=0)
+    inter = sides[..., 0] * sides[..., 1]
     if mode == "min":
-        return inter / torch.minimum(area_a[:, None], area_b[None])
-    return inter / (area_a[:, None] + area_b[None] - inter)
+        return inter.div_(torch.minimum(area_a[:, None], area_b[None]))
+    return inter.div_(area_a[:, None] + area_b[None] - inter)
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, groups: torch.Tensor | None = None,
@@ -54,29 +62,32 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, groups: tor
     computed block-wise: within a block the kept set is the fixed point of "kept = no kept earlier box
     suppresses it", found by iterating the suppression matrix (it settles after the longest chain).
     """
-    if scores.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    if scores.numel() <= 1:  # nothing to suppress (a pyramid's small levels often have 0 or 1 candidate)
+        return torch.zeros(scores.numel(), dtype=torch.long, device=scores.device)
     plus = 1.0 if mode == "min" else 0.0
     order = torch.sort(scores, descending=True, stable=True).indices
     boxes = boxes[order]
+    areas = _areas(boxes, plus)
     groups = groups[order] if groups is not None else None
     kept: list[torch.Tensor] = []
     for start in range(0, len(order), _NMS_BLOCK):
-        block = boxes[start:start + _NMS_BLOCK]
-        alive = torch.ones(len(block), dtype=torch.bool, device=boxes.device)
+        block = slice(start, start + _NMS_BLOCK)
+        alive = None
         if kept:
             previous = torch.cat(kept)
-            suppress = _overlap(boxes[previous], block, plus, mode) > threshold
+            suppress = _overlap(boxes[previous], areas[previous], boxes[block], areas[block], plus, mode) > threshold
             if groups is not None:
-                suppress &= groups[previous][:, None] == groups[start:start + _NMS_BLOCK][None]
-            alive &= ~suppress.any(0)
-        suppress = torch.triu(_overlap(block, block, plus, mode) > threshold, diagonal=1)
+                suppress &= groups[previous][:, None] == groups[block][None]
+            alive = ~suppress.any(0)
+        suppress = _overlap(boxes[block], areas[block], boxes[block], areas[block], plus, mode) > threshold
+        suppress.triu_(diagonal=1)
         if groups is not None:
-            block_groups = groups[start:start + _NMS_BLOCK]
-            suppress &= block_groups[:, None] == block_groups[None]
-        keep = alive
+            suppress &= groups[block][:, None] == groups[block][None]
+        keep = alive if alive is not None else torch.ones(suppress.shape[0], dtype=torch.bool, device=boxes.device)
         while True:
-            update = alive & ~(suppress & keep[:, None]).any(0)
+            update = ~(suppress & keep[:, None]).any(0)
+            if alive is not None:
+                update &= alive
             if torch.equal(update, keep):
                 break
             keep = update
