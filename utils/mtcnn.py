@@ -25,6 +25,7 @@ from utils.mtcnn_nets import WEIGHTS_DIR, MTCNNError, RNet, load_net
 
 _NMS_BLOCK = 1024  # boxes per block of the pairwise-overlap matrix (1M booleans at most per block)
 _NET_CHUNK = 64  # RNet/ONet crops per network call
+_NMS_LEVEL_BOXES = 256  # PNet candidates of consecutive pyramid levels suppressed in one NMS call
 
 
 # ---------------------------------------------------------------------------------------------- box arithmetic
@@ -41,12 +42,15 @@ def _areas(boxes: torch.Tensor, plus: float) -> torch.Tensor:
 def _overlap(a: torch.Tensor, area_a: torch.Tensor, b: torch.Tensor, area_b: torch.Tensor, plus: float,
              mode: str) -> torch.Tensor:
     """Pairwise overlap [len(a), len(b)] of x1,y1,x2,y2 boxes (with their ``_areas``); each value is computed
-    with the reference's operations in the reference's order, over both axes at once."""
-    sides = torch.minimum(a[:, None, 2:], b[None, :, 2:]) - torch.maximum(a[:, None, :2], b[None, :, :2])
+    with the reference's operations in the reference's order. The coordinates are transposed to contiguous
+    rows first: broadcasting [n, 1] against [m] rows is ~10x faster than against strided columns."""
+    at, bt = a.t().contiguous(), b.t().contiguous()
+    width = torch.minimum(at[2, :, None], bt[2]) - torch.maximum(at[0, :, None], bt[0])
+    height = torch.minimum(at[3, :, None], bt[3]) - torch.maximum(at[1, :, None], bt[1])
     if plus:
-        sides += plus
-    sides.clamp_(min=0)
-    inter = sides[..., 0] * sides[..., 1]
+        width += plus
+        height += plus
+    inter = width.clamp_(min=0).mul_(height.clamp_(min=0))
     if mode == "min":
         return inter.div_(torch.minimum(area_a[:, None], area_b[None]))
     return inter.div_(area_a[:, None] + area_b[None] - inter)
@@ -228,13 +232,14 @@ class MTCNN:
     def _proposals(self, integral: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """PNet over the pyramid: rows [x1, y1, x2, y2, score, 4 offsets] and their image indices."""
         height, width = integral.shape[1] - 1, integral.shape[2] - 1
-        rows, owners = [], []
-        for scale in self._scales(height, width):
+        batch = len(integral)
+        rows, owners, levels = [], [], []
+        for level, scale in enumerate(self._scales(height, width)):
             level_h, level_w = int(height * scale + 1), int(width * scale + 1)
             # Each band of the level is resampled right before PNet reads it, so it is still in the cache.
             heads = torch.cat([self.pnet.heads(area_resize_images(integral, level_h, level_w, rows=band)
                                                .sub_(127.5).mul_(0.0078125))
-                               for band in self.pnet.row_bands(level_h, level_w, len(integral))], dim=1)
+                               for band in self.pnet.row_bands(level_h, level_w, batch)], dim=1)
             reg, logits = heads[..., :4], heads[..., 4:]  # [N, h, w, *]
             # A softmax over the whole map costs more than PNet's last layers: screen the cells with a cheap
             # sigmoid of the logit difference (a margin above float rounding), then take the softmax of the few
@@ -246,15 +251,29 @@ class MTCNN:
             where, face = where[passed], face[passed]
             cells = where[:, 1:].to(face.dtype).flip(1)  # (x, y) of each 12x12 window, stride 2
             offsets = reg[where[:, 0], where[:, 1], where[:, 2]]
-            found = torch.cat([((2 * cells + 1) / scale).floor(), ((2 * cells + 12) / scale).floor(),
-                               face[:, None], offsets], dim=1)
-            pick = nms(found[:, :4], found[:, 4], 0.5, where[:, 0])
-            rows.append(found[pick])
-            owners.append(where[pick, 0])
+            rows.append(torch.cat([((2 * cells + 1) / scale).floor(), ((2 * cells + 12) / scale).floor(),
+                                   face[:, None], offsets], dim=1))
+            owners.append(where[:, 0])
+            levels.append(torch.full_like(where[:, 0], level))
         if not rows:
             return (torch.zeros(0, 5, device=integral.device),
                     torch.zeros(0, dtype=torch.long, device=integral.device))
-        found, owner = torch.cat(rows), torch.cat(owners)
+        # The reference's NMS 0.5 per scale and image, run on a few consecutive scales at a time grouped by
+        # (scale, image): fewer calls, and no more than ~_NMS_LEVEL_BOXES boxes in one pairwise matrix. The
+        # survivors are put back scale by scale (the stable sort), the order ties are broken in below.
+        kept_rows, kept_owners, start = [], [], 0
+        while start < len(rows):
+            stop, count = start + 1, len(rows[start])
+            while stop < len(rows) and count + len(rows[stop]) <= _NMS_LEVEL_BOXES:
+                count += len(rows[stop])
+                stop += 1
+            found, owner, level = (torch.cat(parts[start:stop]) for parts in (rows, owners, levels))
+            pick = nms(found[:, :4], found[:, 4], 0.5, level * batch + owner)
+            pick = pick[torch.sort(level[pick], stable=True).indices]
+            kept_rows.append(found[pick])
+            kept_owners.append(owner[pick])
+            start = stop
+        found, owner = torch.cat(kept_rows), torch.cat(kept_owners)
         pick = nms(found[:, :4], found[:, 4], 0.7, owner)
         found, owner = found[pick], owner[pick]
         boxes = _regress(found[:, :4], found[:, 5:9], 0.0)
