@@ -200,6 +200,8 @@ def fetch_step(batches: Any, accumulation: int) -> tuple[list | None, str]:
         if "DataLoader worker" not in str(exc):
             raise
         return None, str(exc).splitlines()[0]
+    except (ConnectionError, EOFError) as exc:  # killed while handing a batch over (its fd socket broke)
+        return None, f"a DataLoader worker died while handing over a batch ({type(exc).__name__}: {exc})"
 
 
 def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> float:

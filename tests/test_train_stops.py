@@ -435,7 +435,7 @@ def test_a_killed_dataloader_worker_is_a_one_line_error(tmp_path, identity_cache
         assert len(workers) == 1, workers
         os.kill(workers[0], signal.SIGKILL)  # e.g. the kernel's OOM killer
         rc = launched.wait()
-    assert rc == 2
+    assert rc == 2, launched.output[-3000:]
     assert_one_line_error(launched, "worker")
     found = checkpoints(output)
     assert found and load(found[max(found)])["step"] == max(found)  # the last good checkpoint resumes
