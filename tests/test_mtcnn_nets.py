@@ -41,3 +41,23 @@ def test_pnet_in_row_bands_equals_one_pass(monkeypatch, height, width, batch):
     assert whole[0].shape == (batch, 4, (height - 1) // 2 - 4, (width - 1) // 2 - 4)
     for one, other in zip(whole, banded):  # the same sums; oneDNN may pick another kernel for a band's shape
         torch.testing.assert_close(one, other, rtol=0, atol=2e-5)
+
+
+def test_images_packed_side_by_side_give_each_image_its_own_outputs():
+    pnet = load_net("pnet")
+    generator = torch.Generator().manual_seed(4)
+    sizes = [(31, 27), (24, 19), (17, 12), (12, 16)]  # odd and even sides: partial pooling windows at edges
+    images = [torch.randn(2, 3, h, w, generator=generator) for h, w in sizes]
+    layout = pnet.packed_layout(sizes)
+    packed = torch.full((2, 3, layout.height, layout.width), 7.0)  # whatever lies between the images
+    for image, start, (h, w) in zip(images, layout.starts, sizes):
+        packed[:, :, :h, start:start + w] = image
+    with torch.inference_mode():
+        heads = pnet.heads(packed, torch.from_numpy(layout.outside))
+        for index, image in enumerate(images):
+            alone = pnet.heads(image)
+            columns = torch.from_numpy(layout.owner == index)
+            mine = heads[:, :alone.shape[1]][:, :, columns]
+            assert mine.shape == alone.shape
+            torch.testing.assert_close(mine, alone, rtol=0, atol=2e-5)
+            assert bool(torch.from_numpy(layout.valid[:, layout.owner == index]).sum() == alone.shape[1] * alone.shape[2])

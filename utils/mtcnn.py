@@ -26,6 +26,7 @@ from utils.mtcnn_nets import WEIGHTS_DIR, MTCNNError, RNet, load_net
 _NMS_BLOCK = 1024  # boxes per block of the pairwise-overlap matrix (1M booleans at most per block)
 _NET_CHUNK = 64  # RNet/ONet crops per network call
 _NMS_LEVEL_BOXES = 256  # PNet candidates of consecutive pyramid levels suppressed in one NMS call
+_PACKED_LEVEL_PIXELS = 4096  # pyramid levels this small (h x w) share one PNet pass, packed side by side
 
 
 # ---------------------------------------------------------------------------------------------- box arithmetic
@@ -232,29 +233,34 @@ class MTCNN:
     def _proposals(self, integral: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """PNet over the pyramid: rows [x1, y1, x2, y2, score, 4 offsets] and their image indices."""
         height, width = integral.shape[1] - 1, integral.shape[2] - 1
-        batch = len(integral)
+        batch, device = len(integral), integral.device
+        scales = self._scales(height, width)
+        sizes = [(int(height * scale + 1), int(width * scale + 1)) for scale in scales]
+        scale_of = torch.tensor(scales, dtype=torch.float32, device=device)
+        # The small levels at the pyramid's end are packed side by side into one PNet input: for them the
+        # fixed cost of a pass (resampling, three convolutions, screening) outweighs the work.
+        packed = next((i for i, (h, w) in enumerate(sizes) if h * w <= _PACKED_LEVEL_PIXELS), len(sizes))
         rows, owners, levels = [], [], []
-        for level, scale in enumerate(self._scales(height, width)):
-            level_h, level_w = int(height * scale + 1), int(width * scale + 1)
+        for level, (level_h, level_w) in enumerate(sizes[:packed]):
             # Each band of the level is resampled right before PNet reads it, so it is still in the cache.
             heads = torch.cat([self.pnet.heads(area_resize_images(integral, level_h, level_w, rows=band)
                                                .sub_(127.5).mul_(0.0078125))
                                for band in self.pnet.row_bands(level_h, level_w, batch)], dim=1)
-            reg, logits = heads[..., :4], heads[..., 4:]  # [N, h, w, *]
-            # A softmax over the whole map costs more than PNet's last layers: screen the cells with a cheap
-            # sigmoid of the logit difference (a margin above float rounding), then take the softmax of the few
-            # candidates and apply the threshold to it.
-            screen = torch.sigmoid(logits[..., 1] - logits[..., 0]) >= self.thresholds[0] - 1e-4
-            where = screen.nonzero()
-            face = torch.softmax(logits[screen], dim=1)[:, 1]
-            passed = face >= self.thresholds[0]
-            where, face = where[passed], face[passed]
-            cells = where[:, 1:].to(face.dtype).flip(1)  # (x, y) of each 12x12 window, stride 2
-            offsets = reg[where[:, 0], where[:, 1], where[:, 2]]
-            rows.append(torch.cat([((2 * cells + 1) / scale).floor(), ((2 * cells + 12) / scale).floor(),
-                                   face[:, None], offsets], dim=1))
-            owners.append(where[:, 0])
-            levels.append(torch.full_like(where[:, 0], level))
+            columns = torch.arange(heads.shape[2], device=device)
+            found = self._candidates(heads, None, torch.full_like(columns, level), columns, scale_of)
+            for parts, part in zip((rows, owners, levels), found):
+                parts.append(part)
+        if packed < len(sizes):
+            layout = self.pnet.packed_layout(sizes[packed:])
+            data = torch.zeros(batch, 3, layout.height, layout.width, device=device)
+            for (level_h, level_w), start in zip(sizes[packed:], layout.starts):
+                data[:, :, :level_h, start:start + level_w] = area_resize_images(integral, level_h, level_w)
+            heads = self.pnet.heads(data.sub_(127.5).mul_(0.0078125), torch.from_numpy(layout.outside).to(device))
+            owner = torch.from_numpy(layout.owner).to(device)
+            found = self._candidates(heads, torch.from_numpy(layout.valid).to(device), owner + packed,
+                                     torch.from_numpy(layout.column).to(device), scale_of)
+            for parts, part in zip((rows, owners, levels), found):
+                parts.append(part)
         if not rows:
             return (torch.zeros(0, 5, device=integral.device),
                     torch.zeros(0, dtype=torch.long, device=integral.device))
@@ -278,6 +284,30 @@ class MTCNN:
         found, owner = found[pick], owner[pick]
         boxes = _regress(found[:, :4], found[:, 5:9], 0.0)
         return torch.cat([_square(boxes), found[:, 4:5]], dim=1), owner
+
+    def _candidates(self, heads: torch.Tensor, valid: torch.Tensor | None, column_level: torch.Tensor,
+                    column: torch.Tensor, scale_of: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """PNet cells above the first threshold: rows [x1, y1, x2, y2, score, 4 offsets] in the image, their
+        image index and pyramid level. ``heads`` [N, h, w, 6]; ``valid`` [h, w] (None: every cell) and per
+        output column its level and its column in that level's own output (packed levels differ)."""
+        reg, logits = heads[..., :4], heads[..., 4:]
+        # A softmax over the whole map costs more than PNet's last layers: screen the cells with a cheap
+        # sigmoid of the logit difference (a margin above float rounding), then take the softmax of the few
+        # candidates and apply the threshold to it.
+        screen = torch.sigmoid(logits[..., 1] - logits[..., 0]) >= self.thresholds[0] - 1e-4
+        if valid is not None:
+            screen &= valid
+        where = screen.nonzero()
+        face = torch.softmax(logits[screen], dim=1)[:, 1]
+        passed = face >= self.thresholds[0]
+        where, face = where[passed], face[passed]
+        level = column_level[where[:, 2]]
+        cells = torch.stack([column[where[:, 2]], where[:, 1]], dim=1).to(face.dtype)  # (x, y), stride 2
+        scale = scale_of[level][:, None]
+        offsets = reg[where[:, 0], where[:, 1], where[:, 2]]
+        found = torch.cat([((2 * cells + 1) / scale).floor(), ((2 * cells + 12) / scale).floor(), face[:, None],
+                           offsets], dim=1)
+        return found, where[:, 0], level
 
     def _refine(self, net: nn.Module, integral: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor,
                 size: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

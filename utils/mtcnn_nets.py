@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +50,21 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return conv(x.contiguous(memory_format=torch.channels_last))
 
 
+@dataclass
+class PackedLayout:
+    """Several small inputs side by side in one PNet input (``PNet.packed_layout``): each image's first
+    column, the packed height and width, the first-layer cells outside every image, and per output cell
+    whether it is valid, whose (index) and at which column of that image's own output."""
+
+    starts: list[int]
+    height: int
+    width: int
+    outside: np.ndarray  # [height - 2, width - 2] bool
+    valid: np.ndarray  # [out_h, out_w] bool
+    owner: np.ndarray  # [out_w] image index per output column, -1 between images
+    column: np.ndarray  # [out_w] column in the owner's own output
+
+
 class PNet(nn.Module):
     """Proposal network: fully convolutional, one 12x12 window per output cell (stride 2)."""
 
@@ -79,9 +96,16 @@ class PNet(nn.Module):
         band = max(16, _BAND_PIXELS // (2 * width * batch))
         return [(2 * top, min(height, 2 * min(out_rows, top + band) + 10)) for top in range(0, out_rows, band)]
 
-    def heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, h, w, 6]: the 4 box offsets then the 2 class logits of each output cell (NHWC)."""
-        x = max_pool2_ceil(self.prelu1(_conv(self.conv1, x)))
+    def heads(self, x: torch.Tensor, outside: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, h, w, 6]: the 4 box offsets then the 2 class logits of each output cell (NHWC).
+
+        ``outside`` ([H - 2, W - 2] bool, from ``packed_layout``): first-layer cells that belong to none of
+        the images packed side by side in ``x``; they become -inf, so no pooling window takes a value from
+        outside its own image, and every image's output cells equal its own pass's."""
+        x = self.prelu1(_conv(self.conv1, x))
+        if outside is not None:
+            x = x.masked_fill(outside, float("-inf"))
+        x = max_pool2_ceil(x)
         x = self.prelu3(_conv(self.conv3, self.prelu2(_conv(self.conv2, x))))
         # both 1x1 heads as one 6-output convolution; F.conv2d would send it to torch's native kernel
         # (slow for 1x1 in one thread), oneDNN's takes a third of a matmul over the NHWC view
@@ -91,6 +115,26 @@ class PNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
             return torch.mkldnn_convolution(x, weight, bias, (0, 0), (1, 1), (1, 1), 1).permute(0, 2, 3, 1)
         return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
+
+    @staticmethod
+    def packed_layout(sizes: list[tuple[int, int]]) -> PackedLayout:
+        """Where images of ``sizes`` (h, w) go when packed left to right into one input (each at an even
+        column, so pooling windows stay aligned), the first-layer cells outside all of them, and which
+        output cells belong to which image (its index, or -1) at which column of its own output."""
+        starts = np.cumsum([0] + [width + width % 2 for _, width in sizes[:-1]])
+        height = max(h for h, _ in sizes)
+        width = int(starts[-1]) + sizes[-1][1]
+        outside = np.ones((height - 2, width - 2), dtype=bool)
+        owner = np.full(((width - 1) // 2 - 4,), -1, dtype=np.int64)
+        valid = np.zeros(((height - 1) // 2 - 4, len(owner)), dtype=bool)
+        column = np.zeros(len(owner), dtype=np.int64)
+        for index, ((h, w), start) in enumerate(zip(sizes, starts)):
+            outside[:h - 2, start:start + w - 2] = False
+            out_h, out_w, first = (h - 1) // 2 - 4, (w - 1) // 2 - 4, start // 2
+            owner[first:first + out_w] = index
+            column[first:first + out_w] = np.arange(out_w)
+            valid[:out_h, first:first + out_w] = True
+        return PackedLayout([int(start) for start in starts], height, width, outside, valid, owner, column)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Box regression [N, 4, h, w] and face/non-face probabilities [N, 2, h, w]."""
