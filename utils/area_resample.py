@@ -45,11 +45,10 @@ def summed_area_table(pixels: torch.Tensor, dtype: torch.dtype | None = None,
     return table.cumsum_(2)
 
 
-def cell_bounds(length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive-average-pool cell bounds [..., size] of a span ``length``: floor(i*L/size) .. ceil((i+1)*L/size)."""
-    i = torch.arange(size, device=length.device)
-    length = length[..., None]
-    return (i * length) // size, ((i + 1) * length + size - 1) // size
+def cell_bounds(index, length, size: int):
+    """Adaptive-average-pool bounds of cells ``index`` when a span ``length`` is cut into ``size`` cells:
+    floor(i*L/size) .. ceil((i+1)*L/size). Integer torch tensors or numpy arrays (broadcasting)."""
+    return index * length // size, ((index + 1) * length + size - 1) // size
 
 
 def area_resize(table: torch.Tensor, image_inds: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor,
@@ -59,8 +58,8 @@ def area_resize(table: torch.Tensor, image_inds: torch.Tensor, y0: torch.Tensor,
     mode="area")`` per rectangle. ``table`` is ``summed_area_table`` of the images."""
     _, rows, cols, channels = table.shape
     count = len(image_inds)
-    rs, re = cell_bounds(heights, out_h)
-    cs, ce = cell_bounds(widths, out_w)
+    rs, re = cell_bounds(torch.arange(out_h, device=heights.device), heights[:, None], out_h)
+    cs, ce = cell_bounds(torch.arange(out_w, device=widths.device), widths[:, None], out_w)
     base = image_inds[:, None] * rows + y0[:, None]
     top, bottom = ((base + rs) * cols)[:, :, None], ((base + re) * cols)[:, :, None]
     left, right = (cs + x0[:, None])[:, None, :], (ce + x0[:, None])[:, None, :]
@@ -84,12 +83,9 @@ def area_resize_images(table: torch.Tensor, out_h: int, out_w: int,
     batch, table_rows, cols, channels = table.shape
     device = table.device
 
-    def bounds(length: int, size: int, first: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        i = np.arange(first, size if stop is None else stop, dtype=np.int64)
-        return i * length // size, ((i + 1) * length + size - 1) // size
-
     top, bottom = rows if rows is not None else (0, out_h)
-    (rs, re), (cs, ce) = bounds(table_rows - 1, out_h, top, bottom), bounds(cols - 1, out_w)
+    rs, re = cell_bounds(np.arange(top, bottom, dtype=np.int64), table_rows - 1, out_h)
+    cs, ce = cell_bounds(np.arange(out_w, dtype=np.int64), cols - 1, out_w)
     out_h = bottom - top
     row_index = torch.from_numpy(np.concatenate([re, rs])).to(device)
     # each output cell's channels as one flat gather per row of the band (~2x faster than index_select(2, ...))

@@ -77,22 +77,20 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, groups: tor
     kept: list[torch.Tensor] = []
     for start in range(0, len(order), _NMS_BLOCK):
         block = slice(start, start + _NMS_BLOCK)
-        alive = None
+        alive = torch.ones(len(order[block]), dtype=torch.bool, device=boxes.device)
         if kept:
             previous = torch.cat(kept)
             suppress = _overlap(boxes[previous], areas[previous], boxes[block], areas[block], plus, mode) > threshold
             if groups is not None:
                 suppress &= groups[previous][:, None] == groups[block][None]
-            alive = ~suppress.any(0)
+            alive &= ~suppress.any(0)
         suppress = _overlap(boxes[block], areas[block], boxes[block], areas[block], plus, mode) > threshold
         suppress.triu_(diagonal=1)
         if groups is not None:
             suppress &= groups[block][:, None] == groups[block][None]
-        keep = alive if alive is not None else torch.ones(suppress.shape[0], dtype=torch.bool, device=boxes.device)
+        keep = alive
         while True:
-            update = ~(suppress & keep[:, None]).any(0)
-            if alive is not None:
-                update &= alive
+            update = alive & ~(suppress & keep[:, None]).any(0)
             if torch.equal(update, keep):
                 break
             keep = update

@@ -85,6 +85,12 @@ class PNet(nn.Module):
         return heads[..., :4].permute(0, 3, 1, 2), heads[..., 4:].permute(0, 3, 1, 2)
 
     @staticmethod
+    def output_size(size: int) -> int:
+        """Output rows (columns) of an input of ``size`` rows (columns): ceil((size - 2) / 2) after the first
+        3x3 convolution and the ceil-mode 2x2 pooling, then 4 fewer after two more 3x3 convolutions."""
+        return (size - 1) // 2 - 4
+
+    @staticmethod
     def row_bands(height: int, width: int, batch: int = 1) -> list[tuple[int, int]]:
         """Input row ranges that cover a [batch, 3, height, width] input's output in cache-sized bands.
 
@@ -92,7 +98,7 @@ class PNet(nn.Module):
         [a, b) are the network on input rows [2a, 2b + 10): the bands' outputs concatenated are the whole
         map's values (equal up to float32 rounding, < 1e-5, as oneDNN picks its kernel by shape; tested),
         while each band's intermediate maps stay in the CPU cache (1.3-1.7x faster on a 512-px photo)."""
-        out_rows = (height - 1) // 2 - 4  # ceil((height - 2) / 2) after conv1 + pooling, then two 3x3 convs
+        out_rows = PNet.output_size(height)
         band = max(16, _BAND_PIXELS // (2 * width * batch))
         return [(2 * top, min(height, 2 * min(out_rows, top + band) + 10)) for top in range(0, out_rows, band)]
 
@@ -125,12 +131,12 @@ class PNet(nn.Module):
         height = max(h for h, _ in sizes)
         width = int(starts[-1]) + sizes[-1][1]
         outside = np.ones((height - 2, width - 2), dtype=bool)
-        owner = np.full(((width - 1) // 2 - 4,), -1, dtype=np.int64)
-        valid = np.zeros(((height - 1) // 2 - 4, len(owner)), dtype=bool)
+        owner = np.full((PNet.output_size(width),), -1, dtype=np.int64)
+        valid = np.zeros((PNet.output_size(height), len(owner)), dtype=bool)
         column = np.zeros(len(owner), dtype=np.int64)
         for index, ((h, w), start) in enumerate(zip(sizes, starts)):
             outside[:h - 2, start:start + w - 2] = False
-            out_h, out_w, first = (h - 1) // 2 - 4, (w - 1) // 2 - 4, start // 2
+            out_h, out_w, first = PNet.output_size(h), PNet.output_size(w), start // 2
             owner[first:first + out_w] = index
             column[first:first + out_w] = np.arange(out_w)
             valid[:out_h, first:first + out_w] = True
