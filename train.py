@@ -39,7 +39,7 @@ from utils.run_plan import make_plan, make_schedule
 from utils.run_state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint,
                              save_checkpoint)
 from utils.run_summary import log_progress, log_scalars, open_summary_writers, print_summary
-from utils.stop import StopRequest, stop_signals_blocked
+from utils.stop import StopRequest, WorkerDeaths
 from utils.weights import load_backbone
 
 logger = logging.getLogger("arcscale.train")
@@ -192,8 +192,11 @@ def check_data_health(loader: Any, cfg: Any, ctx: devices.DeviceContext) -> None
         raise DatasetError(error or "corrupt samples above max_bad_records on another rank (see its log)")
 
 
-def fetch_step(batches: Any, accumulation: int) -> tuple[list | None, str]:
-    """The micro-batches of one optimizer step, or (None, why) when a DataLoader worker died."""
+def fetch_step(batches: Any, accumulation: int, deaths: WorkerDeaths) -> tuple[list | None, str]:
+    """The micro-batches of one optimizer step, or (None, why) when a DataLoader worker died (since the
+    last step, e.g. during a checkpoint write, or while this step's batches were being handed over)."""
+    if deaths.failure:
+        return None, deaths.failure
     try:
         return [next(batches) for _ in range(accumulation)], ""
     except RuntimeError as exc:
@@ -223,8 +226,9 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> 
     return loss_sum
 
 
-def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, float]:
-    """Train ``cfg`` on this rank; returns the last verification results (empty without val_targets)."""
+def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: WorkerDeaths) -> dict[str, float]:
+    """Train ``cfg`` on this rank; returns the last verification results (empty without val_targets).
+    ``stop`` and ``deaths`` carry the signals (stop requests, dead DataLoader workers) read between steps."""
     seed_everything(cfg.seed + ctx.rank)
     resume_path, resume_state = prepare_output(cfg, ctx)
     attach_log_file(ctx.rank, cfg.output)
@@ -271,13 +275,12 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
     # ---- the loop: one iteration = one optimizer step of `accumulation` micro-batches
     while epoch < plan.num_epoch and step < plan.last_step and not ended:
         sampler.set_epoch(epoch)
-        with stop_signals_blocked():  # workers start with stop signals blocked (see utils/stop.py)
-            batches = iter(loader)
+        batches = deaths.start(loader)  # workers start with signals blocked (see utils/stop.py)
         steps_this_epoch = len(loader) // plan.accumulation
         steps_to_run = min(steps_this_epoch, plan.last_step - step)
         for _ in range(steps_to_run):
             wait_start = time.perf_counter()
-            micro_batches, fetch_error = fetch_step(batches, plan.accumulation)
+            micro_batches, fetch_error = fetch_step(batches, plan.accumulation, deaths)
             data_wait = time.perf_counter() - wait_start
             # Every rank trains this step, or none does: a stop or a dead worker anywhere abandons it everywhere.
             have_data, no_stop = all_ranks_min([float(micro_batches is not None), float(not stop.requested)], ctx)
@@ -327,6 +330,8 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest) -> dict[str, 
     if verification is not None:
         results = verification(step, backbone, ctx.device)
         log_scalars(writer, wandb_run, results, step)
+    if deaths.failure:  # after the last batch was delivered: nothing is missing from the result
+        logger.warning("%s after the last batch it was needed for; the run's outputs are complete", deaths.failure)
     skipped = bad_record_count(loader)
     if skipped:
         logger.warning("%d corrupt record(s) were skipped during training", skipped)
@@ -362,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(ctx.rank, None, cfg.log_level)  # training.log joins once the output folder is accepted
     finished = False
     try:
-        with StopRequest() as stop:
-            train(cfg, ctx, stop)
+        with StopRequest() as stop, WorkerDeaths() as deaths:
+            train(cfg, ctx, stop, deaths)
         finished = True
         return 0
     except Exception as exc:

@@ -8,6 +8,8 @@ The helpers here are shared with tests/test_train_resume.py.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
 import re
@@ -439,6 +441,61 @@ def test_a_killed_dataloader_worker_is_a_one_line_error(tmp_path, identity_cache
     assert_one_line_error(launched, "worker")
     found = checkpoints(output)
     assert found and load(found[max(found)])["step"] == max(found)  # the last good checkpoint resumes
+
+
+def kill_worker_mid_write(tmp_path: Path, config: str, target: str, ranks: int = 1) -> tuple[Launched, dict]:
+    """Run the config under tests/kill_worker_mid_write.py (rank 0's worker dies while ``target`` is written)."""
+    report = tmp_path / f"report_{uuid.uuid4().hex[:6]}.json"
+    driver = [os.path.join("tests", "kill_worker_mid_write.py"), target, str(report), config]
+    args = [PYTHON, *driver] if ranks == 1 else [*torchrun_args(config, nproc=ranks)[:-2], *driver]
+    launched = run_to_end(args, tmp_path)
+    assert report.exists(), f"the worker was never killed during {target}:\n{launched.output[-3000:]}"
+    return launched, json.loads(report.read_text())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_worker_killed_during_a_checkpoint_write_leaves_it_whole_and_stops_with_one_line(tmp_path, identity_cache,
+                                                                                           ranks):
+    config = write_config(tmp_path, "mid_write", identity_cache, num_workers=1, save_every_steps=2)
+    output = tmp_path / "out_mid_write"
+    launched, report = kill_worker_mid_write(tmp_path, config, "checkpoint_step000000004.pt", ranks)
+    if ranks == 1:
+        assert_one_line_error(launched, f"DataLoader worker (pid {report['worker_pid']})", "checkpoint saved at step 4",
+                              "resume=True")
+    else:  # torchrun reports the ranks' exit code 2 as its own failure; each rank printed one line
+        assert launched.proc.returncode != 0 and "Traceback" not in training_log(output)
+        lines = error_lines(launched)
+        assert any(f"DataLoader worker (pid {report['worker_pid']})" in line for line in lines), launched.output[-3000:]
+        assert all("checkpoint saved at step 4" in line for line in lines), lines
+    assert not [name for name in os.listdir(output) if ".tmp." in name], os.listdir(output)
+    found = checkpoints(output)
+    assert sorted(found) == [2, 4], sorted(found)  # the one being written is whole; nothing after it
+    assert load(found[4])["step"] == 4
+    assert report["previous"] and all(  # the checkpoints before it are untouched
+        hashlib.sha256((output / name).read_bytes()).hexdigest() == digest for name, digest in report["previous"].items())
+    planned = PLANNED_1_RANK if ranks == 1 else PLANNED_2_RANKS
+    resume = train_args(config, "resume=True") if ranks == 1 else torchrun_args(config, "resume=True", nproc=ranks)
+    resumed = run_to_end(resume, tmp_path)
+    assert resumed.proc.returncode == 0, resumed.output[-3000:]
+    log = training_log(output)
+    assert_resumed_from(log[log.rindex("resumed from"):], 4, planned)
+    assert load(checkpoints(output)[planned])["step"] == planned
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_killed_during_the_final_model_write_leaves_a_complete_run(tmp_path, identity_cache):
+    config = write_config(tmp_path, "final_write", identity_cache, num_workers=1)
+    output = tmp_path / "out_final_write"
+    launched, report = kill_worker_mid_write(tmp_path, config, f"model.pt@checkpoint_step{PLANNED_1_RANK:09d}.pt")
+    assert launched.proc.returncode == 0, launched.output[-3000:]  # every batch was trained on: the result stands
+    assert_no_traceback(launched)
+    assert report["file"].startswith(str(output / "model.pt"))
+    final = load(checkpoints(output)[PLANNED_1_RANK])
+    model = load(output / "model.pt")
+    assert sorted(model) == sorted(final["backbone"])
+    assert all(torch.equal(model[key], final["backbone"][key]) for key in model)
+    assert f"DataLoader worker (pid {report['worker_pid']}) is killed" in training_log(output)
 
 
 def find_rank_pid(launched: Launched, local_rank: int, timeout: float = 60) -> int:

@@ -8,6 +8,11 @@ spawn's fork+exec) and ignore both once their Python is up.
 
 A second SIGINT while a stop is pending means "now": one line on stderr, exit 130, no checkpoint.
 SIGKILL cannot be caught; atomic checkpoint writes make it safe (see utils/checkpoint.py).
+
+A DataLoader worker that dies (the OOM killer's favourite target) is noticed by torch's SIGCHLD
+handler, which raises from whatever Python code the main thread runs at that instant: a checkpoint's
+torch.save, a log write, a verification. :class:`WorkerDeaths` keeps that handler from raising: it
+records the death, and the loop reads the record between steps, where stopping is safe.
 """
 from __future__ import annotations
 
@@ -56,17 +61,23 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_signals_blocked() -> Iterator[None]:
+def signals_blocked(*signals: int) -> Iterator[None]:
+    """Block ``signals`` in this thread for the block's duration (threads started meanwhile, and children it
+    forks, inherit the mask); signals sent to this thread arrive right after the block."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def stop_signals_blocked() -> contextlib.AbstractContextManager:
     """Block SIGINT/SIGTERM while child processes are spawned; pending signals arrive afterwards.
 
     Children inherit the blocked mask through fork+exec, so a signal to the process group during
     their start-up cannot kill them before :func:`ignore_stop_signals` runs in them.
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return signals_blocked(*STOP_SIGNALS)
 
 
 def ignore_stop_signals() -> None:
@@ -74,6 +85,59 @@ def ignore_stop_signals() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class WorkerDeaths:
+    """A DataLoader worker's death as a record read between steps, never an exception from a signal handler.
+
+    torch's loader installs one SIGCHLD handler per process (when the first multi-worker iterator
+    starts) that raises ``RuntimeError("DataLoader worker (pid N) is killed by signal: ...")`` at
+    whatever bytecode the main thread is on. Raised inside a checkpoint's ``torch.save`` it cut the
+    file short and ended the run with a traceback. :meth:`start` wraps that handler so the error is
+    stored in :attr:`failure` instead; the trainer checks it where a stop is safe (before fetching a
+    step) and the loader's own ``next()`` still reports a dead worker synchronously.
+    """
+
+    def __init__(self) -> None:
+        self.failure = ""
+        self._torch_handler: Any = None
+
+    def __enter__(self) -> "WorkerDeaths":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._torch_handler is not None and signal.getsignal(signal.SIGCHLD) == self._record:
+            signal.signal(signal.SIGCHLD, self._torch_handler)  # persistent workers may outlive train()
+        self._torch_handler = None
+
+    def start(self, loader: Any) -> Iterator:
+        """``iter(loader)`` (workers spawned with stop signals blocked), then torch's SIGCHLD handler wrapped.
+
+        A worker dying in the instant between torch installing its handler and this wrap makes torch
+        raise out of ``iter()``: recorded the same way (the trainer then stops before fetching)."""
+        try:
+            with stop_signals_blocked():
+                batches = iter(loader)
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            self._note(exc)
+            batches = iter(())
+        current = signal.getsignal(signal.SIGCHLD)
+        if callable(current) and current != self._record:
+            self._torch_handler = current
+            signal.signal(signal.SIGCHLD, self._record)
+        return batches
+
+    def _note(self, exc: BaseException) -> None:
+        if not self.failure:
+            self.failure = str(exc).strip().splitlines()[0].rstrip(".")
+
+    def _record(self, signum: int, frame: Any) -> None:
+        try:
+            self._torch_handler(signum, frame)
+        except RuntimeError as exc:  # torch's "DataLoader worker (pid N) is killed by signal: Killed."
+            self._note(exc)
 
 
 _EXIT_HOOK_REGISTERED = False
