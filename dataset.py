@@ -3,8 +3,8 @@
 ``get_dataloader`` builds the DataLoader the trainer iterates; ``describe_data`` checks the data
 against the config, ``check_bad_records`` stops a run on broadly corrupt data, and
 ``normalize_batch`` turns uint8 batches into model input on the training device. The pieces live
-in their own modules (datasets in ``face_datasets``, samplers in ``samplers``, worker setup in
-``utils.worker_logging``, ``DatasetError`` in ``utils.data_errors``); their names are re-exported
+in their own modules (datasets in ``utils.data.datasets``, samplers in ``utils.data.samplers``, worker setup in
+``utils.data.workers``, ``DatasetError`` in ``utils.data.errors``); their names are re-exported
 here so ``from dataset import ...`` keeps working.
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from face_datasets import (IMAGE_EXTENSIONS, RANDOM_DEFAULT_CLASSES, RANDOM_DEFAULT_IMAGES, RANDOM_SOURCES,
+from utils.data.datasets import (IMAGE_EXTENSIONS, RANDOM_DEFAULT_CLASSES, RANDOM_DEFAULT_IMAGES, RANDOM_SOURCES,
                            FaceDataset, ImageFolderDataset, RandomTensorDataset, RecordDataset, as_hw,
                            read_image_file, read_property, scan_image_folder, write_property)
-from samplers import SAMPLERS, PKSampler, ResumableDistributedSampler, build_sampler, dataset_labels
-from utils.data_errors import DatasetError
-from utils.recordio import RecordIOError
-from utils.worker_logging import init_worker, worker_log_queue
+from utils.data.samplers import SAMPLERS, PKSampler, ResumableDistributedSampler, build_sampler, dataset_labels
+from utils.data.errors import DatasetError
+from utils.data.recordio import RecordIOError
+from utils.data.workers import init_worker, worker_log_queue
 
 # This module's own names, then those re-exported so ``from dataset import ...`` keeps working.
 __all__ = ["DataInfo", "bad_record_count", "build_dataset", "check_bad_records", "describe_data", "get_dataloader",
@@ -130,7 +130,7 @@ def get_dataloader(cfg: Any, rank: int, world_size: int, pin_memory: bool = Fals
     )
     loader.data_info = data_info
     if num_workers > 0:
-        from utils.stop import end_workers_at_exit
+        from utils.run.stop import end_workers_at_exit
 
         end_workers_at_exit()
     return loader

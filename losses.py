@@ -18,7 +18,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from utils.distributed import all_reduce_
+from utils.devices.distributed import all_reduce_
 
 logger = logging.getLogger(__name__)
 
@@ -399,13 +399,3 @@ def build_margin_loss(cfg: Mapping[str, Any]) -> nn.Module:
         return AdaFaceLoss(scale, m=m2, margin_grad=margin_grad)
     return CurricularFaceLoss(scale, m=m2, margin_grad=margin_grad)
 
-
-# ---------------------------------------------------------------- metric losses (metric_losses.py)
-def __getattr__(name: str):
-    """``from losses import TripletLoss`` / ``build_triplet_loss``: re-exported lazily, because
-    metric_losses imports MarginLossError from this module (an eager import here would be circular)."""
-    if name in ("TripletLoss", "build_triplet_loss"):
-        import metric_losses
-
-        return getattr(metric_losses, name)
-    raise AttributeError(f"module 'losses' has no attribute {name!r}")

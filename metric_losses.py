@@ -1,5 +1,5 @@
 """Triplet loss (FaceNet, Schroff et al. 2015) with semi-hard, batch-hard and all-triplet mining over
-the global batch. Re-exported by losses.py: ``from losses import TripletLoss``.
+the global batch. Imports flow one way: this module uses losses.MarginLossError; losses.py knows nothing of it.
 
 Distances are between L2-normalised embeddings: squared Euclidean (FaceNet) or Euclidean.
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses import MarginLossError
-from utils import distributed as dist_utils
+from utils.devices import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from pfc.kernels import (CosineLogits, DistributedSoftmaxCE, FusedMarginSoftmax,
 from pfc.optim import OPTIMIZERS, STATE_NAMES, RowOptimizer
 from pfc.storage import (STATE_DTYPES, WEIGHT_DTYPES, RowStorage, dequantize_rows_int8, quantize_rows_int8,
                          stochastic_round)
-from utils import distributed as dist_utils
+from utils.devices import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import distributed as dist_utils
+from utils.devices import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
 

@@ -30,17 +30,17 @@ from dataset import bad_record_count, check_bad_records, get_dataloader
 from losses import build_margin_loss
 from partial_fc import PartialFC
 from pfc.optim import JointOptimizer, build_joint_optimizer
-from utils import device as devices
-from utils.config import load_config, to_plain
-from utils.config_rules import ConfigError
-from utils.data_errors import DatasetError
-from utils.logging_utils import RunningMean, StepTimer, attach_log_file, setup_logging
-from utils.run_plan import make_plan, make_schedule
-from utils.run_state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint,
+from utils.devices import device as devices
+from utils.config.load import load_config, to_plain
+from utils.config.rules import ConfigError
+from utils.data.errors import DatasetError
+from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
+from utils.run.plan import make_plan, make_schedule
+from utils.run.state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint,
                              save_checkpoint)
-from utils.run_summary import log_progress, log_scalars, open_summary_writers, print_summary
-from utils.stop import StopRequest, WorkerDeaths
-from utils.weights import load_backbone
+from utils.run.summary import log_progress, log_scalars, open_summary_writers, print_summary
+from utils.run.stop import StopRequest, WorkerDeaths
+from utils.weights.load import load_backbone
 
 logger = logging.getLogger("arcscale.train")
 
@@ -65,7 +65,7 @@ def resolve_data(cfg: Any, ctx: devices.DeviceContext) -> str:
     set when the config describes one (local rank 0 of each node builds it once, others wait)."""
     if cfg.rec != "synthetic" or not cfg.synthetic.num_identities:
         return cfg.rec
-    from utils.synthetic import ensure_identity_set
+    from utils.data.synthetic import ensure_identity_set
 
     source = ensure_identity_set(cfg) if ctx.local_rank == 0 else None
     if ctx.distributed:
@@ -96,7 +96,7 @@ def build_head(cfg: Any, num_classes: int, classifier: dict | None, ctx: devices
     """The training objective on top of the embeddings: Partial FC with a margin loss (default), a
     replicated softmax classifier (``head="softmax"``), or the triplet loss (``loss="triplet"``)."""
     if cfg.loss == "triplet":
-        from losses import build_triplet_loss
+        from metric_losses import build_triplet_loss
 
         return build_triplet_loss(cfg)
     if cfg.head == "softmax":

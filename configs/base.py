@@ -1,7 +1,7 @@
 """Defaults for every ArcScale experiment.
 
 A job config (e.g. ``configs/ms1mv3_r50.py``) defines ``config = edict()`` and sets
-only what differs; ``utils.config.load_config`` layers it over this file. A key that
+only what differs; ``utils.config.load.load_config`` layers it over this file. A key that
 is not defined here is rejected, so every knob the trainer reads is listed below.
 """
 from easydict import EasyDict as edict

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from backbones.common import InputSpec, input_spec, normalize
-from utils import distributed as dist_utils
+from utils.devices import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from eval.ijb_meta import (FaceList, IJBError, meta_path, read_faces, read_ident
                            read_pairs)
 from eval.ijb_scores import (FAR_LABELS, FPIR_LABELS, IdentificationResult, Protocol, face_features,  # noqa: E402
                              identification, pair_scores, tar_at_far, template_features, template_rows)
-from utils.distributed import get_rank, get_world_size, shard_bounds  # noqa: E402
-from utils.face_align import norm_crop  # noqa: E402
+from utils.devices.distributed import get_rank, get_world_size, shard_bounds  # noqa: E402
+from utils.faces.align import norm_crop  # noqa: E402
 
 __all__ = ["FAR_LABELS", "FPIR_LABELS", "FaceList", "IJBError", "IdentificationResult", "Protocol", "align_faces",
            "alignment_size", "embed_faces", "evaluate_ijb", "face_features", "format_report", "identification",
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from eval.verification import load_model
-    from utils import device as devices
+    from utils.devices import device as devices
     protocol = Protocol(not args.no_flip, not args.no_norm_score, not args.no_detector_score)
     try:
         ctx = devices.setup(args.device)

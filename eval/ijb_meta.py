@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from utils.face_align import as_landmarks
-from utils.text_fields import read_fields
+from utils.faces.align import as_landmarks
+from utils.data.text_fields import read_fields
 
 
 class IJBError(ValueError):

@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 from eval.embed import Progress, embed_images, gather_shards  # noqa: E402
 from eval.metrics import VerificationResult, verification_metrics  # noqa: E402
-from utils.distributed import get_rank, get_world_size, shard_bounds  # noqa: E402
+from utils.devices.distributed import get_rank, get_world_size, shard_bounds  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class VerificationCallback:
 # ----------------------------------------------------------------------------- command line
 
 def load_model(path: str, network: str | None, device: torch.device, embedding_size: int | None = None) -> Any:
-    """A torch backbone (model.pt or training checkpoint, via utils.weights) or an .onnx model.
+    """A torch backbone (model.pt or training checkpoint, via utils.weights.load) or an .onnx model.
 
     ``network`` and ``embedding_size`` default to what the file says (a training checkpoint's config,
     else the registered network whose keys and shapes the state_dict has)."""
@@ -310,7 +310,7 @@ def load_model(path: str, network: str | None, device: torch.device, embedding_s
     if path.endswith(".onnx"):
         from eval.embed import OnnxEmbedder
         return OnnxEmbedder(path, device)
-    from utils.weights import load_backbone_file
+    from utils.weights.load import load_backbone_file
     backbone, _, _ = load_backbone_file(path, network or None, embedding_size, map_location="cpu")
     return backbone.to(device).eval()
 
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate a model on verification .bin files and print the table; returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from utils import device as devices
+    from utils.devices import device as devices
     try:
         ctx = devices.setup(args.device)
         targets = [name.strip() for name in args.targets.split(",") if name.strip()]

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from losses import FusedMarginLoss
-from utils import distributed as dist_utils
+from utils.devices import distributed as dist_utils
 
 UPDATE_CHUNK_ROWS = 4096
 

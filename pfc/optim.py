@@ -16,17 +16,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol
 
 import torch
 
 from pfc import PartialFCError
 from pfc.kernels import row_chunks
 from pfc.storage import RowStorage
-from utils import distributed as dist_utils
-
-if TYPE_CHECKING:  # only for hints: partial_fc imports this module
-    from partial_fc import PartialFC
+from utils.devices import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +148,31 @@ class RowOptimizer:
         storage.store(weight, rows, values)
 
 
+class RowUpdatedHead(Protocol):
+    """What ``JointOptimizer`` needs of a head whose weight rows it updates (``partial_fc.PartialFC`` is one):
+    the row optimizer it was configured with, where its rows live, and the per-step row operations.
+    The arrow points one way: partial_fc imports this module, this module knows only the interface."""
+
+    row_optimizer: RowOptimizer | None
+    weight: torch.Tensor
+
+    def configure_optimizer(self, name: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
+                            betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        """Choose the row update rule (a ``RowOptimizer``) and allocate its state."""
+
+    def unscale_(self, inv_scale: float) -> None:
+        """Multiply this step's gradient rows by ``inv_scale`` (AMP)."""
+
+    def grads_finite(self) -> bool:
+        """Whether this rank's gradient rows are all finite."""
+
+    def step(self, lr: float) -> None:
+        """Update the rows that have gradients."""
+
+    def zero_grad(self) -> None:
+        """Forget this step's gradient rows."""
+
+
 @dataclass
 class StepOutcome:
     """What ``JointOptimizer.step`` decided; every field is the same on every rank."""
@@ -162,7 +184,7 @@ class StepOutcome:
 
 
 class JointOptimizer:
-    """One optimizer over the backbone (a torch.optim optimizer) and a Partial FC head (``head=None``:
+    """One optimizer over the backbone (a torch.optim optimizer) and a row-updated head such as Partial FC (``head=None``:
     the backbone optimizer alone, e.g. with a replicated softmax head whose parameters it holds).
 
     Per step: ``set_lr(lr)``, ``step(loss=...)``, ``zero_grad()``. ``scaler`` (a
@@ -175,7 +197,7 @@ class JointOptimizer:
     (world-size independent); ``state_dict()`` here holds the backbone optimizer and the head's lr.
     """
 
-    def __init__(self, backbone_optimizer: torch.optim.Optimizer, head: "PartialFC | None",
+    def __init__(self, backbone_optimizer: torch.optim.Optimizer, head: "RowUpdatedHead | None",
                  scaler: torch.amp.GradScaler | None = None, clip_grad_norm: float = 0.0):
         if head is not None and head.row_optimizer is None:
             raise PartialFCError("JointOptimizer: call head.configure_optimizer() first (or use build_joint_optimizer)")
@@ -277,7 +299,7 @@ TORCH_OPTIMIZERS = {
 }
 
 
-def build_joint_optimizer(name: str, backbone_params: Iterable[torch.Tensor], head: "PartialFC | None", lr: float,
+def build_joint_optimizer(name: str, backbone_params: Iterable[torch.Tensor], head: "RowUpdatedHead | None", lr: float,
                           momentum: float = 0.9, weight_decay: float = 5e-4,
                           betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                           clip_grad_norm: float = 0.0, scaler: torch.amp.GradScaler | None = None) -> JointOptimizer:

@@ -22,7 +22,7 @@ from tools import benchmark
 from tools.benchmarks import backbone as backbone_bench
 from tools.benchmarks import eval as eval_bench
 from tools.benchmarks import train as train_bench
-from utils.synthetic import make_identity_set
+from utils.data.synthetic import make_identity_set
 
 NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 
@@ -140,7 +140,7 @@ def test_data_missing_or_empty_rec_folder_is_a_one_line_error(tmp_path):
     (["--workers", "1", "-1"], "--workers 1 -1: expected worker counts of 0 or more"),
 ])
 def test_data_bad_sizes_are_rejected_before_generating_a_set(monkeypatch, argv, message):
-    monkeypatch.setattr("utils.synthetic.make_identity_set", lambda *args, **kwargs: pytest.fail("generated a set"))
+    monkeypatch.setattr("utils.data.synthetic.make_identity_set", lambda *args, **kwargs: pytest.fail("generated a set"))
     assert one_line_error(["data"] + argv) == message
 
 
@@ -498,7 +498,7 @@ def check_ijb(out: str, pairs: int, templates: int, dim: int) -> None:
 @pytest.mark.timeout(120)
 def test_detect_with_a_stand_in_reference(facenet_fixtures, monkeypatch, capsys):
     from tools.benchmarks import detect as detect_bench
-    from utils.mtcnn import MTCNN
+    from utils.faces.mtcnn import MTCNN
 
     # facenet-pytorch is not installed here: a second MTCNN stands in, so the comparison columns are exercised
     other = MTCNN()
@@ -525,7 +525,7 @@ def test_detect_torchvision_stand_ins_are_exact_and_removed_afterwards(monkeypat
     import numpy as np
 
     from tools.benchmarks import detect as detect_bench
-    from utils.mtcnn import nms
+    from utils.faces.mtcnn import nms
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision"

@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from face_datasets import RecordDataset
+from utils.data.datasets import RecordDataset
 from tools import make_synthetic, pack_rec, rec_info, shuffle_rec
-from utils import recordio
+from utils.data import recordio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +73,7 @@ def test_pack_refuses_overwrite_and_bad_inputs(tmp_path, capsys):
 
 
 def _rec_content(out_dir):
-    """(label, image bytes) per image record of a plain set, read with utils.recordio."""
+    """(label, image bytes) per image record of a plain set, read with utils.data.recordio."""
     reader = recordio.MXIndexedRecordIO(str(out_dir / "train.idx"), str(out_dir / "train.rec"), "r")
     content = []
     for key in reader.keys:

@@ -14,10 +14,10 @@ from easydict import EasyDict
 
 import dataset
 from dataset import bad_record_count, get_dataloader, normalize_batch
-from face_datasets import ImageFolderDataset, RandomTensorDataset, RecordDataset
-from samplers import ResumableDistributedSampler
-from utils import recordio
-from utils.data_errors import DatasetError
+from utils.data.datasets import ImageFolderDataset, RandomTensorDataset, RecordDataset
+from utils.data.samplers import ResumableDistributedSampler
+from utils.data import recordio
+from utils.data.errors import DatasetError
 
 
 def _cfg(rec, **overrides):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tools import detect_faces
-from utils.face_align import norm_crop
-from utils.mtcnn import MTCNN
+from utils.faces.align import norm_crop
+from utils.faces.mtcnn import MTCNN
 
 LAYOUT = {  # output name -> (fixture photo, scale); None = an unreadable file
     "alice/a1.jpg": ("angelina_jolie", 0.5), "alice/a2.png": ("kate_siegel", 0.5),
@@ -75,7 +75,7 @@ def test_arcface_mode_aligns_the_largest_face_lists_failures_and_packs(raw_dir, 
         tolerance = 0.0 if relative.endswith(".png") else 3.0  # JPEG quality 95 of the aligned face
         assert np.abs(written.astype(np.float64) - expected).mean() <= tolerance
     # --pack: train.rec holds the 5 faces, labels by sorted identity, readable by the training reader
-    from face_datasets import RecordDataset
+    from utils.data.datasets import RecordDataset
 
     data = RecordDataset(out, image_size=(112, 112), flip=False)
     assert len(data) == 5 and data.num_classes == 3
@@ -131,7 +131,7 @@ def test_split_layout_with_two_processes_packs_the_train_split(tmp_path, facenet
     assert sorted(rows) == ["test/kate/1.jpg", "train/ann/1.jpg", "train/paul/1.jpg", "train/paul/2.jpg"]
     assert all(row[1] == "ok" for row in rows.values())
     assert os.path.isfile(os.path.join(out, "test", "kate", "1.jpg"))
-    from utils import recordio
+    from utils.data import recordio
 
     reader = recordio.MXIndexedRecordIO(os.path.join(out, "train.idx"), os.path.join(out, "train.rec"), "r")
     header0, _ = recordio.unpack(reader.read_idx(0))

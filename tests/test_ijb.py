@@ -12,7 +12,7 @@ from torch import nn
 
 from eval import ijb
 from eval.verification import read_bin
-from utils.face_align import ARCFACE_TEMPLATE
+from utils.faces.align import ARCFACE_TEMPLATE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -273,7 +273,7 @@ def test_cli_with_onnx_model(tmp_path, insightface_fixtures):
 
 def test_cli_reads_network_from_a_training_checkpoint(tmp_path, insightface_fixtures):
     from backbones import get_model
-    from utils.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
+    from utils.run.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
     image_path = make_layout(str(tmp_path), insightface_fixtures, num_identities=2)
     torch.manual_seed(3)
     tiny = get_model("tiny", num_features=24).eval()

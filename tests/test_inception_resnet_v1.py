@@ -11,7 +11,7 @@ from torch import nn
 
 from backbones import FACENET_INPUT, BackboneError, get_model, input_spec, normalize
 from backbones.inception_resnet_v1 import ResidualInception
-from utils.weights import CheckpointError, load_backbone
+from utils.weights.load import CheckpointError, load_backbone
 
 # One intra-op thread for the whole module (see tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -164,7 +164,7 @@ def facenet_release(tmp_path, num_classes=10):
 def test_load_released_file_embedding_strict_and_classifier_separate(tmp_path, seeded, caplog):
     path, state = facenet_release(tmp_path)
     _, classifier_model = seeded
-    with caplog.at_level(logging.INFO, logger="utils.weights"):
+    with caplog.at_level(logging.INFO, logger="utils.weights.load"):
         model = load_backbone(path, NAME)
     dropped = [r.getMessage() for r in caplog.records if "dropped the file's classifier" in r.getMessage()]
     assert dropped == [f"{path}: dropped the file's classifier (logits.weight [10, 512], logits.bias [10]): "

@@ -85,7 +85,7 @@ def test_cli(workdir, capsys):
 
 
 def test_cli_reads_network_and_embedding_size_from_a_training_checkpoint(workdir, tmp_path, capsys):
-    from utils.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
+    from utils.run.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
     directory, _ = workdir
     torch.manual_seed(1)
     tiny = get_model("tiny", num_features=24).eval()

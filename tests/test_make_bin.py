@@ -8,7 +8,7 @@ import torch
 
 from eval.verification import read_bin
 from tools import make_bin
-from utils.face_align import norm_crop
+from utils.faces.align import norm_crop
 
 NUM_PAIRS = 20
 

@@ -98,7 +98,7 @@ def test_cli(exported, capsys):
 def test_cli_reads_network_and_embedding_size_from_a_training_checkpoint(tmp_path, capsys):
     import onnxruntime
 
-    from utils.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
+    from utils.run.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
     torch.manual_seed(2)
     tiny = get_model("tiny", num_features=24).eval()
     path = tmp_path / "checkpoint_step000000005.pt"

@@ -14,8 +14,8 @@ import torch
 import train
 from backbones import get_model
 from tests.conftest import REPO_ROOT, free_port
-from utils.checkpoint import list_checkpoints, load_checkpoint
-from utils.synthetic import make_identity_set
+from utils.run.checkpoint import list_checkpoints, load_checkpoint
+from utils.data.synthetic import make_identity_set
 
 PYTHON = sys.executable
 

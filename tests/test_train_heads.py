@@ -8,7 +8,7 @@ import torch
 import train
 from backbones import get_model
 from tests.test_train import identity_set, run_demo, torchrun, training_log, write_config  # noqa: F401  (identity_set: a fixture)
-from utils.checkpoint import list_checkpoints, load_checkpoint
+from utils.run.checkpoint import list_checkpoints, load_checkpoint
 
 TRIPLET = dict(loss="triplet", sampler="pk", images_per_identity=4, triplet_mining="semihard", triplet_margin=0.2)
 

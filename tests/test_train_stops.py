@@ -46,8 +46,8 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint_step(\d+)\.pt$")
 @pytest.fixture(scope="session")
 def identity_cache(tmp_path_factory) -> Path:
     """The tiny generated identity set, written once per session so no run pays for generating it."""
-    from utils.config import load_config
-    from utils.synthetic import ensure_identity_set
+    from utils.config.load import load_config
+    from utils.data.synthetic import ensure_identity_set
 
     cache = tmp_path_factory.getbasetemp() / "arcscale_stop_resume_cache"
     config = write_config(cache, "generate", cache)

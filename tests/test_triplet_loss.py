@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from easydict import EasyDict
 
-from losses import MarginLossError, TripletLoss, build_triplet_loss
+from losses import MarginLossError
+from metric_losses import TripletLoss, build_triplet_loss
 from tests.spawn_helpers import run_ranks
 
 MARGIN = 0.2

@@ -16,7 +16,7 @@ from eval import metrics
 from eval.embed import gather_shards
 from eval.verification import (VerificationCallback, VerificationError, format_lines, load_bin, read_bin)
 from tests.spawn_helpers import run_ranks
-from utils.distributed import shard_bounds
+from utils.devices.distributed import shard_bounds
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -359,8 +359,8 @@ def test_cli_evaluates_a_model_file(tmp_path, insightface_fixtures, capsys):
 def test_cli_reads_the_network_from_the_file_and_table_shows_far(tmp_path, insightface_fixtures, capsys):
     from backbones import get_model
     from eval.verification import main
-    from utils.weights import describe_backbone_file, guess_network, load_backbone_file
-    from utils.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
+    from utils.weights.load import describe_backbone_file, guess_network, load_backbone_file
+    from utils.run.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
     torch.manual_seed(0)
     model = get_model("tiny", num_features=40).eval()
     checkpoint = tmp_path / "checkpoint_step000000002.pt"

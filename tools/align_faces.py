@@ -15,8 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.face_align import AlignmentError, as_landmarks, norm_crop  # noqa: E402
-from utils.text_fields import read_fields  # noqa: E402
+from utils.faces.align import AlignmentError, as_landmarks, norm_crop  # noqa: E402
+from utils.data.text_fields import read_fields  # noqa: E402
 
 
 def read_landmarks_file(path: str) -> list[tuple[int, str, object]]:

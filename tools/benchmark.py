@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         sub_parser = sub.add_parser(name, help=(modules[name].__doc__ or "").strip().splitlines()[0])
         modules[name].add_arguments(sub_parser)
     args = parser.parse_args(argv)
-    from utils.device import DeviceError
+    from utils.devices.device import DeviceError
 
     try:
         modules[args.what].run(args)

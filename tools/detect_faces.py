@@ -6,10 +6,10 @@
     python tools/detect_faces.py RAW_DIR OUT_DIR --mode arcface --pack           # + OUT_DIR/train.rec/.idx
 
 RAW_DIR holds ``<identity>/<photo>`` (or ``train/<identity>/<photo>`` and ``test/...`` splits); OUT_DIR gets
-the same layout with one face per photo, detected by MTCNN (utils/mtcnn.py, facenet-pytorch's detector).
+the same layout with one face per photo, detected by MTCNN (utils/faces/mtcnn.py, facenet-pytorch's detector).
 ``facenet`` cuts the box plus ``--margin`` pixels of the output and resizes it to ``--image-size`` (160), as
 facenet-pytorch's MTCNN does; ``arcface`` warps the five landmarks onto the ArcFace template
-(utils/face_align.py, 112). Several faces in a photo: the largest is kept (and counted). Photos without a
+(utils/faces/align.py, 112). Several faces in a photo: the largest is kept (and counted). Photos without a
 face and unreadable files are listed in OUT_DIR/failed.txt and skipped. OUT_DIR/detections.tsv holds every
 photo's box, probability and landmarks. An interrupted run resumes where it stopped (finished photos are
 kept, from OUT_DIR/.detect_faces.journal); images are written under a temporary name and renamed.
@@ -76,7 +76,7 @@ def _init_worker(settings: dict) -> None:
     import cv2
     import torch
 
-    from utils.mtcnn import MTCNN
+    from utils.faces.mtcnn import MTCNN
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -103,7 +103,7 @@ def process_photo(relative: str) -> list[str]:
     """Detect, crop/align and write one photo; returns its detections.tsv row (never raises on bad data)."""
     import cv2
 
-    from utils.face_align import norm_crop
+    from utils.faces.align import norm_crop
 
     settings, detector = _WORKER["settings"], _WORKER["detector"]
     source = os.path.join(settings["raw_dir"], relative)
@@ -184,7 +184,7 @@ def _progress(done: int, total: int, start: float, last: list[float]) -> None:
 def detect_folder(raw_dir: str, out_dir: str, mode: str = "arcface", image_size: int | None = None, margin: int = 0,
                   workers: int = 1, min_face_size: float = 20, quality: int = 95, progress: bool = False) -> dict:
     """Process every photo of ``raw_dir`` not yet finished in ``out_dir``; returns the summary counts."""
-    from utils.paths import ensure_output_dir
+    from utils.config.paths import ensure_output_dir
 
     settings = _validate(raw_dir, out_dir, mode, image_size, margin, workers, min_face_size, quality)
     photos = scan(settings["raw_dir"])
@@ -233,7 +233,7 @@ def detect_folder(raw_dir: str, out_dir: str, mode: str = "arcface", image_size:
 
 def _validate(raw_dir: str, out_dir: str, mode: str, image_size: int | None, margin: int, workers: int,
               min_face_size: float, quality: int) -> dict:
-    from utils.face_align import AlignmentError, template_for
+    from utils.faces.align import AlignmentError, template_for
 
     if mode not in DEFAULT_SIZE:
         raise DetectFacesError(f"--mode {mode!r}: expected 'facenet' or 'arcface'")
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from tools.pack_rec import PackError
-    from utils.mtcnn import MTCNNError
-    from utils.paths import OutputPathError
+    from utils.faces.mtcnn import MTCNNError
+    from utils.config.paths import OutputPathError
 
     try:
         summary = detect_folder(args.raw_dir, args.out_dir, args.mode, args.image_size, args.margin, args.workers,

@@ -4,13 +4,13 @@
     python tools/inference.py --model model.pt --network r50 --img a.jpg --img2 b.jpg --threshold 0.3
     python tools/inference.py --model model.pt --img photo1.jpg --img2 photo2.jpg --detect   # raw photos
 
-With ``--detect`` the inputs are raw photos: MTCNN (utils/mtcnn.py) finds the largest face, which is
+With ``--detect`` the inputs are raw photos: MTCNN (utils/faces/mtcnn.py) finds the largest face, which is
 aligned onto the ArcFace template for 112-style models or cut as box + ``--margin`` for 160x160 facenet
 models (docs/facenet.md). Otherwise images should be aligned crops of the model's input size (112x112
 for insightface's networks, 160x160 for inception_resnet_v1; see tools/align_faces.py); other sizes are
 resized, as arcface_torch's inference.py does. The size and pixel normalisation come from the model
 (``backbones.input_spec``). ``--model`` may also be an .onnx file from tools/torch2onnx.py.
-``--network`` and ``--embedding-size`` default to what the file says (utils.weights.load_backbone_file).
+``--network`` and ``--embedding-size`` default to what the file says (utils.weights.load.load_backbone_file).
 The verdict compares the cosine similarity of the L2-normalised embeddings with ``--threshold``;
 pick the threshold on your own validation pairs (0.3 is a common starting point for ArcFace models).
 """
@@ -51,7 +51,7 @@ def read_detected_face(path: str, image_size: tuple[int, int], detector, margin:
     any other size (160 for facenet models) is the box plus ``margin`` output pixels, as facenet-pytorch crops."""
     import cv2
 
-    from utils.face_align import norm_crop
+    from utils.faces.align import norm_crop
 
     if not os.path.isfile(path):
         raise InferenceError(f"{path}: image not found")
@@ -106,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=int, default=0, help="--detect crops: margin in output pixels")
     args = parser.parse_args(argv)
     from eval.verification import load_model
-    from utils import device as devices
+    from utils.devices import device as devices
     try:
         if not -1.0 <= args.threshold <= 1.0:
             raise InferenceError(f"--threshold must be a cosine similarity in [-1, 1], got {args.threshold}")
         if args.save:
-            from utils.paths import ensure_output_file
+            from utils.config.paths import ensure_output_file
             ensure_output_file(args.save, "--save")  # checked before the model loads
         device = devices.setup(args.device).device
         model = load_model(args.model, args.network, device, args.embedding_size)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         size = input_spec(model).image_size  # crops are read at the size the model takes
         paths = [args.img] + ([args.img2] if args.img2 else [])
         if args.detect:
-            from utils.mtcnn import MTCNN
+            from utils.faces.mtcnn import MTCNN
             detector = MTCNN()
             images = [read_detected_face(path, size, detector, args.margin) for path in paths]
         else:

@@ -126,7 +126,7 @@ def encode_image(path: str, image_size: int, quality: int, landmarks: np.ndarray
     if image is None:
         raise MakeBinError(f"{path}: not a decodable image")
     if landmarks is not None:
-        from utils.face_align import norm_crop
+        from utils.faces.align import norm_crop
         image = norm_crop(image, landmarks, image_size)
     elif image.shape[:2] == (image_size, image_size) and data[:2].tobytes() == b"\xff\xd8":
         return data.tobytes()  # already a crop of the right size: keep the file's own bytes
@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from utils.face_align import AlignmentError
-    from utils.paths import ensure_output_file
+    from utils.faces.align import AlignmentError
+    from utils.config.paths import ensure_output_file
 
     try:
         if not 16 <= args.image_size <= 1024:

@@ -17,8 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.paths import OutputPathError, ensure_output_dir  # noqa: E402
-from utils.synthetic import SyntheticDataError, make_identity_set  # noqa: E402
+from utils.config.paths import OutputPathError, ensure_output_dir  # noqa: E402
+from utils.data.synthetic import SyntheticDataError, make_identity_set  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

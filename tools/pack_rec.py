@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from utils import recordio  # noqa: E402  (numpy only; the datasets, which import torch, load lazily)
+from utils.data import recordio  # noqa: E402  (numpy only; the datasets, which import torch, load lazily)
 
 OUTPUT_NAMES = ("train.rec", "train.idx", "property")
 BAD_LIST = "bad_images.txt"
@@ -82,9 +82,9 @@ def read_list_file(path: str, image_root: str | None = None) -> tuple[list[str],
 
 def scan_folder(root: str) -> tuple[list[str], list[int], list[str]]:
     """``root/<identity>/<image>``: (paths, labels, identity names), read exactly as training reads the folder
-    (``face_datasets.scan_image_folder``), so a pack gives every image the class id training on the folder would."""
-    from face_datasets import scan_image_folder
-    from utils.data_errors import DatasetError
+    (``utils.data.datasets.scan_image_folder``), so a pack gives every image the class id training on the folder would."""
+    from utils.data.datasets import scan_image_folder
+    from utils.data.errors import DatasetError
 
     try:
         return scan_image_folder(root)
@@ -151,7 +151,7 @@ def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False,
          image_size: tuple[int, int] = (112, 112), quality: int = 95, workers: int = 1, progress: bool = False,
          on_error: str = "stop") -> tuple[int, int, list[tuple[str, str]]]:
     """Write the set (temporary names, renamed at the end); returns (num_images, num_classes, bad images)."""
-    from face_datasets import write_property
+    from utils.data.datasets import write_property
 
     if on_error not in ("stop", "skip"):
         raise PackError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
@@ -229,7 +229,7 @@ def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False,
 
 def prepare_output(out_dir: str, force: bool) -> None:
     """Validate (and create) the output folder; refuse to overwrite a set without ``force``."""
-    from utils.paths import ensure_output_dir
+    from utils.config.paths import ensure_output_dir
 
     ensure_output_dir(out_dir, "OUT_DIR")
     existing = [n for n in OUTPUT_NAMES if os.path.exists(os.path.join(out_dir, n))]
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"either way they are listed in OUT_DIR/{BAD_LIST}")
     parser.add_argument("--force", action="store_true", help="overwrite an existing set in out_dir")
     args = parser.parse_args(argv)
-    from utils.data_errors import DatasetError
+    from utils.data.errors import DatasetError
 
     try:
         if os.path.isdir(args.source):

@@ -7,7 +7,7 @@
 
 --verify checks every .idx entry (offset inside train.rec, RecordIO magic there, every part's
 length inside the file), every image (decodes, and neither libjpeg's "Corrupt JPEG data" warnings
-nor wiped JPEG data: see utils/image_check.py), every label (in range, and inside its identity
+nor wiped JPEG data: see utils/data/image_check.py), every label (in range, and inside its identity
 record's key range), and header0 (its key ranges against the .idx and the property file).
 Exit status: 0 all good, 1 bad records (each printed as key, offset, reason), 2 unusable input.
 """
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from utils import recordio  # noqa: E402  (face_datasets.py imports torch, so it loads lazily)
+from utils.data import recordio  # noqa: E402  (utils/data/datasets.py imports torch, so it loads lazily)
 
 HISTOGRAM_EDGES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -111,8 +111,8 @@ def _check_chunk(idx_path: str, rec_path: str, keys: list[int], num_classes: int
 
 def verify_pack(folder: str, workers: int = 1) -> dict:
     """Check every record of ``folder``; returns counts, layout and ``bad``: [{key, offset, reason}]."""
-    from face_datasets import read_property
-    from utils.data_errors import DatasetError
+    from utils.data.datasets import read_property
+    from utils.data.errors import DatasetError
 
     idx_path, rec_path = os.path.join(folder, "train.idx"), os.path.join(folder, "train.rec")
     reader = recordio.MXIndexedRecordIO(idx_path, rec_path, "r")
@@ -185,7 +185,7 @@ def verify_pack(folder: str, workers: int = 1) -> dict:
     if workers > 1:
         import multiprocessing
 
-        # Spawned workers import numpy and utils.recordio only (no torch).
+        # Spawned workers import numpy and utils.data.recordio only (no torch).
         with multiprocessing.get_context("spawn").Pool(workers, _init_chunk_worker, (class_by_key,)) as pool:
             results = pool.starmap(_check_chunk, [(idx_path, rec_path, chunk, num_classes) for chunk in chunks])
     else:
@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--workers", type=int, default=1, help="processes for --verify (default 1)")
     args = parser.parse_args(argv)
-    from face_datasets import RecordDataset
-    from utils.data_errors import DatasetError
+    from utils.data.datasets import RecordDataset
+    from utils.data.errors import DatasetError
 
     summary: dict = {"folder": args.folder}
     try:

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from utils import recordio  # noqa: E402  (face_datasets.py imports torch, so it loads lazily)
+from utils.data import recordio  # noqa: E402  (utils/data/datasets.py imports torch, so it loads lazily)
 
 
 class ShuffleError(ValueError):
@@ -25,7 +25,7 @@ class ShuffleError(ValueError):
 
 def shuffle_rec(in_dir: str, out_dir: str, seed: int = 0, force: bool = False, progress: bool = False) -> tuple[int, int]:
     """Write the shuffled plain-layout copy; returns (num_images, num_classes)."""
-    from face_datasets import RecordDataset, write_property
+    from utils.data.datasets import RecordDataset, write_property
 
     if os.path.abspath(in_dir) == os.path.abspath(out_dir):
         raise ShuffleError(f"{out_dir}: output folder must differ from the input folder")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite an existing set in out_dir")
     args = parser.parse_args(argv)
-    from utils.data_errors import DatasetError
+    from utils.data.errors import DatasetError
 
     try:
         num_images, num_classes = shuffle_rec(args.in_dir, args.out_dir, args.seed, args.force, progress=True)

@@ -158,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     args = parser.parse_args(argv)
     output = args.output or os.path.splitext(args.checkpoint)[0] + ".onnx"
-    from utils.weights import load_backbone_file
+    from utils.weights.load import load_backbone_file
     try:
         if args.checkpoint.endswith(".onnx"):
             raise ExportError(f"{args.checkpoint}: already an ONNX model; pass a PyTorch checkpoint")
-        from utils.paths import ensure_output_file
+        from utils.config.paths import ensure_output_file
         ensure_output_file(output, "--output")  # before the slow export: a bad path fails in one line
         model, network, _ = load_backbone_file(args.checkpoint, args.network, args.embedding_size)
         spec = model_input_spec(model, args.image_size, network)

@@ -17,7 +17,7 @@ import torch
 
 from backbones import MODEL_NAMES, get_model
 from tools.flops import build_on_meta, count_macs
-from utils import device as devices
+from utils.devices import device as devices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

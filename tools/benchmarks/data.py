@@ -59,10 +59,10 @@ def run(args: argparse.Namespace) -> None:
     from easydict import EasyDict
 
     from dataset import get_dataloader
-    from face_datasets import RecordDataset
-    from utils import recordio
-    from utils.data_errors import DatasetError
-    from utils.synthetic import make_identity_set
+    from utils.data.datasets import RecordDataset
+    from utils.data import recordio
+    from utils.data.errors import DatasetError
+    from utils.data.synthetic import make_identity_set
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)

@@ -7,7 +7,7 @@ facenet-pytorch is timed in the same run when it is importable (it is never a re
 venv works: ``python -m venv --system-site-packages /tmp/fnvenv && /tmp/fnvenv/bin/pip install --no-deps
 facenet-pytorch==2.4.1``, then run this command with ``/tmp/fnvenv/bin/python``). It imports torchvision
 for ``batched_nms`` and ``to_tensor`` only; when torchvision is absent this benchmark gives it exact
-pure-torch stand-ins (``utils.mtcnn.nms``, the same NMS both detectors then use) for the run only.
+pure-torch stand-ins (``utils.faces.mtcnn.nms``, the same NMS both detectors then use) for the run only.
 Rounds alternate which detector goes first; each photo's time is the median over rounds, as wall-clock time and
 as this process's CPU time (on a shared machine the CPU time is the steadier figure: it leaves out the time the
 process waited for a core). Both detectors' boxes are compared, so a speed figure never comes from a different
@@ -72,7 +72,7 @@ def _with_torchvision_stand_ins(load):
         return load()
     import torch
 
-    from utils.mtcnn import nms
+    from utils.faces.mtcnn import nms
 
     def batched_nms(boxes, scores, idxs, iou_threshold):
         return nms(boxes, scores, iou_threshold, idxs)
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> None:
                          f"rounds >= 1, warmup >= 0, threads >= 1")
     import torch
 
-    from utils.mtcnn import MTCNN
+    from utils.faces.mtcnn import MTCNN
 
     paths = _photo_paths(args.images)
     photos = [_read(path) for path in paths]

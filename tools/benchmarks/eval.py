@@ -57,7 +57,7 @@ def bench_bin(args: argparse.Namespace) -> None:
     from eval.embed import embed_images
     from eval.metrics import verification_metrics
     from eval.verification import load_bin
-    from utils import device as devices
+    from utils.devices import device as devices
 
     ctx = devices.setup(args.device)  # a DeviceError becomes one line in tools/benchmark.py
     device = ctx.device

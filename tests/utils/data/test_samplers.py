@@ -1,0 +1,162 @@
+"""utils/data/samplers.py's P x K sampler: batch composition, determinism, rank split, mid-epoch resume on another
+world size, errors, the labels of every dataset kind, and get_dataloader with sampler='pk'."""
+import numpy as np
+import pytest
+import torch
+from easydict import EasyDict
+
+from dataset import get_dataloader
+from utils.data.datasets import ImageFolderDataset, RandomTensorDataset, RecordDataset
+from utils.data.samplers import PKSampler, ResumableDistributedSampler, build_sampler, dataset_labels
+from utils.data.errors import DatasetError
+from utils.data.synthetic import identity_set_labels, make_identity_set
+
+
+def _labels(seed=0, identities=30):
+    # Uneven identities: 1..12 images each, so some have fewer than K and are drawn with replacement.
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 13, identities)
+    labels = np.repeat(np.arange(identities) * 3 + 7, counts)  # sparse, non-contiguous class ids
+    return labels[rng.permutation(len(labels))]
+
+
+def _global_batches(labels, k, batch_size, world_size, seed=1, epoch=0, state=None):
+    """Per global batch, the concatenation of every rank's slice; checks len() on the way."""
+    per_rank = []
+    for rank in range(world_size):
+        sampler = PKSampler(labels, k, batch_size, rank, world_size, seed)
+        if state is not None:
+            sampler.load_state_dict(state)
+        sampler.set_epoch(epoch)
+        out = list(sampler)
+        assert len(out) == len(sampler)
+        per_rank.append(np.asarray(out).reshape(-1, batch_size))
+    return np.concatenate(per_rank, axis=1)
+
+
+@pytest.mark.parametrize("k,batch_size,world_size", [(4, 16, 1), (4, 8, 2), (2, 6, 3), (3, 6, 2), (4, 6, 2)])
+def test_every_global_batch_is_p_identities_times_k(k, batch_size, world_size):
+    labels = _labels()
+    batches = _global_batches(labels, k, batch_size, world_size)
+    p = batch_size * world_size // k
+    assert len(batches) == len(labels) // (batch_size * world_size)  # floor(N / global batch) batches
+    for batch in batches:
+        groups = labels[batch].reshape(p, k)
+        assert (groups == groups[:, :1]).all()               # K consecutive samples of one identity
+        assert len(set(groups[:, 0].tolist())) == p            # P different identities
+        counts = np.bincount(labels)
+        for group, indices in zip(groups[:, 0], batch.reshape(p, k)):
+            # An identity with >= K images gives K different images; fewer: all of its images appear.
+            assert len(set(indices.tolist())) == min(k, counts[group])
+    if batch_size % k == 0:  # whole identities per rank
+        rank_slices = batches.reshape(len(batches), world_size, batch_size)
+        for batch in rank_slices:
+            for part in batch:
+                assert (labels[part].reshape(-1, k) == labels[part].reshape(-1, k)[:, :1]).all()
+
+
+def test_deterministic_per_seed_and_epoch_and_covers_the_images():
+    labels = _labels()
+    first = _global_batches(labels, 4, 16, 1, seed=3, epoch=2)
+    assert np.array_equal(first, _global_batches(labels, 4, 16, 1, seed=3, epoch=2))
+    assert not np.array_equal(first, _global_batches(labels, 4, 16, 1, seed=3, epoch=3))
+    assert not np.array_equal(first, _global_batches(labels, 4, 16, 1, seed=4, epoch=2))
+    # Identities are drawn uniformly: every identity shows up in an epoch (30 identities, ~12 batches of 4).
+    assert set(labels[first.reshape(-1)].tolist()) == set(labels.tolist())
+
+
+def test_one_rank_and_two_ranks_give_the_same_global_batches():
+    labels = _labels(seed=2)
+    one = _global_batches(labels, 4, 16, 1)
+    two = _global_batches(labels, 4, 8, 2)
+    four = _global_batches(labels, 4, 4, 4)
+    assert np.array_equal(one, two) and np.array_equal(one, four)
+
+
+def test_resume_mid_epoch_on_another_world_size_continues_the_stream():
+    labels = _labels(seed=4, identities=40)
+    runners = [PKSampler(labels, 4, 8, rank, 2, seed=9) for rank in range(2)]
+    for sampler in runners:
+        sampler.set_epoch(1)
+        for _ in range(3):
+            sampler.advance(8 * 2)
+    state = runners[0].state_dict()
+    assert state == {"epoch": 1, "seed": 9, "consumed": 48, "images_per_identity": 4}
+    uninterrupted = _global_batches(labels, 4, 8, 2, seed=9, epoch=1).reshape(-1)
+    # Resume on 3 ranks of 8 (global batch 24, P = 6): the same sample stream from sample 48 on,
+    # still P distinct identities x K per batch although the batch boundaries moved.
+    resumed = _global_batches(labels, 4, 8, 3, seed=123, epoch=1, state=state)
+    stream = PKSampler(labels, 4, 8, 0, 1, seed=9)
+    stream.set_epoch(1)
+    assert np.array_equal(uninterrupted, stream.stream()[:len(uninterrupted)])
+    assert np.array_equal(resumed.reshape(-1), stream.stream()[48:48 + resumed.size])
+    assert len(resumed) == (len(labels) // 24 * 24 - 48) // 24
+    for batch in resumed:
+        groups = labels[batch].reshape(6, 4)
+        assert (groups == groups[:, :1]).all() and len(set(groups[:, 0].tolist())) == 6
+    # The next epoch starts from the beginning.
+    sampler = PKSampler(labels, 4, 8, 0, 3, seed=9)
+    sampler.load_state_dict(state)
+    sampler.set_epoch(2)
+    assert sampler.consumed == 0 and len(sampler) == len(labels) // 24 * 8
+
+
+def test_errors_name_the_config_keys():
+    labels = _labels()
+    with pytest.raises(DatasetError, match=r"'images_per_identity'=3 and 'batch_size'=8"):
+        PKSampler(labels, 3, 8, 0, 1, 0)
+    with pytest.raises(DatasetError, match=r"images_per_identity'=1"):
+        PKSampler(labels, 1, 8, 0, 1, 0)
+    with pytest.raises(DatasetError, match=r"1 identity, need at least 2"):
+        PKSampler(np.zeros(20, dtype=np.int64), 2, 4, 0, 1, 0)
+    with pytest.raises(DatasetError, match=r"P=16 identities per global batch needs at least 32"):
+        PKSampler(labels, 2, 16, 0, 2, 0)
+    with pytest.raises(DatasetError, match=r"'sampler'='balanced'"):
+        build_sampler(EasyDict(sampler="balanced", seed=0, batch_size=8), RandomTensorDataset(16, 4, 32), 0, 1)
+    with pytest.raises(DatasetError, match=r"images_per_identity'=0"):
+        build_sampler(EasyDict(sampler="pk", seed=0, batch_size=8), RandomTensorDataset(16, 4, 32), 0, 1)
+
+
+def test_labels_of_every_dataset_kind(tmp_path):
+    synthetic = RandomTensorDataset(num_image=10, num_classes=4, image_size=32)
+    assert dataset_labels(synthetic).tolist() == [synthetic[i][1] for i in range(10)]
+    import cv2
+
+    for name, count in (("bob", 2), ("alice", 3)):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for i in range(count):
+            cv2.imwrite(str(tmp_path / "folder" / name / f"{i}.jpg"), np.zeros((8, 8, 3), np.uint8))
+    folder = ImageFolderDataset(str(tmp_path / "folder"), image_size=8)
+    assert dataset_labels(folder).tolist() == [folder.load(i)[1] for i in range(5)] == [0, 0, 0, 1, 1]
+    generated = make_identity_set(str(tmp_path / "ids"), 3, 2, 0, 0, seed=0, image_size=32)
+    record = RecordDataset(generated, image_size=32)
+    assert identity_set_labels(generated).tolist() == record.labels().tolist() == [0, 0, 1, 1, 2, 2]
+    assert identity_set_labels(str(tmp_path / "folder")) is None
+    assert dataset_labels(record).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_get_dataloader_with_pk_batches():
+    cfg = EasyDict(rec="synthetic", image_size=(32, 32), num_image=96, num_classes=12, seed=0, batch_size=8,
+                   num_workers=0, sampler="pk", images_per_identity=4, skip_bad_records=True)
+    loader = get_dataloader(cfg, 0, 1)
+    assert isinstance(loader.sampler, PKSampler) and len(loader) == 12
+    for images, labels in loader:
+        assert images.dtype == torch.uint8 and labels.shape == (8,)
+        assert labels[:4].unique().numel() == 1 and labels[4:].unique().numel() == 1 and labels[0] != labels[4]
+    cfg.sampler = "random"
+    assert type(get_dataloader(cfg, 0, 1).sampler) is ResumableDistributedSampler
+
+
+def test_any_window_of_half_the_identities_is_distinct():
+    # The property that lets a resume with another batch size keep P distinct identities per batch.
+    for identities in (2, 3, 5, 8):
+        for seed in range(5):
+            rng = np.random.default_rng(seed)
+            labels = np.repeat(np.arange(identities), rng.integers(1, 30, identities))
+            sampler = PKSampler(labels, 2, 2, 0, 1, seed)
+            sampler.set_epoch(seed)
+            groups = labels[sampler.stream()].reshape(-1, 2)
+            assert (groups[:, 0] == groups[:, 1]).all()
+            half = identities // 2
+            windows = np.lib.stride_tricks.sliding_window_view(groups[:, 0], half)
+            assert all(len(set(window.tolist())) == half for window in windows)

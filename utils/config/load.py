@@ -1,0 +1,183 @@
+"""Experiment configs: ``configs/base.py`` defaults, a job config on top, then ``--set`` overrides.
+
+A job config is any Python file that defines ``config`` (an EasyDict or dict), exactly as
+arcface_torch's ``configs/*.py``. Keys that base.py does not define are rejected with a
+"did you mean" hint so that a typo never silently trains with a default. What each key accepts, and
+ConfigError, live in ``utils.config.rules`` (re-exported here).
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.util
+import os
+from typing import Any, Iterable, Mapping
+
+from easydict import EasyDict
+
+from utils.config.rules import BASE_CONFIG, ConfigError, one_line, validate_config
+from utils.config.rules import RULES, Rule, check_value, describe, documented_choices  # noqa: F401
+from utils.config.paths import OutputPathError, ensure_output_dir
+
+__all__ = ["BASE_CONFIG", "RULES", "ConfigError", "Rule", "apply_override", "check_value", "describe",
+           "documented_choices", "load_config", "parse_override", "suggest_keys", "to_plain", "validate_config"]
+
+
+def _failing_line(exc: BaseException, path: str) -> int | None:
+    """Line number of the deepest traceback frame inside ``path`` (the config file itself)."""
+    target = os.path.abspath(path)
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == target:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _load_module_config(path: str) -> Mapping[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    name = "arcscale_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:  # SyntaxError's own str() appends "(file, line N)"; say it once, up front
+        if exc.filename and os.path.abspath(exc.filename) != os.path.abspath(path):  # in a module it imports
+            raise ConfigError(f"{path}: cannot execute config: SyntaxError in {exc.filename}:{exc.lineno}: "
+                              f"{one_line(exc.msg)}") from exc
+        raise ConfigError(f"{path}:{exc.lineno}: cannot execute config: SyntaxError: {one_line(exc.msg)}") from exc
+    except Exception as exc:  # a runtime error in the user's file: name the line that raised it
+        line = _failing_line(exc, path)
+        where = f"{path}:{line}" if line else path
+        raise ConfigError(f"{where}: cannot execute config: {type(exc).__name__}: {one_line(str(exc))}") from exc
+    cfg = getattr(module, "config", None)
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"{path}: expected a module-level `config` (EasyDict or dict), found {type(cfg).__name__}")
+    return cfg
+
+
+def _edit_distance(first: str, second: str) -> int:
+    """Levenshtein distance (insert/delete/substitute, each 1)."""
+    previous = list(range(len(second) + 1))
+    for i, a in enumerate(first, 1):
+        current = [i]
+        for j, b in enumerate(second, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a != b)))
+        previous = current
+    return previous[-1]
+
+
+def suggest_keys(name: str, known: Iterable[str], limit: int = 2) -> list[str]:
+    """Up to ``limit`` known keys a mistyped ``name`` most likely meant, best first.
+
+    Keys sharing the typo's first ``_`` word rank first, closest first, with a key equal to that word
+    always shown (``lr_rate`` -> ``lr_power``, ``lr``; never ``sample_rate``); then other keys within
+    a small edit distance.
+    """
+    known = sorted(set(known))
+    head = name.split("_", 1)[0]
+    same_word = [k for k in known if k.split("_", 1)[0] == head and "_" in name + k]
+    same_word.sort(key=lambda k: (_edit_distance(name, k), k))
+    if head in same_word[limit - 1:] and limit > 1:  # "lr_rate" most likely meant plain "lr": keep it shown
+        same_word.remove(head)
+        same_word.insert(limit - 1, head)
+    threshold = max(2, len(name) // 3)
+    close = sorted((k for k in known if k not in same_word and _edit_distance(name, k) <= threshold),
+                   key=lambda k: (_edit_distance(name, k), k))
+    return (same_word + close)[:limit]
+
+
+def _unknown_key_error(source: str, key: str, known: Iterable[str]) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key[: len(key) - len(leaf)]
+    # Only siblings at the same nesting level are candidates ("synthetic.x" suggests synthetic.*).
+    siblings = [k[len(prefix):] for k in known if k.startswith(prefix) and "." not in k[len(prefix):]]
+    close = [f"'{prefix}{name}'" for name in suggest_keys(leaf, siblings)]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _flat_keys(cfg: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in cfg.items():
+        keys.append(prefix + key)
+        if isinstance(value, Mapping):
+            keys.extend(_flat_keys(value, prefix + key + "."))
+    return keys
+
+
+def _merge(base: EasyDict, update: Mapping[str, Any], source: str, known: list[str], prefix: str = "",
+           sources: dict[str, str] | None = None) -> None:
+    for key, value in update.items():
+        if key not in base:
+            raise _unknown_key_error(source, prefix + key, known)
+        if isinstance(base[key], Mapping) and isinstance(value, Mapping):
+            _merge(base[key], value, source, known, prefix + key + ".", sources)
+        else:
+            base[key] = value
+            if sources is not None:
+                sources[prefix + key] = source
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value in Python literal syntax; a bare word is a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()  # e.g. --set network=r100 or a path
+    return key, value
+
+
+def apply_override(cfg: EasyDict, key: str, value: Any) -> None:
+    """Set dotted ``key`` in ``cfg``; an unknown key is a ConfigError with a suggestion."""
+    node = cfg
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, Mapping) or part not in node:
+            raise _unknown_key_error("--set", key, _flat_keys(cfg))
+        if depth == len(parts) - 1:
+            node[part] = EasyDict(value) if isinstance(value, dict) else value
+        else:
+            node = node[part]
+
+
+def load_config(path: str, overrides: Iterable[str] = (), base_path: str = BASE_CONFIG) -> EasyDict:
+    """Load base.py, merge the job config at ``path``, apply ``key=value`` overrides.
+
+    ``output`` defaults to ``work_dirs/<config file stem>``; ``config_name`` records the stem.
+    """
+    defaults = _load_module_config(base_path)
+    cfg = EasyDict(copy.deepcopy(dict(defaults)))
+    job = _load_module_config(path)
+    sources: dict[str, str] = {}
+    _merge(cfg, job, path, _flat_keys(cfg), sources=sources)
+    for text in overrides:
+        key, value = parse_override(text)
+        apply_override(cfg, key, value)
+        sources[key] = "--set"
+    validate_config(cfg, defaults, sources, base_path=base_path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    cfg.config_name = stem
+    cfg.config_path = os.path.abspath(path)
+    if not cfg.output:
+        cfg.output = os.path.join("work_dirs", stem)
+    try:  # checked, not created: the trainer creates it (rank 0) once the run really starts
+        ensure_output_dir(cfg.output, f"{sources.get('output', path)}: config key 'output'", create=False)
+    except OutputPathError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg
+
+
+def to_plain(value: Any) -> Any:
+    """EasyDict/tuple tree -> plain dict/list tree (safe for ``torch.load(weights_only=True)``)."""
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value

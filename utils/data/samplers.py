@@ -1,0 +1,222 @@
+"""Sample order for training: the resumable seeded shuffle and the P x K identity sampler.
+
+Both split a global sample stream across ranks and keep their position as ``consumed`` global
+samples, so a checkpoint continues mid-epoch on another world size. ``build_sampler`` picks the
+one ``cfg.sampler`` names; ``dataset.get_dataloader`` links it to the dataset's flip epoch.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from utils.data.datasets import RecordDataset
+from utils.data.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+
+class ResumableDistributedSampler(Sampler[int]):
+    """Seeded per-epoch shuffle split across ranks, resumable mid-epoch on any world size.
+
+    Rank r yields ``rest[r::world_size]`` of ``rest = perm[consumed:]``, cut so every rank yields
+    the same count. ``consumed`` counts global samples, so a checkpoint taken with one world size
+    continues exactly with another.
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
+        if num_samples < 1:
+            raise DatasetError(f"sampler: num_samples={num_samples}, expected at least 1 sample")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DatasetError(f"sampler: rank={rank} world_size={world_size}, expected 0 <= rank < world_size")
+        self.num_samples, self.rank, self.world_size = int(num_samples), int(rank), int(world_size)
+        self.seed, self.shuffle = int(seed), shuffle
+        self.epoch, self.consumed = 0, 0
+        self._resume_epoch: int | None = None
+        self.shared_epoch: torch.Tensor | None = None  # get_dataloader links the dataset's flip epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` (reshuffles); keeps the consumed count only when resuming into that epoch."""
+        if self._resume_epoch is None or self._resume_epoch != epoch:
+            self.consumed = 0
+        self._resume_epoch = None
+        self.epoch = int(epoch)
+        if self.shared_epoch is not None:
+            self.shared_epoch.fill_(self.epoch)
+
+    def advance(self, num_global_samples: int) -> None:
+        """Count ``num_global_samples`` more samples as consumed (all ranks together)."""
+        self.consumed = min(self.consumed + int(num_global_samples), self.num_samples)
+
+    def _indices(self) -> torch.Tensor:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        rest = order[self.consumed:]
+        per_rank = len(rest) // self.world_size
+        return rest[self.rank::self.world_size][:per_rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices().tolist())
+
+    def __len__(self) -> int:
+        return (self.num_samples - self.consumed) // self.world_size
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch, seed and samples consumed: enough to continue on any world size."""
+        return {"epoch": self.epoch, "seed": self.seed, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from :meth:`state_dict`'s output; a missing key is a DatasetError."""
+        missing = {"epoch", "seed", "consumed"} - set(state)
+        if missing:
+            raise DatasetError(f"sampler state: missing keys {sorted(missing)}, expected epoch, seed, consumed")
+        if not 0 <= int(state["consumed"]) <= self.num_samples:
+            raise DatasetError(f"sampler state: consumed={state['consumed']} does not fit a dataset of "
+                               f"{self.num_samples} samples (was the data changed?)")
+        if int(state["seed"]) != self.seed:
+            logger.warning("sampler: checkpoint seed %s differs from config seed %s; keeping the checkpoint's "
+                           "so the epoch continues in the same order", state["seed"], self.seed)
+        self.epoch, self.seed, self.consumed = int(state["epoch"]), int(state["seed"]), int(state["consumed"])
+        self._resume_epoch = self.epoch
+
+
+# ---------------------------------------------------------------- P x K identity sampler (triplet loss)
+def dataset_labels(dataset: Any) -> np.ndarray:
+    """int64 class of every sample of ``dataset`` (its ``labels()``; a generated identity set's from its
+    synthetic.json without reading the records)."""
+    labels = None
+    root = getattr(dataset, "root", None)
+    if isinstance(dataset, RecordDataset) and root:
+        from utils.data.synthetic import identity_set_labels
+
+        labels = identity_set_labels(root)
+    if labels is None:
+        if not callable(getattr(dataset, "labels", None)):
+            raise DatasetError(f"config key 'sampler'='pk': {type(dataset).__name__} cannot list its labels")
+        logger.info("pk sampler: reading the label of every sample of %s", root or type(dataset).__name__)
+        labels = dataset.labels()
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(dataset),):
+        raise DatasetError(f"{root or type(dataset).__name__}: {labels.shape[0]} labels for {len(dataset)} samples")
+    return labels
+
+
+class PKSampler(ResumableDistributedSampler):
+    """Global batches of P identities x K images (P = batch_size * world_size / K), for triplet mining.
+
+    The epoch's sample stream depends only on (labels, K, seed, epoch), never on the batch size or the
+    world size: rounds, each a shuffled order of all identities, and identity i's r-th appearance takes
+    the next K of its images in an epoch-shuffled cycle (an identity with fewer than K images repeats
+    some: drawn with replacement). Round r+1 starts with M = n_identities // 2 identities absent from
+    round r's last M, so ANY P <= M consecutive groups hold P distinct identities; hence a checkpoint
+    (``consumed`` global samples, always a multiple of K) resumes the same stream on another world
+    size or batch size. An epoch is floor(num_images / global_batch) global batches, as for the
+    random sampler (about one pass's worth of samples; identities are drawn uniformly, as in
+    Hermans et al.'s P x K batches, not in proportion to their image counts).
+    Rank r yields samples [r*B, (r+1)*B) of every global batch: whole identities when K divides
+    batch_size, otherwise the identity at a rank boundary is split between two ranks (the triplet
+    loss gathers the global batch, so the mining is the same either way).
+    """
+
+    def __init__(self, labels: Any, images_per_identity: int, batch_size: int, rank: int, world_size: int,
+                 seed: int) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        super().__init__(len(labels), rank, world_size, seed)
+        k, batch_size = int(images_per_identity), int(batch_size)
+        global_batch = batch_size * self.world_size
+        if k < 2:
+            raise DatasetError(f"config key 'images_per_identity'={images_per_identity!r}: sampler='pk' needs "
+                               f"K >= 2 images per identity (positive pairs)")
+        if batch_size < 1 or global_batch % k:
+            raise DatasetError(f"config keys 'images_per_identity'={k} and 'batch_size'={batch_size}: the global "
+                               f"batch {global_batch} (batch_size x {self.world_size} ranks) must be a multiple of K")
+        self.identities, self.image_counts = np.unique(labels, return_counts=True)
+        n = len(self.identities)
+        if n < 2:
+            raise DatasetError(f"config key 'sampler'='pk': the data has {n} identity, need at least 2")
+        self.k, self.batch_size, self.global_batch = k, batch_size, global_batch
+        self.p = global_batch // k
+        if self.p > n // 2:
+            raise DatasetError(f"config keys 'images_per_identity'={k} and 'batch_size'={batch_size}: P={self.p} "
+                               f"identities per global batch needs at least {2 * self.p} identities, the data has {n}")
+        self.labels = labels
+        self.epoch_samples = (len(labels) // global_batch) * global_batch
+        if self.epoch_samples == 0:
+            raise DatasetError(f"config key 'batch_size'={batch_size}: the global batch {global_batch} is larger "
+                               f"than the {len(labels)} images")
+        few = int((self.image_counts < k).sum())
+        if few:
+            logger.info("pk sampler: %d of %d identities have fewer than K=%d images; their images repeat "
+                        "(drawn with replacement)", few, n, k)
+        self._cache: tuple[tuple[int, int], np.ndarray] | None = None
+
+    def stream(self) -> np.ndarray:
+        """This epoch's global sample order (at least ``epoch_samples`` indices; cached per epoch/seed)."""
+        key = (self.seed, self.epoch)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._build_stream())
+        return self._cache[1]
+
+    def _build_stream(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch, 0x504B])
+        n, k, half = len(self.identities), self.k, len(self.identities) // 2
+        # Images grouped by identity (np.unique's order), shuffled within each identity.
+        images = np.lexsort((rng.random(len(self.labels)), self.labels))
+        starts = np.concatenate([[0], np.cumsum(self.image_counts)[:-1]])
+        num_rounds = -(-(-(-len(self.labels) // k)) // n)  # ceil(ceil(N / K) / n)
+        rounds, recent = [], np.zeros(n, dtype=bool)
+        for r in range(num_rounds):
+            order = rng.permutation(n)
+            if r:
+                # Keep the previous round's last M identities out of this round's first M.
+                fresh, stale = order[~recent[order]], order[recent[order]]
+                rest = np.concatenate([fresh[half:], stale])
+                order = np.concatenate([fresh[:half], rng.permutation(rest)])
+                recent[:] = False
+            recent[order[n - half:]] = True
+            rounds.append(order)
+        groups = np.concatenate(rounds)                              # identity slot of each group
+        appearance = np.repeat(np.arange(num_rounds), n)             # = round: once per round
+        offsets = (appearance[:, None] * k + np.arange(k)[None, :]) % self.image_counts[groups][:, None]
+        return images[starts[groups][:, None] + offsets].reshape(-1)
+
+    def _indices(self) -> torch.Tensor:
+        rest = self.stream()[self.consumed:self.epoch_samples]
+        batches = len(rest) // self.global_batch
+        rest = rest[:batches * self.global_batch].reshape(batches, self.global_batch)
+        mine = rest[:, self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return torch.from_numpy(np.ascontiguousarray(mine).reshape(-1))
+
+    def __len__(self) -> int:
+        return max(0, self.epoch_samples - self.consumed) // self.global_batch * self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        """epoch/seed/consumed like the random sampler, plus K (a different K changes the stream)."""
+        return {**super().state_dict(), "images_per_identity": self.k}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the checkpoint's epoch; ``consumed`` is in global samples, so any world size works."""
+        super().load_state_dict(state)
+        if state.get("images_per_identity", self.k) != self.k:
+            logger.warning("pk sampler: checkpoint has images_per_identity=%s, config %s; the rest of the epoch "
+                           "follows a different order", state["images_per_identity"], self.k)
+
+
+SAMPLERS = ("random", "pk")
+
+
+def build_sampler(cfg: Any, dataset: Any, rank: int, world_size: int) -> ResumableDistributedSampler:
+    """The sampler ``cfg.sampler`` names: "random" (seeded shuffle) or "pk" (P identities x K images)."""
+    kind = cfg.get("sampler", "random")
+    if kind == "random":
+        return ResumableDistributedSampler(len(dataset), rank, world_size, cfg.seed)
+    if kind == "pk":
+        return PKSampler(dataset_labels(dataset), cfg.get("images_per_identity", 0), int(cfg.batch_size), rank,
+                         world_size, int(cfg.seed))
+    raise DatasetError(f"config key 'sampler'={kind!r}: expected one of {', '.join(SAMPLERS)}")

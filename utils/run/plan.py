@@ -1,0 +1,123 @@
+"""How long a run is and where it stands, in samples: the same run on any world size.
+
+Progress is (epoch, samples into the epoch). The optimizer-step count and the learning rate are
+derived from it for the *current* global batch, so a run stopped on 1 process and resumed on 2
+trains the same remaining epochs on the same LR curve (the step counter is only a unit).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from utils.config.rules import ConfigError
+from utils.run.schedule import MultiStepWarmupLR, PolyWarmupLR
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Sizes of one run: ``steps_per_epoch`` optimizer steps of ``global_batch`` samples, ``total_steps`` in all."""
+
+    num_images: int
+    batch_size: int
+    world_size: int
+    accumulation: int
+    num_epoch: int
+    max_steps: int | None = None
+    end_step: int | None = None  # set by resumed_at(): where a resumed run's step count ends
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all ranks and micro-steps."""
+        return self.batch_size * self.world_size * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Whole optimizer steps in one pass (each rank drops its last partial batch, as the loader does)."""
+        return self.num_images // (self.batch_size * self.world_size) // self.accumulation
+
+    @property
+    def total_steps(self) -> int:
+        """Planned optimizer steps; ``max_steps`` truncates the run and the LR schedule is fitted to it."""
+        total = self.steps_per_epoch * self.num_epoch
+        return min(total, int(self.max_steps)) if self.max_steps else total
+
+    @property
+    def last_step(self) -> int:
+        """The step at which this run ends (``total_steps`` unless resumed mid-epoch on another global batch)."""
+        return self.end_step if self.end_step is not None else self.total_steps
+
+    def resumed_at(self, step: int, epoch: int, samples_in_epoch: int) -> "RunPlan":
+        """This plan for a run continuing at ``step`` (epoch, samples into it): the steps the loader will
+        really give (each rank drops its partial last batch of the epoch) end it, so the log's
+        ``step N/N`` is reached; the LR schedule stays on ``total_steps`` (a function of progress)."""
+        if epoch >= self.num_epoch:
+            end = step
+        else:
+            left_in_epoch = ((self.num_images - samples_in_epoch) // (self.batch_size * self.world_size)
+                             // self.accumulation) if samples_in_epoch else self.steps_per_epoch
+            end = step + left_in_epoch + (self.num_epoch - epoch - 1) * self.steps_per_epoch
+        if self.max_steps:
+            end = min(end, int(self.max_steps))
+        return replace(self, end_step=end)
+
+    def position(self, epoch: int, samples_in_epoch: int) -> float:
+        """Progress as a (possibly fractional) step in this plan's units."""
+        return epoch * self.steps_per_epoch + min(samples_in_epoch / self.global_batch, self.steps_per_epoch)
+
+    def check(self) -> None:
+        """One-line error when not even one optimizer step fits an epoch."""
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"num_image={self.num_images} is smaller than one global batch ({self.global_batch} = "
+                              f"batch_size {self.batch_size} x {self.world_size} ranks x gradient_acc "
+                              f"{self.accumulation})")
+
+
+def make_plan(cfg: Any, num_images: int, world_size: int) -> RunPlan:
+    """The plan for this config on this data and world size."""
+    accumulation = int(cfg.gradient_acc)
+    if accumulation < 1:
+        raise ConfigError(f"config key 'gradient_acc': expected an integer >= 1, got {cfg.gradient_acc!r}")
+    plan = RunPlan(int(num_images), int(cfg.batch_size), int(world_size), accumulation, int(cfg.num_epoch),
+                   int(cfg.max_steps) if cfg.max_steps else None)
+    plan.check()
+    return plan
+
+
+def base_lr(cfg: Any, plan: RunPlan) -> float:
+    """``lr``, or ``lr_per_512`` scaled linearly to the global batch."""
+    return cfg.lr_per_512 * plan.global_batch / 512 if cfg.lr_per_512 else cfg.lr
+
+
+def make_schedule(cfg: Any, plan: RunPlan) -> PolyWarmupLR | MultiStepWarmupLR:
+    """The LR schedule ``cfg.lr_schedule`` names, in this plan's step units (epochs converted to steps)."""
+    lr = base_lr(cfg, plan)
+    warmup_steps = int(plan.steps_per_epoch * cfg.warmup_epoch)
+    if warmup_steps >= plan.total_steps:  # e.g. a short max_steps performance run
+        logger.warning("warmup of %d steps is longer than the run (%d steps); using %d", warmup_steps,
+                       plan.total_steps, plan.total_steps - 1)
+        warmup_steps = plan.total_steps - 1
+    kind = cfg.get("lr_schedule", "poly")
+    if kind == "poly":
+        return PolyWarmupLR(lr, plan.total_steps, warmup_steps, cfg.lr_power)
+    if kind == "step":
+        milestones = [float(epoch) * plan.steps_per_epoch for epoch in cfg.lr_steps]
+        return MultiStepWarmupLR(lr, milestones, float(cfg.lr_gamma), warmup_steps)
+    raise ConfigError(f"config key 'lr_schedule': expected 'poly' or 'step', got {kind!r}")
+
+
+def resume_position(progress: dict, plan: RunPlan) -> tuple[int, int, int]:
+    """(step, epoch, samples_in_epoch) for a checkpoint's progress under the current plan.
+
+    Logs the conversion when the checkpoint was written with another global batch.
+    """
+    epoch, samples = int(progress["epoch"]), int(progress["samples_in_epoch"])
+    saved_batch = int(progress["global_batch"])
+    step = int(plan.position(epoch, samples))
+    if saved_batch != plan.global_batch:
+        logger.warning("global batch changed from %d to %d: checkpoint step %d becomes step %d of %d (epoch %d, "
+                       "%d samples into it; same remaining samples and LR curve)", saved_batch, plan.global_batch,
+                       int(progress.get("step", -1)), step, plan.total_steps, epoch, samples)
+    return step, epoch, samples
