@@ -36,6 +36,7 @@ from utils.config.rules import ConfigError
 from utils.data.errors import DatasetError
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
+from utils.run.resume_review import review_resume
 from utils.run.state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint,
                              save_checkpoint)
 from utils.run.summary import log_progress, log_scalars, open_summary_writers, print_summary
@@ -253,6 +254,8 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
 
     step, epoch = 0, 0
     if resume_path:
+        if review_resume(cfg, resume_path, resume_state, plan, schedule, ctx):
+            return {}  # the checkpoint is the run's end: nothing to train, verify or write again
         step, epoch, plan = restore_checkpoint(resume_path, resume_state, ctx, plan, parts)
         del resume_state
     model = wrap_ddp(backbone, cfg, ctx)
@@ -264,7 +267,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
 
     def checkpoint() -> None:
         nonlocal saved_at
-        if saved_at != (step, epoch):  # an epoch end right after an interval save is saved again, as epoch + 1
+        if saved_at != (step, epoch):  # the loop's end and a stop both call this; one write per state
             samples = sampler.consumed if sampler.epoch == epoch else 0
             save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples, bad_record_count(loader), source)
             saved_at = (step, epoch)
@@ -278,7 +281,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         batches = deaths.start(loader)  # workers start with signals blocked (see utils/stop.py)
         steps_this_epoch = len(loader) // plan.accumulation
         steps_to_run = min(steps_this_epoch, plan.last_step - step)
-        for _ in range(steps_to_run):
+        for index in range(steps_to_run):
             wait_start = time.perf_counter()
             micro_batches, fetch_error = fetch_step(batches, plan.accumulation, deaths)
             data_wait = time.perf_counter() - wait_start
@@ -312,7 +315,8 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
             if verification is not None and cfg.verbose > 0 and step % cfg.verbose == 0 and step < plan.last_step:
                 results = verification(step, backbone, ctx.device)
                 log_scalars(writer, wandb_run, results, step)
-            if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+            # not on the epoch's last step: the save after the loop below holds the later state (epoch + 1)
+            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and index < steps_to_run - 1:
                 checkpoint()
         else:
             if steps_to_run == steps_this_epoch:

@@ -73,7 +73,7 @@ config.lr_power = 2.0           # polynomial decay power (arcface_torch: 2)
 config.lr_steps = ()            # lr_schedule="step": epochs at which lr is multiplied by lr_gamma (facenet: (5, 10))
 config.lr_gamma = 0.1           # lr_schedule="step": the factor per milestone
 config.clip_grad_norm = 5.0     # backbone grad-norm clip; 0 = off
-config.max_steps = None         # stop after this many optimizer steps; the LR schedule is compressed to fit them
+config.max_steps = None         # stop after this many optimizer steps; the whole LR schedule (warmup, lr_steps, decay) is compressed to fit them
 config.max_nonfinite_steps = 20 # abort after this many non-finite losses in a row
 
 # ---------------------------------------------------------------- precision and DDP

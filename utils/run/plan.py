@@ -92,10 +92,15 @@ def base_lr(cfg: Any, plan: RunPlan) -> float:
 
 
 def make_schedule(cfg: Any, plan: RunPlan) -> PolyWarmupLR | MultiStepWarmupLR:
-    """The LR schedule ``cfg.lr_schedule`` names, in this plan's step units (epochs converted to steps)."""
+    """The LR schedule ``cfg.lr_schedule`` names, in this plan's step units (epochs converted to steps).
+
+    ``max_steps`` compresses the whole schedule: an epoch of the schedule is ``total_steps / num_epoch``
+    steps, so warmup, milestones and the poly decay land at the same fraction of a short run as of
+    the full one (a short run ends at its schedule's end: LR 0 for poly)."""
     lr = base_lr(cfg, plan)
-    warmup_steps = int(plan.steps_per_epoch * cfg.warmup_epoch)
-    if warmup_steps >= plan.total_steps:  # e.g. a short max_steps performance run
+    schedule_epoch = plan.total_steps / plan.num_epoch  # steps_per_epoch, unless max_steps shortens the run
+    warmup_steps = int(schedule_epoch * cfg.warmup_epoch)
+    if warmup_steps >= plan.total_steps:  # warmup_epoch >= num_epoch
         logger.warning("warmup of %d steps is longer than the run (%d steps); using %d", warmup_steps,
                        plan.total_steps, plan.total_steps - 1)
         warmup_steps = plan.total_steps - 1
@@ -103,7 +108,7 @@ def make_schedule(cfg: Any, plan: RunPlan) -> PolyWarmupLR | MultiStepWarmupLR:
     if kind == "poly":
         return PolyWarmupLR(lr, plan.total_steps, warmup_steps, cfg.lr_power)
     if kind == "step":
-        milestones = [float(epoch) * plan.steps_per_epoch for epoch in cfg.lr_steps]
+        milestones = [float(epoch) * schedule_epoch for epoch in cfg.lr_steps]
         return MultiStepWarmupLR(lr, milestones, float(cfg.lr_gamma), warmup_steps)
     raise ConfigError(f"config key 'lr_schedule': expected 'poly' or 'step', got {kind!r}")
 
