@@ -134,8 +134,6 @@ def describe(rule: Rule) -> str:
         text = f"a list or tuple of {count}{items}{_range_words(rule)}"
     elif rule.kind == "size":
         text = f"an integer{_range_words(rule)} or a (height, width) pair of them"
-    elif rule.kind == "limit":
-        text = _KIND_WORDS[rule.kind]
     else:
         text = _KIND_WORDS[rule.kind] + _range_words(rule)
     return text + (" or None" if rule.optional else "")
