@@ -28,12 +28,15 @@ from utils.data.recordio import RecordIOError
 from utils.data.workers import init_worker, worker_log_queue
 
 # This module's own names, then those re-exported so ``from dataset import ...`` keeps working.
-__all__ = ["DataInfo", "bad_record_count", "build_dataset", "check_bad_records", "describe_data", "get_dataloader",
-           "normalize_batch",
+__all__ = ["BAD_RECORDS_FLOOR", "DataInfo", "bad_record_count", "bad_record_limit", "build_dataset",
+           "check_bad_records", "describe_data", "get_dataloader", "normalize_batch",
            "DatasetError", "FaceDataset", "IMAGE_EXTENSIONS", "ImageFolderDataset", "RANDOM_DEFAULT_CLASSES",
            "RANDOM_DEFAULT_IMAGES", "RANDOM_SOURCES", "RandomTensorDataset", "RecordDataset", "as_hw",
            "read_image_file", "read_property", "scan_image_folder", "write_property",
            "PKSampler", "ResumableDistributedSampler", "SAMPLERS", "build_sampler", "dataset_labels"]
+
+
+BAD_RECORDS_FLOOR = 10  # a fractional max_bad_records never tolerates fewer corrupt records than this
 
 
 def normalize_batch(images: torch.Tensor, spec: Any = None) -> torch.Tensor:
@@ -142,8 +145,18 @@ def bad_record_count(loader: DataLoader) -> int:
     return int(counter.sum()) if counter is not None else 0
 
 
-def check_bad_records(loader: DataLoader, max_fraction: float, key: str = "max_bad_records") -> int:
-    """Distinct corrupt samples skipped so far; DatasetError once they exceed ``max_fraction`` of the data.
+def bad_record_limit(max_bad_records: float, num_images: int) -> int:
+    """How many distinct corrupt samples ``max_bad_records`` tolerates in ``num_images``: a value below 1 is
+    a fraction of the data, but never fewer than BAD_RECORDS_FLOOR records (0.1% of 192 images would
+    stop on the first bad one); a whole number from 1 on is a count; 0 tolerates none."""
+    if max_bad_records >= 1 or max_bad_records == 0:
+        return int(max_bad_records)
+    return max(int(max_bad_records * num_images), BAD_RECORDS_FLOOR)
+
+
+def check_bad_records(loader: DataLoader, max_bad_records: float, key: str = "max_bad_records") -> int:
+    """Distinct corrupt samples skipped so far; DatasetError once they exceed the limit ``max_bad_records``
+    gives (see :func:`bad_record_limit`).
 
     The trainer calls it every log interval (and logs/checkpoints the count), so a badly broken copy
     of a dataset stops with one line instead of training on substitutes.
@@ -153,9 +166,12 @@ def check_bad_records(loader: DataLoader, max_fraction: float, key: str = "max_b
     if flags is None:
         return 0
     count, total = int(flags.sum()), len(dataset)
-    if count > max_fraction * total:
+    limit = bad_record_limit(max_bad_records, total)
+    if count > limit:
         source = getattr(dataset, "root", None) or type(dataset).__name__
-        raise DatasetError(f"{count} corrupt samples skipped in {source} ({count / total:.4%} of {total}), above "
-                           f"config key '{key}'={max_fraction:g} ({max_fraction:.4%}); list them with "
+        rule = (f"max({max_bad_records * 100:g}% of {total}, {BAD_RECORDS_FLOOR})" if 0 < max_bad_records < 1
+                else "a count of records" if max_bad_records else "none tolerated")
+        raise DatasetError(f"{count} corrupt samples skipped in {source} ({count / total:.4%} of {total}), above the "
+                           f"limit of {limit} (config key '{key}'={max_bad_records:g}: {rule}); list them with "
                            f"`python tools/rec_info.py DIR --verify` (RecordIO) or fix the files named in the log")
     return count

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from backbones import get_model, input_spec, normalize
+from backbones import MODEL_NAMES, get_model, input_spec, normalize
 from dataset import bad_record_count, check_bad_records, get_dataloader
 from losses import build_margin_loss
 from partial_fc import PartialFC
@@ -186,7 +186,7 @@ def check_data_health(loader: Any, cfg: Any, ctx: devices.DeviceContext) -> None
     """Stop every rank with one line once skipped corrupt samples pass ``max_bad_records`` anywhere."""
     error = ""
     try:
-        check_bad_records(loader, float(cfg.max_bad_records))
+        check_bad_records(loader, cfg.max_bad_records)
     except DatasetError as exc:
         error = str(exc)
     if not all_ranks_min([0.0 if error else 1.0], ctx)[0]:
@@ -237,7 +237,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     source = resolve_data(cfg, ctx)
     loader = get_dataloader(cfg, ctx.rank, ctx.world_size, pin_memory=devices.pin_memory(ctx), source=source)
     sampler, data = loader.sampler, loader.data_info
-    plan = make_plan(cfg, data.num_images, ctx.world_size)
+    plan = make_plan(cfg, data.num_images, ctx.world_size, warn=ctx.is_main)
     schedule = make_schedule(cfg, plan)
     logger.info("%s: %s, %d images, %d classes, world size %d, global batch %d (%d x %d ranks x %d acc), "
                 "%d steps/epoch, %d steps", cfg.config_name, data.source, data.num_images, data.num_classes,
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 also for a graceful stop, 2 for user-facing errors)."""
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, known_values={"network": MODEL_NAMES})  # typos before any data
         ctx = devices.setup(cfg.device, args.local_rank)
     except Exception as exc:
         if type(exc).__module__.split(".")[0] not in OUR_PACKAGES:

@@ -27,7 +27,9 @@ config.num_image = None         # read from the data; a value that disagrees is 
 config.image_size = (112, 112)  # (height, width) the backbone sees
 config.num_workers = 2          # DataLoader workers per rank
 config.skip_bad_records = True  # skip (and count) corrupt records instead of dying
-config.max_bad_records = 0.001  # stop with an error once more than this fraction of the dataset was skipped as corrupt
+config.max_bad_records = 0.001  # corrupt records skipped before the run stops with an error: below 1 a fraction of the
+                                # data but at least 10 records (max(0.1% x images, 10): small sets survive a bad
+                                # image or two); a whole number >= 1 a count (5 = at most 5 records); 0 = none
 config.synthetic = edict(       # the generated identity set (used when rec = "synthetic")
     num_identities=0,           # 0 = no generated identity set
     images_per_identity=0,

@@ -35,6 +35,9 @@ from utils.devices.distributed import get_rank, get_world_size, shard_bounds  # 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw", "cfp_ff", "vgg2_fp")
+# Fewer pairs: warn. The 95% interval of an accuracy near 0.5 measured on n pairs is about +-1/sqrt(n) (+-0.05
+# at 400), and the 10-fold thresholds are fitted on nine tenths of them: below that a set can read below chance.
+MIN_RELIABLE_PAIRS = 400
 
 
 class VerificationError(ValueError):
@@ -241,6 +244,9 @@ class VerificationTarget:
             logger.info("%s: images are %dx%d, decoding them at %dx%d (bicubic, as mxnet's resize_short)", path,
                         stored.shape[0], stored.shape[1], image_size[0], image_size[1])
         self.local_images = decode_images(encoded[start:end], image_size, path, first_index=start)
+        too_small = small_set_warning(path, len(self.issame))
+        if too_small and rank == 0:
+            logger.warning(too_small)
 
     @torch.no_grad()
     def evaluate(self, model: Any, device: torch.device, batch_size: int = 256,
@@ -252,6 +258,15 @@ class VerificationTarget:
         embeddings = gather_shards(local, self.num_images, device)
         flipped = gather_shards(local_flipped, self.num_images, device)
         return verification_metrics(embeddings.numpy(), flipped.numpy(), self.issame)
+
+
+def small_set_warning(path: str, num_pairs: int, num_folds: int = 10) -> str:
+    """The warning for a verification set too small to give a meaningful accuracy ("" when it is not)."""
+    if num_pairs >= MIN_RELIABLE_PAIRS:
+        return ""
+    return (f"{path}: only {num_pairs} pairs, about {num_pairs // num_folds} per fold of {num_folds}: its accuracy is "
+            f"uncertain by about +-{1.96 * 0.5 / num_pairs ** 0.5:.2f} and can come out below chance (0.5); "
+            f"use at least {MIN_RELIABLE_PAIRS} pairs for a number to compare (lfw.bin has 6000)")
 
 
 def target_path(data_dir: str, target: str) -> str:

@@ -7,6 +7,7 @@ memory figure must be a finite positive number and the derived figures must agre
 Nothing here checks speed. Scratch folders the tools create go under tmp_path.
 """
 import math
+import os
 import re
 import socket
 import subprocess
@@ -365,17 +366,118 @@ def test_train_threads_flag_and_free_master_port(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "3"], "--steps 3 is too few to measure: need at least 4 (train.py logs every 3 steps and the "
-                       "first interval is dropped as warm-up)"),
-    (["--threads", "0"], "--threads 0: expected a positive integer"),
-    (["--nprocs", "1,x"], "--nprocs '1,x': expected comma-separated positive integers, e.g. 1,2"),
-    (["--nprocs", "0"], "--nprocs '0': expected comma-separated positive integers, e.g. 1,2"),
-    (["--batch", "0"], "--batch 0: expected a positive integer"),
+    (["train", "--networks", "tiny", "--steps", "3"], "--steps 3 is too few to measure: need at least 4 (train.py "
+                                                      "logs every 3 steps and the first interval is dropped as warm-up)"),
+    (["train", "--networks", "tiny", "--threads", "0"], "--threads 0: expected a positive integer"),
+    (["train", "--networks", "tiny", "--nprocs", "1,x"], "--nprocs '1,x': expected comma-separated positive integers, "
+                                                         "e.g. 1,2"),
+    (["train", "--networks", "tiny", "--nprocs", "0"], "--nprocs '0': expected comma-separated positive integers, "
+                                                       "e.g. 1,2"),
+    (["train", "--networks", "tiny", "--batch", "0"], "--batch 0: expected a positive integer"),
+    (["doctor", "--steps", "0"], "--steps 0: expected a positive integer"),
+    (["doctor", "--batch-size", "-1"], "--batch-size -1: expected a positive integer"),
+    (["doctor", "--workers", "-1"], "--workers -1: expected 0 or more"),
+    (["doctor", "--network", "r5O"], "error: --set: config key 'network': unknown network 'r5O'; did you mean 'r50'? "
+                                     "(expected one of {names})"),
+    (["doctor", "--config", "no_such.py"], "error: config file not found: no_such.py"),
 ])
-def test_train_bad_arguments_are_rejected_before_any_run(monkeypatch, argv, message):
+def test_train_and_doctor_bad_arguments_are_rejected_before_any_run(monkeypatch, argv, message):
+    from backbones import MODEL_NAMES
+
     calls = fake_train(monkeypatch, 0, "")
-    assert one_line_error(["train", "--networks", "tiny"] + argv) == message
+    assert one_line_error(argv) == message.format(names=", ".join(MODEL_NAMES))
     assert calls == []
+
+
+# ---------------------------------------------------------------------------- doctor
+
+
+@pytest.mark.timeout(240)
+def test_doctor_on_cpu_prints_the_environment_and_trains(capsys):
+    from utils.devices import device as devices
+
+    # The CPU path end to end: the ms1mv3_r50 config's head and precision with the tiny network, 4 steps.
+    benchmark.main(["doctor", "--network", "tiny", "--steps", "4", "--batch-size", "4", "--num-classes", "20",
+                    "--workers", "0", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "doctor: software"
+    assert lines[2] == f"  torch       {torch.__version__} (git {torch.version.git_version[:7]})"
+    assert "  gloo  yes (CPU)" in lines and "  cpu  fp32 native, " + (
+        "bf16 native (AVX512-BF16/AMX)" if devices.cpu_has_native_bf16() else "bf16 emulated (slower than fp32)") + \
+        ", fp16 emulated (train.py uses bf16 or fp32 instead)" in lines
+    used = "bf16" if devices.cpu_has_native_bf16() else "fp32"
+    assert (f"doctor: training tiny + Partial FC (combined margins, sample_rate 1) on random tensors: 1 process(es) on "
+            f"cpu (gloo), {used} (the config says fp16; cpu runs {used} instead), batch 4 per process, 20 classes, "
+            f"4 steps (configs/ms1mv3_r50.py)") in lines
+    start = lines.index("doctor: training")
+    rate = re.fullmatch(rf"  samples/s    {NUMBER} \(steps 2-4, global batch 4\)", lines[start + 1])
+    memory = re.fullmatch(rf"  peak memory  {NUMBER} GiB \(rank 0's peak RSS\)", lines[start + 2])
+    loss = re.fullmatch(rf"  loss         {NUMBER} -> {NUMBER} over 4 steps: moved \((up|down)\)", lines[start + 3])
+    assert rate and memory and loss, lines[start:]
+    positive(rate.group(1))
+    positive(memory.group(1))
+    first, last = float(loss.group(1)), float(loss.group(2))
+    assert math.isfinite(first) and math.isfinite(last) and first != last
+    assert (loss.group(3) == "down") == (last < first)
+    assert lines[-1] == "doctor: OK: cpu x1 trained 4 steps"
+
+
+def doctor_status(step: int, loss: str, mem: float = 1.5) -> str:
+    return (f"[rank 0] INFO step {step}/20 epoch 0 | loss {loss} | lr 0.1 | 100.0 samples/s | data wait 1% | "
+            f"scale 65536 | mem {mem} GiB | ETA 0h00m01s\n")
+
+
+def test_doctor_runs_ddp_over_every_local_device_at_the_config_precision(monkeypatch, capsys):
+    from tools.benchmarks import doctor
+    from utils.devices import device as devices
+
+    # Two CUDA devices (faked: none here): one process per device under torchrun, the config's fp16 untouched.
+    monkeypatch.setattr(devices, "resolve_kind", lambda requested: "cuda")
+    monkeypatch.setattr(devices, "local_device_count", lambda kind: 2 if kind == "cuda" else 1)
+    monkeypatch.setattr(doctor, "print_environment", lambda: None)
+    stdout = "".join(doctor_status(step, f"{40 - step * 0.5:.4f}", mem=10.0 + step) for step in range(1, 21))
+    calls = fake_train(monkeypatch, 0, stdout)
+    benchmark.main(["doctor"])
+    command, kwargs = calls[0]
+    assert command[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    assert command[5:7] == ["train.py", "configs/ms1mv3_r50.py"]
+    sets = dict(item.split("=", 1) for item in command[8::2])
+    assert sets["device"] == "'cuda'" and sets["network"] == "'r50'" and sets["rec"] == "'random'"
+    assert sets["batch_size"] == "128" and sets["num_classes"] == "93431" and sets["max_steps"] == "20"
+    assert sets["num_image"] == str(128 * 2 * 20) and "fp16" not in sets and "bf16" not in sets
+    assert kwargs["env"]["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "doctor: training r50 + Partial FC (combined margins, sample_rate 1) on random tensors: 2 process(es) on cuda "
+        "(nccl), fp16, batch 128 per process, 93431 classes, 20 steps (configs/ms1mv3_r50.py)",
+        "doctor: training",
+        "  samples/s    100.0 (steps 6-20, global batch 256)",
+        "  peak memory  30.00 GiB (rank 0's peak allocated)",
+        "  loss         39.5000 -> 30.0000 over 20 steps: moved (down)",
+        "doctor: OK: cuda x2 trained 20 steps"]
+
+
+@pytest.mark.parametrize("returncode, stdout, stderr, message", [
+    (0, "".join(doctor_status(step, "41.0000") for step in range(1, 21)), "",
+     "doctor: problem: the loss did not move (41.0000 -> 41.0000 over 20 steps)"),
+    (0, "".join(doctor_status(step, "nan" if step > 3 else "41.0") for step in range(1, 21)), "",
+     "doctor: problem: the loss not finite (41.0000 -> nan over 20 steps)"),
+    (0, doctor_status(1, "41.0"), "", "doctor: problem: train.py logged 1 of 20 steps"),
+    (2, "", "error: config key 'rec': ...\n", "doctor: the training run failed (exit 2): error: config key 'rec': ..."),
+    (1, "", "Traceback (most recent call last):\nRuntimeError: NCCL error: unhandled system error\n",
+     "doctor: the training run failed (exit 1): RuntimeError: NCCL error: unhandled system error"),
+])
+def test_doctor_exits_non_zero_when_the_run_fails_or_the_loss_stays(monkeypatch, capsys, returncode, stdout, stderr,
+                                                                    message):
+    from tools.benchmarks import doctor
+
+    monkeypatch.setattr(doctor, "print_environment", lambda: None)
+    fake_train(monkeypatch, returncode, stdout, stderr)
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["doctor", "--network", "tiny", "--device", "cpu"])
+    assert exc.value.code == message
+    if returncode:
+        assert stderr.strip().splitlines()[-1] in capsys.readouterr().err  # the run's own last lines are shown
 
 
 # ---------------------------------------------------------------------------- eval

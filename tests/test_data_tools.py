@@ -1,6 +1,7 @@
 """tools/pack_rec.py, shuffle_rec.py, rec_info.py, make_synthetic.py on tiny inputs."""
 import hashlib
 import os
+import re
 import subprocess
 import sys
 
@@ -27,7 +28,8 @@ def _image_folder(root, counts=(3, 2, 4)):
 def test_pack_folder_header_layout(tmp_path, capsys):
     src = _image_folder(tmp_path / "src")
     assert pack_rec.main([str(src), str(tmp_path / "out"), "--workers", "1"]) == 0
-    assert "num_images=9 num_classes=3 layout=header" in capsys.readouterr().out
+    assert capsys.readouterr().out == (f"wrote {tmp_path / 'out' / 'train.rec'}, train.idx, property: num_images=9 "
+                                       f"num_classes=3 layout=header\n")
     data = RecordDataset(str(tmp_path / "out"), flip=False)
     assert (data.layout, data.num_classes, data.num_image) == ("header", 3, 9)
     assert [data[i][1] for i in range(9)] == [0, 0, 0, 1, 1, 2, 2, 2, 2]
@@ -128,14 +130,21 @@ def test_bad_images_are_all_listed_then_stop_or_skip(tmp_path, capsys):
     (src / "id2" / "0.jpg").write_bytes(b"")
     out = tmp_path / "out"
     assert pack_rec.main([str(src), str(out), "--workers", "2"]) == 2
-    err = capsys.readouterr().err.splitlines()[-1]  # the lines before are the progress counter
-    assert err.startswith("pack_rec: error: 2 of 7 images unusable: ") and "--on-error skip" in err
-    assert not (out / "train.rec").exists()
+    # What it checked, then what it did (or did not) write: never "packed 7/7" before "nothing written".
+    checked, err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert re.fullmatch(r"checked 7/7 images: 2 unusable \(\d+ img/s\)", checked), checked
+    assert err.startswith("pack_rec: error: 2 of 7 images unusable: ")
+    assert err.endswith(f"; all listed in {out / 'bad_images.txt'}; no set written (no train.rec, train.idx, property; "
+                        "--on-error skip packs the rest)")
+    assert sorted(os.listdir(out)) == ["bad_images.txt"]
     listed = (out / "bad_images.txt").read_text().splitlines()
     assert [line.split("\t")[0] for line in listed] == [str(src / "id0" / "1.jpg"), str(src / "id2" / "0.jpg")]
     assert all("cannot decode the image" in line for line in listed)
     assert pack_rec.main([str(src), str(out), "--workers", "1", "--on-error", "skip"]) == 0
-    assert "num_images=5 num_classes=3 layout=header" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert re.fullmatch(r"checked 7/7 images: 2 unusable \(\d+ img/s\)", captured.err.strip()), captured.err
+    assert captured.out.splitlines() == [f"wrote {out / 'train.rec'}, train.idx, property: num_images=5 num_classes=3 "
+                                         f"layout=header; 2 unusable images skipped, listed in {out / 'bad_images.txt'}"]
     data = RecordDataset(str(out), flip=False)
     assert [data[i][1] for i in range(5)] == [0, 0, 1, 1, 2]  # class ids unchanged by the skips
     _, img, _ = data.read_record(1)
@@ -223,7 +232,7 @@ def test_rec_info_and_verify(insightface_fixtures, tmp_path, capsys):
     assert rec_info.main([os.path.join(insightface_fixtures, "A"), "--verify"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "num_images=480 num_classes=40 layout=header"
-    assert "10-19  40" in out and "verify: all 480 images decode" in out
+    assert "10-19  40" in out and "verify: all 480 images in " in out
     # A plain set with one undecodable record.
     writer = recordio.MXIndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
     good = cv2.imencode(".jpg", np.zeros((112, 112, 3), np.uint8))[1].tobytes()
@@ -233,7 +242,8 @@ def test_rec_info_and_verify(insightface_fixtures, tmp_path, capsys):
     assert rec_info.main([str(tmp_path), "--verify"]) == 1
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "num_images=3 num_classes=2 layout=plain"
-    assert "verify: 1 bad records, keys: 1" in out
+    assert f"verify: 1 bad records in {tmp_path / 'train.rec'}, keys: 1" in out
+    assert f"\n  {tmp_path / 'train.rec'}: key 1 offset " in out
     assert rec_info.main([str(tmp_path / "missing")]) == 2
     assert "missing/train.rec: record file not found" in capsys.readouterr().err
 

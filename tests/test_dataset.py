@@ -310,11 +310,12 @@ def test_corrupt_records_are_skipped_and_counted(insightface_fixtures, tmp_path,
         sizes = [images.shape[0] for images, _ in loader]
         assert sizes == [48] * 10
     assert bad_record_count(loader) == 6  # skip events: 3 records, each met once per epoch
-    assert dataset.check_bad_records(loader, 0.01) == 3  # distinct records
+    assert dataset.check_bad_records(loader, 3) == 3  # distinct records
+    assert dataset.check_bad_records(loader, 0.001) == 3  # 0.1% of 480 is 0, but a fraction allows 10 at least
     with pytest.raises(DatasetError) as info:
-        dataset.check_bad_records(loader, 0.005)
-    assert str(info.value).startswith(f"3 corrupt samples skipped in {folder} (0.6250% of 480), above config key "
-                                      f"'max_bad_records'=0.005 (0.5000%); list them with")
+        dataset.check_bad_records(loader, 2)
+    assert str(info.value).startswith(f"3 corrupt samples skipped in {folder} (0.6250% of 480), above the limit of 2 "
+                                      f"(config key 'max_bad_records'=2: a count of records); list them with")
     # The workers are spawned processes: their warnings must reach this process's handlers (training.log).
     expected = ((10, "cannot decode"), (200, "bad magic"), (30, "corrupt JPEG: 64 bytes of 0x00"))
 
@@ -359,11 +360,38 @@ def test_check_bad_records_counts_distinct_samples(tmp_path):
     for epoch in range(3):
         loader.sampler.set_epoch(epoch)
         assert sum(len(labels) for _, labels in loader) == 4
-    assert bad_record_count(loader) == 3 and dataset.check_bad_records(loader, 0.25) == 1
-    with pytest.raises(DatasetError, match=r"^1 corrupt samples skipped in .* \(25\.0000% of 4\), above config key "
-                                           r"'max_bad_records'=0\.2 \(20\.0000%\)"):
-        dataset.check_bad_records(loader, 0.2)
+    assert bad_record_count(loader) == 3 and dataset.check_bad_records(loader, 0.2) == 1  # at least 10 allowed
+    with pytest.raises(DatasetError, match=r"^1 corrupt samples skipped in .* \(25\.0000% of 4\), above the limit of "
+                                           r"0 \(config key 'max_bad_records'=0: none tolerated\)"):
+        dataset.check_bad_records(loader, 0)
     assert dataset.check_bad_records(get_dataloader(_cfg("synthetic", num_image=10, num_classes=2), 0, 1), 0) == 0
+
+
+@pytest.mark.parametrize("value, images, limit", [
+    (0.001, 192, 10), (0.001, 5_000_000, 5000), (0.001, 10_000, 10), (0.01, 2000, 20),  # fractions, floor 10
+    (3, 192, 3), (1, 5_000_000, 1), (1.0, 50, 1), (25, 10, 25),  # whole numbers from 1 on are counts
+    (0, 192, 0), (0.0, 5_000_000, 0),  # none tolerated
+])
+def test_bad_record_limit_is_a_fraction_with_a_floor_or_a_count(value, images, limit):
+    assert dataset.bad_record_limit(value, images) == limit
+
+
+def test_a_fraction_names_its_floor_when_the_limit_is_passed(tmp_path):
+    os.makedirs(tmp_path / "id0")
+    for i in range(20):  # 11 broken: 20 gives the substitutes enough good images (no "33 bad in a row")
+        path = tmp_path / "id0" / f"{i}.jpg"
+        if i < 11:
+            path.write_bytes(b"\xff\xd8broken")
+        else:
+            cv2.imwrite(str(path), np.full((112, 112, 3), 40, np.uint8))
+    loader = get_dataloader(_cfg(str(tmp_path), batch_size=2), 0, 1)
+    loader.sampler.set_epoch(0)
+    for _ in loader:
+        pass
+    with pytest.raises(DatasetError) as info:
+        dataset.check_bad_records(loader, 0.001)
+    assert str(info.value).startswith(f"11 corrupt samples skipped in {tmp_path} (55.0000% of 20), above the limit "
+                                      f"of 10 (config key 'max_bad_records'=0.001: max(0.1% of 20, 10)); list them")
 
 
 def test_pairs_of_files_from_different_packs(insightface_fixtures, tmp_path):

@@ -34,8 +34,9 @@ def _run(folder, capsys, *extra):
 def test_clean_pack_verifies(insightface_fixtures, capsys):
     code, out, _ = _run(os.path.join(insightface_fixtures, "A"), capsys)
     assert code == 0 and out.splitlines()[0] == "num_images=480 num_classes=40 layout=header"
-    assert out.splitlines()[-1] == ("verify: all 480 images decode cleanly; all 521 index entries, labels and "
-                                    "header0 are consistent")
+    rec = os.path.join(insightface_fixtures, "A", "train.rec")
+    assert out.splitlines()[-1] == (f"verify: all 480 images in {rec} decode cleanly; all 521 index entries, labels "
+                                    "and header0 are consistent")
     code, out, _ = _run(os.path.join(insightface_fixtures, "A"), capsys, "--json")
     result = json.loads(out)
     assert code == 0 and result["ok"] is True and result["bad"] == [] and result["num_entries"] == 521
@@ -50,16 +51,17 @@ def test_extra_index_entry_past_the_end(insightface_fixtures, tmp_path, capsys):
     code, out, err = _run(folder, capsys)
     assert code == 1
     assert f"key 521 at offset {size + 64}" in err  # the summary refuses the pair in one line
-    assert "verify: 2 bad records, keys: 521 521" not in out
+    assert "keys: 521 521" not in out
     lines = out.splitlines()
-    assert lines[0] == "verify: 1 bad records, keys: 521"
-    assert lines[1] == (f"  key 521 offset {size + 64}: offset {size + 64} is past the end of "
+    assert lines[0] == f"verify: 1 bad records in {folder / 'train.rec'}, keys: 521"
+    assert lines[1] == (f"  {folder / 'train.rec'}: key 521 offset {size + 64}: offset {size + 64} is past the end of "
                         f"{folder / 'train.rec'} ({size} bytes); the key is outside the keys 0..520 that "
                         f"header0 describes (an entry of another pack?)")
     code, out, _ = _run(folder, capsys, "--json")
     result = json.loads(out)
     assert code == 1 and result["ok"] is False
-    assert [(bad["key"], bad["offset"]) for bad in result["bad"]] == [(521, size + 64)]
+    assert [(bad["key"], bad["offset"], bad["file"]) for bad in result["bad"]] == [(521, size + 64,
+                                                                                   str(folder / "train.rec"))]
 
 
 def test_zeroed_jpeg_and_bad_labels_and_framing(insightface_fixtures, tmp_path, capsys):
@@ -76,13 +78,13 @@ def test_zeroed_jpeg_and_bad_labels_and_framing(insightface_fixtures, tmp_path, 
     code, out, _ = _run(folder, capsys)
     assert code == 1
     lines = out.splitlines()
-    start = lines.index("verify: 4 bad records, keys: 7 20 30 40")
-    assert lines[start + 1].startswith(f"  key 7 offset {records[7]['offset']}: corrupt JPEG: 64 bytes of 0x00 in a row")
-    assert lines[start + 2] == (f"  key 20 offset {records[20]['offset']}: label 99 out of range, expected "
+    start = lines.index(f"verify: 4 bad records in {rec}, keys: 7 20 30 40")
+    assert lines[start + 1].startswith(f"  {rec}: key 7 offset {records[7]['offset']}: corrupt JPEG: 64 bytes of 0x00 in a row")
+    assert lines[start + 2] == (f"  {rec}: key 20 offset {records[20]['offset']}: label 99 out of range, expected "
                                 f"0 <= label < num_classes=40")
-    assert lines[start + 3] == (f"  key 30 offset {records[30]['offset']}: label 5 disagrees with its identity "
+    assert lines[start + 3] == (f"  {rec}: key 30 offset {records[30]['offset']}: label 5 disagrees with its identity "
                                 f"record (class 2)")
-    assert lines[start + 4].startswith(f"  key 40 offset {records[40]['offset']}: truncated record: expected "
+    assert lines[start + 4].startswith(f"  {rec}: key 40 offset {records[40]['offset']}: truncated record: expected "
                                        f"{(1 << 29) - 1} payload bytes")
 
 
@@ -105,8 +107,8 @@ def test_libjpeg_warning_counts_as_corrupt(insightface_fixtures, tmp_path, capsy
     # 16 varied bytes mid-scan: no run of equal bytes, but libjpeg warns and returns an image anyway
     _patch(folder / "train.rec", jpeg_start + records[9]["jpeg_len"] // 2, bytes([0x12, 0x34]) * 8)
     code, out, _ = _run(folder, capsys)
-    assert code == 1 and "verify: 1 bad records, keys: 9" in out
-    assert (f"  key 9 offset {records[9]['offset']}: corrupt image data: the decoder reported Corrupt JPEG data: "
+    assert code == 1 and f"verify: 1 bad records in {folder / 'train.rec'}, keys: 9" in out
+    assert (f"  {folder / 'train.rec'}: key 9 offset {records[9]['offset']}: corrupt image data: the decoder reported Corrupt JPEG data: "
             f"27 extraneous bytes before marker 0xd9") in out
 
 
@@ -118,8 +120,10 @@ def test_wrong_offset_and_foreign_property(insightface_fixtures, tmp_path, capsy
     (folder / "property").write_text("41,112,112\n")
     code, out, err = _run(folder, capsys)
     assert code == 1 and "property: says 41 classes, but header0" in err
-    assert "verify: 2 bad records, keys: 0 12" in out or "verify: 2 bad records, keys: 12 0" in out
-    assert f"  key 12 offset {records[12]['offset'] + 8}: bad magic 0x" in out
+    rec = folder / "train.rec"
+    assert f"verify: 2 bad records in {rec}, keys: 0 12" in out or f"verify: 2 bad records in {rec}, keys: 12 0" in out
+    # Every line names the file (the issue: "key 12 offset 3032: bad magic ..." named none).
+    assert f"\n  {rec}: key 12 offset {records[12]['offset'] + 8}: bad magic 0x" in out
     assert "property says 41 classes, header0 describes 40" in out
 
 
@@ -137,4 +141,4 @@ def test_unusable_input_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("pack", ["D"])
 def test_split_records_verify(insightface_fixtures, pack, capsys):
     code, out, _ = _run(os.path.join(insightface_fixtures, pack), capsys)
-    assert code == 0 and "verify: all 12 images decode cleanly; all 16 index entries" in out
+    assert code == 0 and "verify: all 12 images in " in out and " decode cleanly; all 16 index entries" in out

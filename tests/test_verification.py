@@ -400,3 +400,41 @@ def test_table_shows_the_far_a_collapsed_model_reached():
     lines = format_table([("lfw", 20, result)])
     assert lines[1].split()[-2:] == [f"{result.flip.val:.5f}", f"{result.flip.far:.2e}"]
     assert result.flip.far > 0.5  # the "VAL@FAR=1e-3" is not at FAR 1e-3 at all, and the table says so
+
+
+def _subset_bin(source: str, path, num_pairs: int) -> None:
+    """``num_pairs`` pairs of ``source`` (from the first, starting over when it has fewer) as a .bin of its own."""
+    images, issame = read_bin(source)
+    pairs = [pair % len(issame) for pair in range(num_pairs)]
+    with open(path, "wb") as handle:
+        pickle.dump(([images[2 * p + i] for p in pairs for i in (0, 1)], [bool(issame[p]) for p in pairs]), handle,
+                    protocol=2)
+
+
+def test_a_set_of_56_pairs_is_evaluated_with_a_warning_that_it_is_too_small(tmp_path, insightface_fixtures):
+    from backbones import get_model
+    from eval.verification import MIN_RELIABLE_PAIRS
+
+    _subset_bin(os.path.join(insightface_fixtures, "pairs.bin"), tmp_path / "few.bin", 56)
+    torch.manual_seed(0)
+    torch.save(get_model("tiny", num_features=16).state_dict(), tmp_path / "model.pt")
+    result = subprocess.run([sys.executable, "-m", "eval.verification", "--model", str(tmp_path / "model.pt"),
+                             "--data-dir", str(tmp_path), "--targets", "few", "--device", "cpu", "--no-progress"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    warning = (f"{tmp_path / 'few.bin'}: only 56 pairs, about 5 per fold of 10: its accuracy is uncertain by about "
+               f"+-0.13 and can come out below chance (0.5); use at least {MIN_RELIABLE_PAIRS} pairs for a number to "
+               f"compare (lfw.bin has 6000)")
+    assert [line for line in result.stderr.splitlines() if "few.bin" in line] == [warning], result.stderr
+    assert result.stdout.splitlines()[-1].split()[:2] == ["few", "56"]  # still evaluated: the table row
+
+
+def test_the_training_callback_warns_once_per_small_target(tmp_path, insightface_fixtures, caplog):
+    from eval.verification import MIN_RELIABLE_PAIRS
+
+    _subset_bin(os.path.join(insightface_fixtures, "pairs.bin"), tmp_path / "enough.bin", MIN_RELIABLE_PAIRS)
+    _subset_bin(os.path.join(insightface_fixtures, "pairs.bin"), tmp_path / "short.bin", MIN_RELIABLE_PAIRS - 1)
+    with caplog.at_level(logging.WARNING, logger="eval.verification"):
+        VerificationCallback(["enough", "short"], str(tmp_path))
+    assert [record.getMessage().split(":")[0] for record in caplog.records] == [str(tmp_path / "short.bin")]
+    assert caplog.records[0].getMessage().startswith(f"{tmp_path / 'short.bin'}: only 399 pairs, about 39 per fold")

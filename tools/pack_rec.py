@@ -128,9 +128,10 @@ def try_encode(job: tuple[str, int, int, int]) -> tuple[bytes | None, str | None
         return None, str(exc).split(": ", 1)[-1]
 
 
-def _progress(done: int, total: int, start: float) -> None:
+def _progress(done: int, total: int, bad: int, start: float) -> None:
+    # "checked", not "packed": nothing is a set until every image was read and the files are renamed.
     rate = done / max(time.time() - start, 1e-6)
-    sys.stderr.write(f"\rpacked {done}/{total} images ({rate:.0f} img/s)")
+    sys.stderr.write(f"\rchecked {done}/{total} images: {bad} unusable ({rate:.0f} img/s)")
     if done == total:
         sys.stderr.write("\n")
     sys.stderr.flush()
@@ -189,7 +190,7 @@ def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False,
                 ranges.setdefault(label, [key, key])[1] = key + 1
                 key += 1
             if progress and (number % 1000 == 999 or number == len(jobs) - 1):
-                _progress(number + 1, len(jobs), start)
+                _progress(number + 1, len(jobs), len(bad), start)
         num_images = key - first_key
         if bad:
             _write_text_atomic(os.path.join(out_dir, BAD_LIST), "".join(f"{p}\t{why}\n" for p, why in bad))
@@ -197,12 +198,13 @@ def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False,
             more = f", ... {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
             if on_error == "stop":
                 raise PackError(f"{len(bad)} of {len(jobs)} images unusable: {named}{more}; all listed in "
-                                f"{os.path.join(out_dir, BAD_LIST)}; nothing written (--on-error skip packs the rest)")
+                                f"{os.path.join(out_dir, BAD_LIST)}; no set written (no train.rec, train.idx, "
+                                f"property; --on-error skip packs the rest)")
             emptied = sorted(set(range(num_classes)) - set(ranges))
             if emptied:
                 raise PackError(f"class {emptied[0]} has no usable image left ({len(emptied)} such classes), so the "
                                 f"class ids would not be 0..{num_classes - 1}; bad images listed in "
-                                f"{os.path.join(out_dir, BAD_LIST)}")
+                                f"{os.path.join(out_dir, BAD_LIST)}; no set written")
         elif os.path.exists(os.path.join(out_dir, BAD_LIST)):
             os.remove(os.path.join(out_dir, BAD_LIST))  # a previous run's list would now be wrong
         if not plain:
@@ -269,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PackError, DatasetError, recordio.RecordIOError, ValueError) as exc:
         print(f"pack_rec: error: {exc}", file=sys.stderr)
         return 2
-    skipped = f" skipped={len(bad)} (listed in {os.path.join(args.out_dir, BAD_LIST)})" if bad else ""
-    print(f"num_images={num_images} num_classes={num_classes} layout={'plain' if args.plain else 'header'} "
-          f"out={args.out_dir}{skipped}")
+    skipped = f"; {len(bad)} unusable images skipped, listed in {os.path.join(args.out_dir, BAD_LIST)}" if bad else ""
+    print(f"wrote {os.path.join(args.out_dir, 'train.rec')}, train.idx, property: num_images={num_images} "
+          f"num_classes={num_classes} layout={'plain' if args.plain else 'header'}{skipped}")
     return 0
 
 

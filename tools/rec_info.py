@@ -9,7 +9,7 @@
 length inside the file), every image (decodes, and neither libjpeg's "Corrupt JPEG data" warnings
 nor wiped JPEG data: see utils/data/image_check.py), every label (in range, and inside its identity
 record's key range), and header0 (its key ranges against the .idx and the property file).
-Exit status: 0 all good, 1 bad records (each printed as key, offset, reason), 2 unusable input.
+Exit status: 0 all good, 1 bad records (each printed as file, key, offset, reason), 2 unusable input.
 """
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def _check_chunk(idx_path: str, rec_path: str, keys: list[int], num_classes: int
 
 
 def verify_pack(folder: str, workers: int = 1) -> dict:
-    """Check every record of ``folder``; returns counts, layout and ``bad``: [{key, offset, reason}]."""
+    """Check every record of ``folder``; returns counts, layout, ``file`` (its train.rec) and ``bad``:
+    [{key, offset, file, reason}]."""
     from utils.data.datasets import read_property
     from utils.data.errors import DatasetError
 
@@ -121,7 +122,7 @@ def verify_pack(folder: str, workers: int = 1) -> dict:
     done: set[int] = set()  # keys already checked (header0 and identity records are read first)
 
     def report(key: int, reason: str) -> None:
-        bad.append({"key": int(key), "offset": offset_of.get(int(key)), "reason": reason})
+        bad.append({"key": int(key), "offset": offset_of.get(int(key)), "file": rec_path, "reason": reason})
 
     def read_meta(key: int) -> recordio.IRHeader | None:
         done.add(key)
@@ -146,8 +147,8 @@ def verify_pack(folder: str, workers: int = 1) -> dict:
         first, end = int(header0.label[0]), int(header0.label[1])
         if not 1 < first < end:
             report(0, f"header0 labels [{first}, {end}) are not a valid identity key range (expected 1 < first < end)")
-            return {"folder": folder, "layout": layout, "num_entries": len(reader), "num_images": 0,
-                    "num_classes": 0, "bad": bad}
+            return {"folder": folder, "file": rec_path, "layout": layout, "num_entries": len(reader),
+                    "num_images": 0, "num_classes": 0, "bad": bad}
         num_classes, image_keys = end - first, np.arange(1, first)
         class_by_key = np.full(first, -1, dtype=np.int32)
         for key in sorted(k for k in offset_of if not 0 <= k < end):
@@ -199,8 +200,17 @@ def verify_pack(folder: str, workers: int = 1) -> dict:
     if num_classes is None:  # plain layout without a property file: the labels define the classes
         num_classes = max_label + 1
     bad.sort(key=lambda entry: (entry["offset"] is None, entry["offset"] or 0, entry["key"]))
-    return {"folder": folder, "layout": layout, "num_entries": len(reader), "num_images": len(image_keys),
-            "num_classes": int(num_classes), "bad": bad}
+    return {"folder": folder, "file": rec_path, "layout": layout, "num_entries": len(reader),
+            "num_images": len(image_keys), "num_classes": int(num_classes), "bad": bad}
+
+
+def entry_line(entry: dict) -> str:
+    """One bad record as a line that names its file (grep-able on its own): ``FILE: key K offset O: reason``.
+    A problem of no record (key -1: the property file) is its reason alone, which names that file."""
+    if entry["key"] < 0:
+        return entry["reason"]
+    offset = "-" if entry["offset"] is None else entry["offset"]
+    return f"{entry['file']}: key {entry['key']} offset {offset}: {entry['reason']}"
 
 
 def verify(dataset: Any) -> list[tuple[int, str]]:
@@ -252,13 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({**summary, **result, "ok": not bad}))
     elif bad:
-        print(f"verify: {len(bad)} bad records, keys: {' '.join(str(entry['key']) for entry in bad)}")
+        print(f"verify: {len(bad)} bad records in {result['file']}, keys: {' '.join(str(e['key']) for e in bad)}")
         for entry in bad:
-            offset = "-" if entry["offset"] is None else entry["offset"]
-            print(f"  key {entry['key']} offset {offset}: {entry['reason']}")
+            print(f"  {entry_line(entry)}")
     else:
-        print(f"verify: all {result['num_images']} images decode cleanly; all {result['num_entries']} index "
-              f"entries, labels and header0 are consistent")
+        print(f"verify: all {result['num_images']} images in {result['file']} decode cleanly; all "
+              f"{result['num_entries']} index entries, labels and header0 are consistent")
     return 1 if bad else 0
 
 

@@ -18,7 +18,9 @@ import sys
 import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STATUS = re.compile(r"([0-9.]+) samples/s \| data wait (\d+)%")
+# train.py's status line (utils/run/summary.py log_progress); "mem" is absent from older logs.
+STATUS_LINE = re.compile(r"step (\d+)/\d+ epoch \d+ \| loss (n/a \(all steps skipped\)|\S+) \| lr \S+ \| "
+                         r"([0-9.]+) samples/s \| data wait (\d+)% \| scale \S+(?: \| mem ([0-9.]+) GiB)?")
 FREQUENT = 3  # train.py logs a status line every FREQUENT steps and at the last step
 MIN_STEPS = FREQUENT + 1  # the first logged interval is warm-up and dropped: one more line is needed
 
@@ -71,6 +73,25 @@ def check_arguments(args: argparse.Namespace) -> list[int]:
     return nprocs
 
 
+def launch_train(config: str, overrides: dict, nproc: int, threads: int) -> subprocess.CompletedProcess:
+    """``train.py CONFIG --set key=value ...`` to the end, under torchrun (a free port) when ``nproc`` > 1, each
+    process with OMP_NUM_THREADS=``threads``; output captured."""
+    sets = [item for key, value in overrides.items() for item in ("--set", f"{key}={value!r}")]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return subprocess.run(launcher + ["train.py", config] + sets, cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True)
+
+
+def status_lines(stdout: str) -> list[dict]:
+    """Rank 0's status lines: step, loss (nan when every step of the interval was skipped), samples/s,
+    data-wait fraction and peak memory in GiB (None when the line has none)."""
+    return [{"step": int(match[1]), "loss": float("nan") if match[2].startswith("n/a") else float(match[2]),
+             "samples_per_s": float(match[3]), "data_wait": int(match[4]) / 100,
+             "mem_gib": float(match[5]) if match[5] else None} for match in STATUS_LINE.finditer(stdout)]
+
+
 def run_case(args: argparse.Namespace, network: str, nproc: int, workdir: str) -> tuple[float, float]:
     """Train one case on random tensors; returns (samples/s, data-wait fraction) after the warm-up interval."""
     overrides = {"device": args.device, "network": network, "rec": "random", "num_classes": args.num_classes,
@@ -78,15 +99,10 @@ def run_case(args: argparse.Namespace, network: str, nproc: int, workdir: str) -
                  "max_steps": args.steps, "frequent": FREQUENT, "verbose": 0, "val_targets": [],
                  "num_workers": args.workers, "tensorboard": False, "fp16": args.precision == "fp16",
                  "bf16": args.precision == "bf16", "output": os.path.join(workdir, f"{network}_{nproc}")}
-    sets = [item for key, value in overrides.items() for item in ("--set", f"{key}={value!r}")]
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process(args, nproc)))
-    result = subprocess.run(launcher + ["train.py", "configs/base.py"] + sets, cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True)
+    result = launch_train("configs/base.py", overrides, nproc, threads_per_process(args, nproc))
     if result.returncode != 0:
         raise SystemExit(f"{network} x{nproc} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    intervals = [(float(rate), int(wait) / 100) for rate, wait in STATUS.findall(result.stdout)][1:]
+    intervals = [(line["samples_per_s"], line["data_wait"]) for line in status_lines(result.stdout)][1:]
     if not intervals:
         raise SystemExit(f"{network} x{nproc}: too few steps to measure; raise --steps")
     return (sum(rate for rate, _ in intervals) / len(intervals), sum(wait for _, wait in intervals) / len(intervals))

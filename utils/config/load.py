@@ -19,8 +19,9 @@ from utils.config.rules import BASE_CONFIG, ConfigError, one_line, validate_conf
 from utils.config.rules import RULES, Rule, check_value, describe, documented_choices  # noqa: F401
 from utils.config.paths import OutputPathError, ensure_output_dir
 
-__all__ = ["BASE_CONFIG", "RULES", "ConfigError", "Rule", "apply_override", "check_value", "describe",
-           "documented_choices", "load_config", "parse_override", "suggest_keys", "to_plain", "validate_config"]
+__all__ = ["BASE_CONFIG", "RULES", "ConfigError", "Rule", "apply_override", "check_known_values", "check_value",
+           "describe", "documented_choices", "load_config", "parse_override", "suggest_keys", "suggest_values",
+           "to_plain", "validate_config"]
 
 
 def _failing_line(exc: BaseException, path: str) -> int | None:
@@ -147,10 +148,42 @@ def apply_override(cfg: EasyDict, key: str, value: Any) -> None:
             node = node[part]
 
 
-def load_config(path: str, overrides: Iterable[str] = (), base_path: str = BASE_CONFIG) -> EasyDict:
+def suggest_values(value: str, known: Iterable[str], limit: int = 2) -> list[str]:
+    """Up to ``limit`` of ``known`` closest to a mistyped ``value`` (case ignored): those at the smallest
+    edit distance, when it is small for the word's length (``r5O`` -> ``r50``)."""
+    distances = {name: _edit_distance(str(value).lower(), name.lower()) for name in known}
+    if not distances:
+        return []
+    best = min(distances.values())
+    if best > max(1, len(str(value)) // 3):
+        return []
+    return sorted(name for name, distance in distances.items() if distance == best)[:limit]
+
+
+def check_known_values(cfg: Mapping[str, Any], known_values: Mapping[str, Iterable[str]],
+                       sources: Mapping[str, str] | None = None) -> None:
+    """One-line ConfigError when a key's value is not among the names a registry outside this package
+    knows (``{"network": backbones.MODEL_NAMES}``: the caller passes them, so a typo is found with the
+    config, before any data loads, and gets a "did you mean")."""
+    for key, names in known_values.items():
+        names = tuple(names)
+        value = cfg.get(key)
+        if value in names:
+            continue
+        where = f"{sources[key]}: " if sources and key in sources else ""
+        close = suggest_values(value, names)
+        hint = f"; did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
+        raise ConfigError(f"{where}config key '{key}': unknown {key} {one_line(repr(value))}{hint} "
+                          f"(expected one of {', '.join(names)})")
+
+
+def load_config(path: str, overrides: Iterable[str] = (), base_path: str = BASE_CONFIG,
+                known_values: Mapping[str, Iterable[str]] | None = None) -> EasyDict:
     """Load base.py, merge the job config at ``path``, apply ``key=value`` overrides.
 
     ``output`` defaults to ``work_dirs/<config file stem>``; ``config_name`` records the stem.
+    ``known_values`` maps keys to the only names they accept, from registries this package may not
+    import (train.py passes ``{"network": MODEL_NAMES}``).
     """
     defaults = _load_module_config(base_path)
     cfg = EasyDict(copy.deepcopy(dict(defaults)))
@@ -162,6 +195,7 @@ def load_config(path: str, overrides: Iterable[str] = (), base_path: str = BASE_
         apply_override(cfg, key, value)
         sources[key] = "--set"
     validate_config(cfg, defaults, sources, base_path=base_path)
+    check_known_values(cfg, known_values or {}, {key: sources.get(key, path) for key in (known_values or {})})
     stem = os.path.splitext(os.path.basename(path))[0]
     cfg.config_name = stem
     cfg.config_path = os.path.abspath(path)

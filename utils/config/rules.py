@@ -30,7 +30,7 @@ def one_line(text: str, limit: int = 300) -> str:
 class Rule:
     """What one config key accepts: a kind plus an optional range, choices, length or item kind."""
 
-    kind: str                       # int | float | bool | str | seq | size (int or (h, w))
+    kind: str                       # int | float | bool | str | seq | size (int or (h, w)) | limit (fraction or count)
     low: float | None = None
     high: float | None = None
     low_open: bool = False          # low < value (instead of low <= value)
@@ -81,13 +81,14 @@ RULES: dict[str, Rule] = {
     "lr_power": _num(0), "clip_grad_norm": _num(0), "max_steps": _int(1, optional=True),
     "max_nonfinite_steps": _int(1), "frequent": _int(1), "verbose": _int(0), "val_targets": Rule("seq", item="str"),
     "val_batch_size": _int(1), "save_every_steps": _int(0), "keep_checkpoints": _int(0),
-    "max_bad_records": _num(0, 1), "resume": Rule("bool", choices=("auto",)),
+    "max_bad_records": Rule("limit"), "resume": Rule("bool", choices=("auto",)),
     "lr_schedule": _enum("poly", "step"), "lr_steps": Rule("seq", 0, item="float"), "lr_gamma": _num(0, low_open=True),
     "on_save_error": _enum("stop", "warn"), "triplet_margin": _num(0, low_open=True), "images_per_identity": _int(2),
 }
 
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
-               "size": "an integer", "seq": "a list or tuple"}
+               "size": "an integer", "seq": "a list or tuple",
+               "limit": "a fraction of the data below 1 (e.g. 0.001) or a whole number of records (e.g. 10)"}
 _ITEM_WORDS = {"int": "integers", "float": "numbers", "str": "strings", "bool": "booleans"}
 
 
@@ -98,6 +99,8 @@ def _is_kind(kind: str, value: Any) -> bool:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if kind == "float":
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "limit":  # below 1 a fraction, from 1 on a count of records: 2.5 records means nothing
+        return _is_kind("float", value) and value >= 0 and (value < 1 or float(value).is_integer())
     if kind == "str":
         return isinstance(value, str)
     return isinstance(value, (list, tuple))

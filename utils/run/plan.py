@@ -15,6 +15,9 @@ from utils.run.schedule import MultiStepWarmupLR, PolyWarmupLR
 
 logger = logging.getLogger(__name__)
 
+MIN_STEPS_PER_EPOCH = 10     # fewer optimizer steps per epoch: warn (epoch-based schedules get coarse)
+MAX_DROPPED_FRACTION = 0.05  # more of the data left out of every epoch by drop_last: warn
+
 
 @dataclass(frozen=True)
 class RunPlan:
@@ -75,14 +78,49 @@ class RunPlan:
                               f"{self.accumulation})")
 
 
-def make_plan(cfg: Any, num_images: int, world_size: int) -> RunPlan:
-    """The plan for this config on this data and world size."""
+def _fitting_batch_size(plan: RunPlan) -> int | None:
+    """The largest ``batch_size`` up to the configured one that gives an epoch at least
+    MIN_STEPS_PER_EPOCH steps and drops at most MAX_DROPPED_FRACTION of the data; None if none does."""
+    for batch_size in range(plan.batch_size, 0, -1):
+        candidate = replace(plan, batch_size=batch_size)
+        dropped = plan.num_images - candidate.steps_per_epoch * candidate.global_batch
+        if candidate.steps_per_epoch >= MIN_STEPS_PER_EPOCH and dropped <= MAX_DROPPED_FRACTION * plan.num_images:
+            return batch_size
+    return None
+
+
+def small_data_warnings(plan: RunPlan) -> list[str]:
+    """What a plan does silently to small data: an epoch of fewer than MIN_STEPS_PER_EPOCH optimizer steps,
+    or drop_last (whole global batches only) leaving more than MAX_DROPPED_FRACTION of the images out of
+    every epoch. One line each, naming the keys to change (and a ``batch_size`` that fits)."""
+    steps, batch = plan.steps_per_epoch, plan.global_batch
+    fitting = _fitting_batch_size(plan)
+    fix = f"batch_size (e.g. batch_size={fitting})" if fitting and fitting != plan.batch_size else "batch_size"
+    warnings = []
+    if steps < MIN_STEPS_PER_EPOCH:
+        warnings.append(f"an epoch of {plan.num_images} images is {steps} optimizer step(s) (global batch {batch} = "
+                        f"batch_size {plan.batch_size} x {plan.world_size} rank(s) x gradient_acc {plan.accumulation}), "
+                        f"fewer than {MIN_STEPS_PER_EPOCH}: the LR schedule, warmup and logging move in steps; "
+                        f"lower {fix} or gradient_acc, or add data")
+    dropped = plan.num_images - steps * batch
+    if dropped > MAX_DROPPED_FRACTION * plan.num_images:
+        warnings.append(f"drop_last leaves {dropped} of {plan.num_images} images ({dropped / plan.num_images:.0%}) out "
+                        f"of every epoch (whole global batches of {batch} only); set {fix} or gradient_acc so that "
+                        f"global batches cover the data")
+    return warnings
+
+
+def make_plan(cfg: Any, num_images: int, world_size: int, warn: bool = False) -> RunPlan:
+    """The plan for this config on this data and world size; ``warn`` (rank 0) logs
+    :func:`small_data_warnings`."""
     accumulation = int(cfg.gradient_acc)
     if accumulation < 1:
         raise ConfigError(f"config key 'gradient_acc': expected an integer >= 1, got {cfg.gradient_acc!r}")
     plan = RunPlan(int(num_images), int(cfg.batch_size), int(world_size), accumulation, int(cfg.num_epoch),
                    int(cfg.max_steps) if cfg.max_steps else None)
     plan.check()
+    for line in small_data_warnings(plan) if warn else ():
+        logger.warning(line)
     return plan
 
 

@@ -102,13 +102,43 @@ def test_parse_override_and_to_plain():
     ("", ["output=5"], r"'output': expected a string or None, got 5 \(int\)$"),
     ("", ["synthetic.num_val_pairs=-3"], r"'synthetic.num_val_pairs': expected an integer >= 0, got -3"),
     ("config.synthetic = 3\n", [], r"job.py: config key 'synthetic': expected a dict of num_identities, "),
-    ("", ["max_bad_records=2"], r"'max_bad_records': expected a number in \[0, 1\], got 2"),
+    ("", ["max_bad_records=2.5"], r"'max_bad_records': expected a fraction of the data below 1 \(e.g. 0.001\) or a "
+                                  r"whole number of records \(e.g. 10\), got 2.5 \(float\)$"),
+    ("", ["max_bad_records=-0.1"], r"'max_bad_records': expected a fraction of the data below 1 .*, got -0.1"),
+    ("", ["max_bad_records=True"], r"'max_bad_records': expected a fraction .*, got True \(bool\)$"),
     ("config.fp16 = True\n", ["bf16=True"], r"config keys 'fp16' and 'bf16': both True"),
 ])
 def test_wrong_types_and_ranges_are_one_line_errors(tmp_path, body, overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(write_config(tmp_path, body), overrides)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["0", "0.001", "0.5", "1", "1.0", "3", "250"])
+def test_max_bad_records_takes_a_fraction_or_a_count(tmp_path, value):
+    assert load_config(write_config(tmp_path, ""), [f"max_bad_records={value}"]).max_bad_records == float(value)
+
+
+NETWORKS = ("r18", "r34", "r50", "r100", "mbf", "mbf_large", "tiny")
+
+
+@pytest.mark.parametrize("body, overrides, message", [
+    ("", ["network=r5O"], "--set: config key 'network': unknown network 'r5O'; did you mean 'r50'? (expected one of "
+                          "r18, r34, r50, r100, mbf, mbf_large, tiny)"),
+    ("config.network = 'mbf_larg'\n", [], "{job}: config key 'network': unknown network 'mbf_larg'; did you mean "
+                                          "'mbf_large'? (expected one of r18, r34, r50, r100, mbf, mbf_large, tiny)"),
+    ("", ["network=R34"], "--set: config key 'network': unknown network 'R34'; did you mean 'r34'? (expected one of "
+                          "r18, r34, r50, r100, mbf, mbf_large, tiny)"),
+    ("", ["network=resnet"], "--set: config key 'network': unknown network 'resnet' (expected one of r18, r34, r50, "
+                             "r100, mbf, mbf_large, tiny)"),
+    ("", ["network=None"], "--set: config key 'network': expected a string, got None (NoneType)"),
+])
+def test_a_value_outside_a_registry_is_refused_with_a_suggestion(tmp_path, body, overrides, message):
+    job = write_config(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        load_config(job, overrides, known_values={"network": NETWORKS})
+    assert str(info.value) == message.format(job=job)
+    assert load_config(job, ["network=r50"], known_values={"network": NETWORKS}).network == "r50"
 
 
 def test_valid_values_of_other_types_are_accepted(tmp_path):

@@ -85,3 +85,70 @@ def test_fp16_on_cpu_falls_back_with_one_warning(monkeypatch, caplog, native_bf1
     assert devices.resolve_precision(cuda, True, False) == (True, False)  # real fp16 hardware keeps it
     with pytest.raises(devices.DeviceError, match="'fp16' and 'bf16' are both True"):
         devices.resolve_precision(ctx, True, True)
+
+
+# ---------------------------------------------------------------- the environment report (tools/benchmark.py doctor)
+
+def test_environment_report_on_this_cpu_machine():
+    versions = dict(devices.software_versions())
+    assert versions["torch"].startswith(torch.__version__ + " (git ")
+    assert versions["CUDA"] == (f"built with {torch.version.cuda}" if torch.version.cuda else "not in this torch build")
+    cpu = dict(devices.local_devices())["cpu"]
+    assert cpu == f"{os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads"
+    backends = dict(devices.distributed_backends())
+    assert backends["gloo"] == ("yes (CPU)" if dist.is_gloo_available() else "no")
+    assert list(backends) == ["gloo", "nccl", "hccl", "mpi", "ucc"]
+    assert dict(devices.native_precisions())["cpu"].startswith("fp32 native, bf16 ")
+    assert devices.local_device_count("cpu") == 1
+
+
+def test_environment_report_for_two_cuda_devices_uses_the_documented_api(monkeypatch):
+    # No GPU here: torch.cuda's documented calls are stood in for, to run the CUDA branches.
+    import types
+
+    props = [types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2**30, major=9, minor=0),
+             types.SimpleNamespace(name="Tesla V100-SXM2-32GB", total_memory=32 * 2**30, major=7, minor=0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props[index])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (props[index].major, props[index].minor))
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 21, 5))
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(devices, "_first_line", lambda command: "550.54.15" if command[0] == "nvidia-smi" else "")
+    versions = dict(devices.software_versions())
+    assert versions["NCCL"] == "2.21.5" and versions["GPU driver"] == "550.54.15"
+    assert devices.local_devices()[1:] == [("cuda:0", "NVIDIA H100 80GB HBM3, 80.0 GiB, compute capability 9.0"),
+                                           ("cuda:1", "Tesla V100-SXM2-32GB, 32.0 GiB, compute capability 7.0")]
+    assert dict(devices.distributed_backends())["nccl"] == "yes (CUDA)"
+    assert devices.native_precisions()[1:] == [
+        ("cuda:0", "fp32 native (TF32 tensor cores), fp16 native (tensor cores), bf16 native"),
+        ("cuda:1", "fp32 native, fp16 native (tensor cores), bf16 not native")]  # a V100 next to an H100
+    assert devices.local_device_count("cuda") == 2
+
+
+def test_environment_report_for_an_ascend_npu_uses_the_documented_api(monkeypatch):
+    # No NPU here: torch_npu is stood in for by modules with its documented names (torch_npu.__version__,
+    # torch_npu.npu.utils.get_cann_version, torch_npu.distributed.is_hccl_available, torch.npu.*).
+    import sys
+    import types
+
+    def get_cann_version(module="CANN"):
+        return {"CANN": "8.1.RC1", "DRIVER": "24.1.0"}.get(module, "")
+
+    npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 1, is_bf16_supported=lambda: True,
+                                get_device_properties=lambda index: types.SimpleNamespace(name="Ascend910B2",
+                                                                                          total_memory=64 * 2**30))
+    torch_npu = types.ModuleType("torch_npu")
+    torch_npu.__version__ = "2.1.0.post8"
+    torch_npu.distributed = types.SimpleNamespace(is_hccl_available=lambda: True)
+    npu_package, npu_utils = types.ModuleType("torch_npu.npu"), types.ModuleType("torch_npu.npu.utils")
+    npu_utils.get_cann_version = get_cann_version
+    for name, module in (("torch_npu", torch_npu), ("torch_npu.npu", npu_package), ("torch_npu.npu.utils", npu_utils)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    versions = dict(devices.software_versions())
+    assert (versions["torch_npu"], versions["CANN"], versions["NPU driver"]) == ("2.1.0.post8", "8.1.RC1", "24.1.0")
+    assert devices.local_devices()[-1] == ("npu:0", "Ascend910B2, 64.0 GiB")
+    assert dict(devices.distributed_backends())["hccl"] == "yes (NPU)"
+    assert devices.native_precisions()[-1] == ("npu:0", "fp32 native, fp16 native, bf16 native")
+    assert devices.local_device_count("npu") == 1 and devices.resolve_kind("npu") == "npu"
