@@ -235,10 +235,10 @@ def test_legacy_local_rank_argument_is_accepted():
     assert args.local_rank == 3 and train.parse_args(["cfg.py", "--local-rank", "1"]).local_rank == 1
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_demo_config_learns_unseen_identities(tmp_path):
     """The README demo, shortened to 120 steps: verification on unseen identities must clear 0.80."""
-    result, start, final = run_demo("configs/demo_cpu.py", tmp_path, max_steps=120, timeout=380)
+    result, start, final = run_demo("configs/demo_cpu.py", tmp_path, max_steps=120, timeout=560)  # ~60 s on a quiet 2-core machine
     assert start < 0.80 <= final, (start, final)
     # The end summary names every output.
     for name in ("training.log", "tensorboard", "checkpoint_step*.pt", "model.pt"):

@@ -62,8 +62,8 @@ def test_step_schedule_decays_at_the_configured_epochs(tmp_path, identity_set): 
     assert lrs[8] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-4) and lrs[17] == pytest.approx(1e-5)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_triplet_demo_config_learns_unseen_identities(tmp_path):
     """configs/demo_cpu_triplet.py shortened to 75 steps: unseen-pair accuracy must clear 0.85."""
-    _, start, final = run_demo("configs/demo_cpu_triplet.py", tmp_path, max_steps=75, timeout=280)
+    _, start, final = run_demo("configs/demo_cpu_triplet.py", tmp_path, max_steps=75, timeout=560)  # ~40 s on a quiet 2-core machine
     assert start < 0.8 and final >= 0.85, (start, final)
