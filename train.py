@@ -311,10 +311,10 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
             if step % cfg.frequent == 0 or step == plan.last_step:
                 check_data_health(loader, cfg, ctx)
                 log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, current_lr,
-                             start_step, getattr(head, "last_stats", None))
+                             start_step, getattr(head, "last_stats", None), plan.samples_seen(epoch, sampler))
             if verification is not None and cfg.verbose > 0 and step % cfg.verbose == 0 and step < plan.last_step:
                 results = verification(step, backbone, ctx.device)
-                log_scalars(writer, wandb_run, results, step)
+                log_scalars(writer, wandb_run, results, plan.samples_seen(epoch, sampler))
             # not on the epoch's last step: the save after the loop below holds the later state (epoch + 1)
             if cfg.save_every_steps and step % cfg.save_every_steps == 0 and index < steps_to_run - 1:
                 checkpoint()
@@ -333,7 +333,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         return results
     if verification is not None:
         results = verification(step, backbone, ctx.device)
-        log_scalars(writer, wandb_run, results, step)
+        log_scalars(writer, wandb_run, results, plan.samples_seen(epoch, sampler))
     if deaths.failure:  # after the last batch was delivered: nothing is missing from the result
         logger.warning("%s after the last batch it was needed for; the run's outputs are complete", deaths.failure)
     skipped = bad_record_count(loader)

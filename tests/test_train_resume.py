@@ -59,7 +59,7 @@ def test_a_one_rank_run_continues_on_two_ranks(tmp_path, identity_cache, referen
     # Step 10: 80 samples, inside the 96-sample warmup. Step 25: 200 samples (8 into epoch 2), half a 16-batch
     # into step 12 of the new plan, and numbered above every step of it (24): with keep_checkpoints=1 pruning
     # must keep this run's final checkpoint and drop the old one, which a later resume would otherwise take.
-    config = write_config(tmp_path, "grow", identity_cache, keep_checkpoints=1)
+    config = write_config(tmp_path, "grow", identity_cache, keep_checkpoints=1, tensorboard=True)
     output = tmp_path / "out_grow"
     output.mkdir()
     source = checkpoints(reference["output"])[resume_step]
@@ -75,6 +75,29 @@ def test_a_one_rank_run_continues_on_two_ranks(tmp_path, identity_cache, referen
     assert final["epoch"] == NUM_EPOCH and final["progress"]["epoch"] == NUM_EPOCH
     assert final["progress"]["global_batch"] == 16 and final["world_size"] == 2
     assert sorted(found) == [final["step"]], sorted(found)  # what resume would take next is this run's end
+    # One total everywhere, said once (rank 0), and a TensorBoard x-axis (samples seen) that never goes back.
+    assert resumed.output.count("global batch changed") == 1, resumed.output[-3000:]
+    log = training_log(output)
+    becomes = re.search(r"becomes step (\d+) of (\d+)", log)
+    at = re.search(r"resumed from \S+ at step (\d+) of (\d+)", log)
+    assert becomes and at and becomes.groups() == at.groups(), (becomes, at)
+    assert logged_steps(log)[-1]["total"] == int(at[2])
+    lr_points = tensorboard_scalars(output / "tensorboard", "train/lr")
+    done = state["progress"]["epoch"] * NUM_IMAGES + state["progress"]["samples_in_epoch"]
+    assert lr_points[0] > done and lr_points == sorted(set(lr_points)) and lr_points[-1] == TOTAL_SAMPLES, lr_points
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> list[int]:
+    """The x-axis values of one scalar tag in every event file under ``folder``, in writing order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points = []
+    for events in sorted(folder.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            points += [event.step for event in accumulator.Scalars(tag)]
+    return points
 
 
 @pytest.mark.timeout(300)

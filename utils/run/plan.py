@@ -66,6 +66,11 @@ class RunPlan:
             end = min(end, int(self.max_steps))
         return replace(self, end_step=end)
 
+    def samples_seen(self, epoch: int, sampler: Any) -> int:
+        """Samples trained since the run began (all ranks): the TensorBoard/wandb x-axis, which never goes back
+        when a resume on another world size changes what a step is."""
+        return epoch * self.num_images + (sampler.consumed if sampler.epoch == epoch else 0)
+
     def position(self, epoch: int, samples_in_epoch: int) -> float:
         """Progress as a (possibly fractional) step in this plan's units."""
         return epoch * self.steps_per_epoch + min(samples_in_epoch / self.global_batch, self.steps_per_epoch)
@@ -152,15 +157,7 @@ def make_schedule(cfg: Any, plan: RunPlan) -> PolyWarmupLR | MultiStepWarmupLR:
 
 
 def resume_position(progress: dict, plan: RunPlan) -> tuple[int, int, int]:
-    """(step, epoch, samples_in_epoch) for a checkpoint's progress under the current plan.
-
-    Logs the conversion when the checkpoint was written with another global batch.
-    """
+    """(step, epoch, samples_in_epoch) for a checkpoint's progress under the current plan (the caller
+    says so when the checkpoint was written with another global batch)."""
     epoch, samples = int(progress["epoch"]), int(progress["samples_in_epoch"])
-    saved_batch = int(progress["global_batch"])
-    step = int(plan.position(epoch, samples))
-    if saved_batch != plan.global_batch:
-        logger.warning("global batch changed from %d to %d: checkpoint step %d becomes step %d of %d (epoch %d, "
-                       "%d samples into it; same remaining samples and LR curve)", saved_batch, plan.global_batch,
-                       int(progress.get("step", -1)), step, plan.total_steps, epoch, samples)
-    return step, epoch, samples
+    return int(plan.position(epoch, samples)), epoch, samples

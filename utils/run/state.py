@@ -150,6 +150,11 @@ def restore_checkpoint(path, state, ctx, plan, parts) -> tuple[int, int, Any]:
         logger.info("resuming %d-rank checkpoint on %d ranks: head shards re-split, RNG reseeded",
                     state["world_size"], ctx.world_size)
     resumed = plan.resumed_at(step, epoch, sampler.consumed if sampler.epoch == epoch else 0)
+    saved_batch = int(state["progress"]["global_batch"])
+    if saved_batch != plan.global_batch and ctx.is_main:
+        logger.warning("global batch changed from %d to %d: checkpoint step %d becomes step %d of %d (epoch %d, "
+                       "%d samples into it; same remaining samples and LR curve)", saved_batch, plan.global_batch,
+                       int(state["progress"].get("step", -1)), step, resumed.last_step, epoch, samples)
     # "of N" is where this run really ends (the step lines count to it); on another global batch the loader
     # may drop a partial batch of the resumed epoch, and the LR schedule still spans the planned total
     schedule_note = "" if resumed.last_step == plan.total_steps else f"; LR schedule over {plan.total_steps} steps"

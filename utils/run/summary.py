@@ -34,7 +34,8 @@ def open_summary_writers(cfg: Any, ctx: devices.DeviceContext) -> tuple[Any, Any
 
 
 def log_scalars(writer: Any, run: Any, scalars: dict[str, float], step: int) -> None:
-    """Write scalars to TensorBoard and wandb when they are open."""
+    """Write scalars to TensorBoard and wandb when they are open; ``step`` is the x-axis (the trainer passes
+    samples seen, ``RunPlan.samples_seen``, which a resume on another world size keeps monotonic)."""
     if writer is not None:
         for key, value in scalars.items():
             writer.add_scalar(key, value, step)
@@ -43,7 +44,7 @@ def log_scalars(writer: Any, run: Any, scalars: dict[str, float], step: int) -> 
 
 
 def log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, lr, start_step,
-                 triplet_stats=None) -> None:
+                 triplet_stats=None, samples_seen=None) -> None:
     """The periodic status line (a window without a finite step shows no loss, never 0); with the triplet
     loss also the active-triplet fraction and the mean anchor-positive / anchor-negative distances."""
     stats = timer.report(step, plan.last_step, start_step)
@@ -60,7 +61,7 @@ def log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, p
                     triplet_stats.get("active_fraction", float("nan")), triplet_stats.get("mean_ap", float("nan")),
                     triplet_stats.get("mean_an", float("nan")))
         scalars.update({f"triplet/{key}": value for key, value in triplet_stats.items()})
-    log_scalars(writer, wandb_run, scalars, step)
+    log_scalars(writer, wandb_run, scalars, step if samples_seen is None else samples_seen)
     loss_meter.reset()
 
 
