@@ -185,6 +185,32 @@ def synchronize(ctx: DeviceContext) -> None:
         _accelerator(ctx).synchronize(ctx.device)
 
 
+def device_rng_state(ctx: DeviceContext) -> dict | None:
+    """The accelerator's default generators, one state per device this process sees (``get_rng_state_all``
+    of ``torch.cuda``, or of ``torch.npu``, which torch_npu gives the same API), as CPU byte tensors that a
+    ``weights_only`` checkpoint holds; None on CPU (torch's CPU generator is saved with the other CPU states)."""
+    accelerator = _accelerator(ctx)
+    if accelerator is None:
+        return None
+    return {"kind": ctx.kind, "states": [state.detach().cpu().clone() for state in accelerator.get_rng_state_all()]}
+
+
+def restore_device_rng_state(ctx: DeviceContext, saved: dict | None) -> str:
+    """Set the accelerator's generators to ``saved`` (from :func:`device_rng_state`); returns "" when they
+    were set, otherwise why not (another device kind or device count): they then keep their seeding."""
+    accelerator = _accelerator(ctx)
+    if accelerator is None:
+        return "" if saved is None else f"the checkpoint holds {saved['kind']} generator states; this run is on cpu"
+    if saved is None:
+        return "the checkpoint holds no device generator state (written on cpu, or by an older version)"
+    count = accelerator.device_count()
+    if saved["kind"] != ctx.kind or len(saved["states"]) != count:
+        return (f"the checkpoint holds {len(saved['states'])} {saved['kind']} generator state(s); this process "
+                f"sees {count} {ctx.kind} device(s)")
+    accelerator.set_rng_state_all(saved["states"])
+    return ""
+
+
 def bf16_supported(ctx: DeviceContext) -> bool:
     """True where bf16 matmuls run natively (on CPU without AVX512-BF16/AMX they are emulated, slower than fp32)."""
     if ctx.kind == "cuda":

@@ -88,13 +88,27 @@ def load_head_state(head: torch.nn.Module, state: dict) -> None:
 
 
 def gather_rng_states(ctx: devices.DeviceContext) -> list:
-    """Every rank's RNG state (rank 0 writes them all into the checkpoint)."""
-    state = capture_rng_state()
+    """Every rank's RNG states, its device's generators included (rank 0 writes them all into the checkpoint)."""
+    state = capture_rng_state(devices.device_rng_state(ctx))
     if not ctx.distributed:
         return [state]
     states = [None] * ctx.world_size
     dist.all_gather_object(states, state)
     return states
+
+
+def restore_rng(state: dict, ctx: devices.DeviceContext) -> None:
+    """On the world size that wrote ``state``: this rank's CPU, numpy, Python and device generators as they
+    were. On another world size rank r's states have no counterpart: every generator keeps the seeding the
+    run started with (seed + rank; ``torch.manual_seed`` seeds the CUDA/NPU generators too), as a fresh run."""
+    if state["world_size"] != ctx.world_size:
+        logger.info("resuming %d-rank checkpoint on %d ranks: head shards re-split, RNG reseeded",
+                    state["world_size"], ctx.world_size)
+        return
+    why = devices.restore_device_rng_state(ctx, restore_rng_state(state["rng"][ctx.rank]))
+    if why:
+        logger.warning("device RNG not restored (%s): it keeps the seed + rank seeding, so dropout and other "
+                       "random draws on the device differ from an uninterrupted run", why)
 
 
 def save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples_in_epoch, bad_records, source) -> None:
@@ -144,11 +158,7 @@ def restore_checkpoint(path, state, ctx, plan, parts) -> tuple[int, int, Any]:
     scaler.load_state_dict(state["scaler"])
     sampler.load_state_dict(state["sampler"])
     step, epoch, samples = resume_position(state["progress"], plan)
-    if state["world_size"] == ctx.world_size:
-        restore_rng_state(state["rng"][ctx.rank])
-    else:
-        logger.info("resuming %d-rank checkpoint on %d ranks: head shards re-split, RNG reseeded",
-                    state["world_size"], ctx.world_size)
+    restore_rng(state, ctx)
     resumed = plan.resumed_at(step, epoch, sampler.consumed if sampler.epoch == epoch else 0)
     # "of N" is where this run really ends (the step lines count to it); on another global batch the loader
     # may drop a partial batch of the resumed epoch, and the LR schedule still spans the planned total
