@@ -57,6 +57,30 @@ def all_gather_sizes(local_size: int, device: torch.device) -> list[int]:
     return [int(size.item()) for size in sizes]
 
 
+def broadcast_text(text: str, device: torch.device) -> str:
+    """Rank 0's ``text`` on every rank (sent as int64 values: a dtype gloo, NCCL and HCCL all carry)."""
+    if not is_distributed():
+        return text
+    data = torch.tensor(list(text.encode()), dtype=torch.int64) if get_rank() == 0 else None
+    length = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(length, src=0)
+    if int(length.item()) == 0:
+        return ""
+    buffer = data.to(device) if data is not None else torch.empty(int(length.item()), dtype=torch.int64, device=device)
+    dist.broadcast(buffer, src=0)
+    return bytes(buffer.tolist()).decode()
+
+
+def all_gather_ints(values: Sequence[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``values`` (the same count on each), in rank order; ``[values]`` without a process group."""
+    if not is_distributed():
+        return [list(values)]
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(get_world_size())]
+    dist.all_gather(rows, mine)
+    return [row.tolist() for row in rows]
+
+
 def _gather_padded(tensor: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` (row counts ``sizes``) in rank order."""
     max_rows = max(sizes)
