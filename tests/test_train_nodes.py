@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import free_port
 from tests.test_train_stops import (PLANNED_2_RANKS, PYTHON, Launched, assert_resumed_from,  # noqa: F401
                                     checkpoints, find_rank_pid, identity_cache, launch, load, logged_steps,
-                                    training_log, write_config)
+                                    training_log, wait_for_step, write_config)
 
 
 def node_args(config: str, node: int, port: int, *overrides: str, extra: tuple[str, ...] = ()) -> list[str]:
@@ -31,11 +31,11 @@ def node_args(config: str, node: int, port: int, *overrides: str, extra: tuple[s
 
 @contextlib.contextmanager
 def two_nodes(config: str, log_dir: Path, per_node: tuple[tuple[str, ...], tuple[str, ...]],
-              extra: tuple[str, ...] = ()) -> Iterator[list[Launched]]:
+              extra: tuple[str, ...] = (), env: dict | None = None) -> Iterator[list[Launched]]:
     """Both nodes started; whatever happens in the block, both are killed afterwards."""
     port = free_port()
-    with launch(node_args(config, 0, port, *per_node[0], extra=extra), log_dir / "node0") as node0, \
-            launch(node_args(config, 1, port, *per_node[1], extra=extra), log_dir / "node1") as node1:
+    with launch(node_args(config, 0, port, *per_node[0], extra=extra), log_dir / "node0", env) as node0, \
+            launch(node_args(config, 1, port, *per_node[1], extra=extra), log_dir / "node1", env) as node1:
         yield [node0, node1]
 
 
@@ -106,3 +106,46 @@ def test_without_a_shared_filesystem_a_resume_stops_with_one_line_and_verificati
     assert [node.proc.returncode for node in nodes] == [0, 0], nodes[0].output[-3000:] + nodes[1].output[-3000:]
     assert_resumed_from(training_log(out[0])[log_before:], 2, 4)
     assert load(checkpoints(out[0])[4])["step"] == 4
+
+
+def wait_for_text(launched: Launched, pattern: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, launched.stderr):
+        if time.monotonic() > deadline or launched.proc.poll() is not None:
+            pytest.fail(f"no {pattern!r} from torchrun:\n{launched.output[-3000:]}")
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_a_worker_killed_on_one_node_restarts_both_and_the_run_resumes(tmp_path, identity_cache, rendezvous):
+    """static (--master_addr/--master_port): both agents see their worker fail and both count a restart.
+    c10d: the other node's worker is paused meanwhile, so its agent restarts it for the membership change
+    and counts nothing: TORCHELASTIC_RESTART_COUNT is 1 on one node and 0 on the other."""
+    # resume=False: the restarted attempt must know by itself, on both nodes, that it continues this run
+    config = write_config(tmp_path, "elastic", identity_cache, save_every_steps=2)
+    output = tmp_path / "out_elastic"
+    extra = ("--max-restarts=1",)
+    if rendezvous == "c10d":
+        extra += ("--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}")
+    with two_nodes(config, tmp_path, ((), ()), extra=extra, env={"LOGLEVEL": "INFO"}) as nodes:
+        wait_for_step(nodes[0], output, 5)
+        assert checkpoints(output), os.listdir(output)
+        survivor = find_rank_pid(nodes[0], 0)
+        if rendezvous == "c10d":
+            os.kill(survivor, signal.SIGSTOP)
+        os.kill(find_rank_pid(nodes[1], 0), signal.SIGKILL)
+        if rendezvous == "c10d":
+            wait_for_text(nodes[0], r"new nodes from group_rank=\d+; will restart worker group")
+            os.kill(survivor, signal.SIGCONT)
+        rcs = [node.wait(240) for node in nodes]
+    assert rcs == [0, 0], nodes[0].output[-3000:] + nodes[1].output[-3000:]
+    counts = [re.findall(r"restart_count=(\d+)", node.stderr)[-1] for node in nodes]
+    assert counts == (["1", "1"] if rendezvous == "static" else ["0", "1"]), counts  # what each agent told its worker
+    log = training_log(output)
+    match = re.search(r"resumed from .* at step (\d+)\b", log)
+    assert match, log[-3000:]
+    assert "elastic restart 1: continuing from the newest checkpoint" in log
+    assert_resumed_from(log[match.start():], int(match.group(1)), PLANNED_2_RANKS)
+    final = checkpoints(output)
+    assert load(final[max(final)])["step"] == PLANNED_2_RANKS

@@ -121,7 +121,9 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                                   is_master=False, timeout=timeout)
             generation = elastic.agree_on_generation(store, rank, world_size, timeout)
-            restarts = generation - 1  # rank 0's count of this job's process groups, not the node's
+            # rank 0's count of this job's process groups; the node's own count too, for a store that torchrun
+            # re-created (c10d rendezvous whose rank-0 node changed)
+            restarts = max(restarts, generation - 1)
             dist.init_process_group(backend=backend, store=dist.PrefixStore(f"arcscale/generation_{generation}", store),
                                     rank=rank, world_size=world_size, timeout=timeout)
         else:
