@@ -17,6 +17,8 @@ def test_single_process_without_group():
     assert dist_utils.all_gather_sizes(4, x.device) == [4]
     y = torch.tensor([1.0, 5.0])
     assert dist_utils.all_reduce_(y, "max") is y and y.tolist() == [1.0, 5.0]
+    assert dist_utils.broadcast_text("as is", x.device) == "as is"
+    assert dist_utils.all_gather_ints([3, 4], x.device) == [[3, 4]]
 
 
 def test_shard_bounds_are_contiguous_and_balanced():
@@ -44,8 +46,11 @@ def _gather_worker(rank: int, world_size: int) -> bytes:
     (gathered * (rank + 1) * torch.tensor([1.0, 10.0])).sum().backward()
     peak = torch.tensor([float(rank)])
     dist_utils.all_reduce_(peak, "max")
+    text = dist_utils.broadcast_text("/données/ckpt_2.pt" if rank == 0 else "not sent", local.device)
+    empty = dist_utils.broadcast_text("" if rank == 0 else "not sent", local.device)
     return _pack({"sizes": sizes, "gathered": gathered.detach(), "labels": labels, "grad": local.grad,
-                  "max": peak.item()})
+                  "max": peak.item(), "text": text, "empty": empty,
+                  "ints": dist_utils.all_gather_ints([rank, 7], local.device)})
 
 
 def test_all_gather_unequal_batches_and_gradient(port):
@@ -59,6 +64,8 @@ def test_all_gather_unequal_batches_and_gradient(port):
         assert torch.equal(result["gathered"], expected)
         assert torch.equal(result["labels"], expected_labels)
         assert torch.equal(result["grad"], torch.tensor([[6.0, 60.0]]).expand(SIZES[rank], 2))
+        assert (result["text"], result["empty"]) == ("/données/ckpt_2.pt", "")  # rank 0's, on every rank
+        assert result["ints"] == [[0, 7], [1, 7], [2, 7]]
 
 
 # ---------------------------------------------------------------- gathering shards to rank 0
