@@ -21,6 +21,7 @@ reduced-precision storage and the optimizer live in ``pfc.kernels``, ``pfc.stora
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Mapping
 
 import torch
@@ -45,7 +46,7 @@ STATE_FORMAT = "arcscale-partial-fc"
 STATE_VERSION = 1
 PFC_UPDATES = ("sparse", "dense")
 INIT_BLOCK_ROWS = 1 << 16  # weight init is generated per block of rows from (seed, block): world-size independent
-GATHER_CHUNK_VALUES = 1 << 24  # values per rank in one all-gather of a checkpoint (bounds the transient memory)
+GATHER_CHUNK_VALUES = 1 << 24  # values per transfer to rank 0 when a checkpoint gathers the head (bounds its memory)
 
 
 def init_weight_rows(start: int, count: int, embedding_size: int, seed: int, std: float,
@@ -293,23 +294,12 @@ class PartialFC(nn.Module):
         raise PartialFCError("PartialFC: use load_full_state_dict() instead of load_state_dict()")
 
     def _gather_to_rank0(self, shard: torch.Tensor) -> torch.Tensor | None:
-        """[num_classes, ...] on CPU at rank 0 (None elsewhere), gathered in bounded row chunks: at most
-        ``GATHER_CHUNK_VALUES`` per rank travel at once, whatever the number of classes."""
-        if not dist_utils.is_distributed():
-            return shard.detach().to("cpu", copy=True)
-        bounds = dist_utils.shard_bounds(self.num_classes, self.world_size)
-        full = None
-        if self.rank == 0:
-            full = torch.empty((self.num_classes,) + tuple(shard.shape[1:]), dtype=shard.dtype)
-        chunk = max(1, GATHER_CHUNK_VALUES // max(1, shard[0].numel() if shard.numel() else 1))
-        for offset in range(0, max(end - start for start, end in bounds), chunk):
-            sizes = [min(chunk, max(0, end - start - offset)) for start, end in bounds]
-            gathered = dist_utils.all_gather_rows(shard[offset: offset + chunk].detach(), sizes)
-            if full is not None:
-                received = gathered.cpu().split(sizes)
-                for (start, _), rows in zip(bounds, received):
-                    full[start + offset: start + offset + len(rows)] = rows
-        return full
+        """[num_classes, ...] on CPU at rank 0 (None elsewhere): each rank's rows go to rank 0 only, at most
+        ``GATHER_CHUNK_VALUES`` values per transfer, so no rank holds more than one such piece beyond the
+        result, whatever the number of ranks or classes."""
+        row_values = max(1, math.prod(shard.shape[1:]))  # the same on every rank, even on an empty shard
+        return dist_utils.gather_rows_to_rank0(shard, dist_utils.shard_bounds(self.num_classes, self.world_size),
+                                               max(1, GATHER_CHUNK_VALUES // row_values))
 
     def full_state_dict(self) -> dict | None:
         """Collective (every rank calls it): the world-size independent head state on rank 0 (CPU),

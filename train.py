@@ -37,8 +37,8 @@ from utils.data.errors import DatasetError
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
 from utils.run.resume_review import review_resume
-from utils.run.state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint,
-                             save_checkpoint)
+from utils.run.state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint, save_checkpoint,
+                             unseen_on_some_rank)
 from utils.run.summary import log_progress, log_scalars, open_summary_writers, print_summary
 from utils.run.stop import StopRequest, WorkerDeaths
 from utils.weights.load import load_backbone
@@ -163,20 +163,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_verification(cfg: Any, source: str) -> Any:
-    """The verification callback over the ``val_targets`` that exist; a missing one is a warning."""
+def build_verification(cfg: Any, source: str, ctx: devices.DeviceContext) -> Any:
+    """The verification callback over the ``val_targets`` that every rank sees; a missing one is a warning.
+    All ranks decide together: verification is sharded over them, so a target one node lacks is left out
+    everywhere (else the others would wait in its all-gathers)."""
     if not cfg.val_targets:
         return None
     from eval.verification import VerificationCallback, target_path
 
     data_dir = cfg.val_data_dir or (source if os.path.isdir(str(source)) else ".")
+    paths = [target_path(data_dir, name) for name in cfg.val_targets]
     targets = []
-    for name in cfg.val_targets:
-        if os.path.isfile(target_path(data_dir, name)):
+    for name, path, unseen in zip(cfg.val_targets, paths, unseen_on_some_rank(paths, ctx)):
+        if not unseen:
             targets.append(name)
+        elif len(unseen) == ctx.world_size:
+            logger.warning("verification target %r: %s not found; training goes on without it", name, path)
         else:
-            logger.warning("verification target %r: %s not found; training goes on without it", name,
-                           target_path(data_dir, name))
+            logger.warning("verification target %r: %s is not visible on rank(s) %s (node(s) %s); training goes on "
+                           "without it: val_data_dir must be on a filesystem every node sees", name, path,
+                           ", ".join(str(rank) for rank, _ in unseen), ", ".join(sorted({str(n) for _, n in unseen})))
     if not targets:
         return None
     return VerificationCallback(targets, data_dir, batch_size=cfg.val_batch_size, image_size=tuple(cfg.image_size))
@@ -259,7 +265,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         step, epoch, plan = restore_checkpoint(resume_path, resume_state, ctx, plan, parts)
         del resume_state
     model = wrap_ddp(backbone, cfg, ctx)
-    verification = build_verification(cfg, source)
+    verification = build_verification(cfg, source, ctx)
     writer, wandb_run = open_summary_writers(cfg, ctx)
     autocast = devices.autocast(ctx, fp16, bf16)
     loss_meter, timer = RunningMean(), StepTimer()

@@ -95,7 +95,7 @@ def _exactness_worker(rank, world_size, state_for_loading):
     head.step(0.1)  # non-trivial weight and momentum rows in the saved state
     results["state"] = head.full_state_dict()
     default_chunk, partial_fc.GATHER_CHUNK_VALUES = partial_fc.GATHER_CHUNK_VALUES, 5 * D
-    try:  # 5 rows per all-gather: several chunks, the last one short
+    try:  # 5 rows per transfer to rank 0: several chunks, the last one short
         results["state_in_chunks"] = head.full_state_dict()
     finally:
         partial_fc.GATHER_CHUNK_VALUES = default_chunk

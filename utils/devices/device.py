@@ -16,6 +16,8 @@ from typing import ContextManager
 import torch
 import torch.distributed as dist
 
+from utils.devices import elastic
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
@@ -35,6 +37,8 @@ class DeviceContext:
     local_rank: int
     world_size: int
     backend: str
+    node: int = 0        # torchrun's node rank (GROUP_RANK), for messages naming where something failed
+    restarts: int = 0    # elastic restarts of this job so far, the same on every rank (0: first attempt)
 
     @property
     def distributed(self) -> bool:
@@ -81,6 +85,14 @@ def launch_env(legacy_local_rank: int | None = None) -> tuple[int, int, int]:
     return rank, int(local_rank), world_size
 
 
+def node_rank(rank: int) -> int:
+    """This process's node: torchrun's GROUP_RANK, else rank // LOCAL_WORLD_SIZE (0 when neither is set)."""
+    if os.environ.get("GROUP_RANK", "").isdigit():
+        return int(os.environ["GROUP_RANK"])
+    local_world = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return rank // int(local_world) if local_world.isdigit() and int(local_world) > 0 else 0
+
+
 def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout_minutes: float = 30.0) -> DeviceContext:
     """Pick the device, set it for this process and join the process group when launched with several ranks."""
     kind = resolve_kind(requested)
@@ -96,23 +108,32 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
     else:
         device = torch.device("cpu")
     backend = BACKENDS[kind]
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)  # this node's count only
     if world_size > 1 and not dist.is_initialized():
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise DeviceError(f"WORLD_SIZE={world_size} but {key} is not set; launch with torchrun")
         timeout = datetime.timedelta(minutes=timeout_minutes)
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
-            # torchrun keeps its store across restarts: a fresh key prefix per attempt keeps the restarted
-            # ranks from reading the dead ranks' gloo/NCCL addresses.
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps its store for the whole job: each attempt's process group needs keys of its own
+            # (or the restarted ranks read the dead ranks' gloo/NCCL addresses), named by a generation that
+            # rank 0 hands out, since the per-node restart counters disagree between nodes.
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                                   is_master=False, timeout=timeout)
-            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"arcscale/attempt_{restart}", store),
+            generation = elastic.agree_on_generation(store, rank, world_size, timeout)
+            # rank 0's count of this job's process groups; the node's own count too, for a store that torchrun
+            # re-created (c10d rendezvous whose rank-0 node changed)
+            restarts = max(restarts, generation - 1)
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"arcscale/generation_{generation}", store),
                                     rank=rank, world_size=world_size, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
                                     timeout=timeout)
-    return DeviceContext(kind, device, rank, local_rank, world_size, backend)
+    if world_size > 1:  # without torchrun's store (or a counter from before it): restarted if any node says so
+        agreed = torch.tensor([restarts], dtype=torch.int64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        restarts = int(agreed.item())
+    return DeviceContext(kind, device, rank, local_rank, world_size, backend, node_rank(rank), restarts)
 
 
 def teardown(together: bool = False) -> None:
@@ -183,6 +204,32 @@ def synchronize(ctx: DeviceContext) -> None:
     """Wait for the accelerator's queued work (timing); a no-op on CPU."""
     if _accelerator(ctx) is not None:
         _accelerator(ctx).synchronize(ctx.device)
+
+
+def device_rng_state(ctx: DeviceContext) -> dict | None:
+    """The accelerator's default generators, one state per device this process sees (``get_rng_state_all``
+    of ``torch.cuda``, or of ``torch.npu``, which torch_npu gives the same API), as CPU byte tensors that a
+    ``weights_only`` checkpoint holds; None on CPU (torch's CPU generator is saved with the other CPU states)."""
+    accelerator = _accelerator(ctx)
+    if accelerator is None:
+        return None
+    return {"kind": ctx.kind, "states": [state.detach().cpu().clone() for state in accelerator.get_rng_state_all()]}
+
+
+def restore_device_rng_state(ctx: DeviceContext, saved: dict | None) -> str:
+    """Set the accelerator's generators to ``saved`` (from :func:`device_rng_state`); returns "" when they
+    were set, otherwise why not (another device kind or device count): they then keep their seeding."""
+    accelerator = _accelerator(ctx)
+    if accelerator is None:
+        return "" if saved is None else f"the checkpoint holds {saved['kind']} generator states; this run is on cpu"
+    if saved is None:
+        return "the checkpoint holds no device generator state (written on cpu, or by an older version)"
+    count = accelerator.device_count()
+    if saved["kind"] != ctx.kind or len(saved["states"]) != count:
+        return (f"the checkpoint holds {len(saved['states'])} {saved['kind']} generator state(s); this process "
+                f"sees {count} {ctx.kind} device(s)")
+    accelerator.set_rng_state_all(saved["states"])
+    return ""
 
 
 def bf16_supported(ctx: DeviceContext) -> bool:

@@ -1,5 +1,6 @@
 """Process-group helpers that also work in a single process without one, the contiguous split of
-items over ranks, and a gradient-correct all-gather for local batches of unequal size (pad + strip).
+items over ranks, a gradient-correct all-gather for local batches of unequal size (pad + strip), and
+the gather of row shards to rank 0 alone in bounded pieces (checkpoints of sharded tensors).
 
 The all-gather's backward SUMS the gradient of the gathered tensor over all ranks and hands
 each rank the slice of its own rows: every rank computes a part of the global loss from the
@@ -56,6 +57,30 @@ def all_gather_sizes(local_size: int, device: torch.device) -> list[int]:
     return [int(size.item()) for size in sizes]
 
 
+def broadcast_text(text: str, device: torch.device) -> str:
+    """Rank 0's ``text`` on every rank (sent as int64 values: a dtype gloo, NCCL and HCCL all carry)."""
+    if not is_distributed():
+        return text
+    data = torch.tensor(list(text.encode()), dtype=torch.int64) if get_rank() == 0 else None
+    length = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(length, src=0)
+    if int(length.item()) == 0:
+        return ""
+    buffer = data.to(device) if data is not None else torch.empty(int(length.item()), dtype=torch.int64, device=device)
+    dist.broadcast(buffer, src=0)
+    return bytes(buffer.tolist()).decode()
+
+
+def all_gather_ints(values: Sequence[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``values`` (the same count on each), in rank order; ``[values]`` without a process group."""
+    if not is_distributed():
+        return [list(values)]
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(get_world_size())]
+    dist.all_gather(rows, mine)
+    return [row.tolist() for row in rows]
+
+
 def _gather_padded(tensor: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` (row counts ``sizes``) in rank order."""
     max_rows = max(sizes)
@@ -102,3 +127,51 @@ def all_gather_rows(tensor: torch.Tensor, sizes: Sequence[int] | None = None) ->
     if tensor.requires_grad:
         return _AllGatherRows.apply(tensor, tuple(sizes), get_rank())
     return _gather_padded(tensor, sizes)
+
+
+def _transfer(op, tensor: torch.Tensor, peer: int) -> None:
+    """One point-to-point transfer, waited for. Batched (``batch_isend_irecv``) even when alone: NCCL then
+    uses the group's communicator instead of creating one per pair of ranks (2-rank communicators cost
+    device memory each, so rank 0 would pay for W - 1 of them); torch_npu implements the batched form for
+    HCCL; gloo runs it as a plain isend/irecv."""
+    for work in dist.batch_isend_irecv([dist.P2POp(op, tensor, peer)]):
+        work.wait()
+
+
+def gather_rows_to_rank0(shard: torch.Tensor, bounds: Sequence[tuple[int, int]], chunk_rows: int) -> torch.Tensor | None:
+    """Every rank's ``shard`` (rows ``bounds[rank]`` of one tensor) assembled on rank 0's CPU; None elsewhere.
+
+    Collective (every rank calls it). Rows travel point to point to rank 0 only, rank after rank, at most
+    ``chunk_rows`` rows per transfer: a sending rank sends views of its shard (no copy), rank 0 receives
+    into one device buffer of at most ``chunk_rows`` rows (on CPU straight into the result), so the
+    transient memory is independent of the world size. Without a process group: a CPU copy of ``shard``.
+    """
+    shard = shard.detach()
+    if not is_distributed():
+        return shard.to("cpu", copy=True)
+    chunk_rows = max(1, int(chunk_rows))
+    rank = get_rank()
+    if shard.shape[0] != bounds[rank][1] - bounds[rank][0]:
+        raise ValueError(f"rank {rank}: shard has {shard.shape[0]} rows, bounds say {bounds[rank]}")
+    shard = shard.contiguous()  # row slices of a contiguous tensor are contiguous views: sent without a copy
+    if rank != 0:
+        for offset in range(0, shard.shape[0], chunk_rows):
+            _transfer(dist.isend, shard[offset: offset + chunk_rows], 0)
+        return None
+    full = torch.empty((bounds[-1][1],) + tuple(shard.shape[1:]), dtype=shard.dtype)
+    for offset in range(0, shard.shape[0], chunk_rows):  # rank 0's own rows: copied chunk by chunk too
+        rows = shard[offset: offset + chunk_rows]
+        full[offset: offset + rows.shape[0]].copy_(rows)
+    on_cpu = shard.device.type == "cpu"
+    buffer = None if on_cpu else torch.empty((min(chunk_rows, max(e - s for s, e in bounds)),) + tuple(shard.shape[1:]),
+                                             dtype=shard.dtype, device=shard.device)
+    for peer, (start, end) in enumerate(bounds[1:], start=1):
+        for offset in range(start, end, chunk_rows):
+            rows = min(chunk_rows, end - offset)
+            target = full[offset: offset + rows]
+            if on_cpu:
+                _transfer(dist.irecv, target, peer)
+            else:
+                _transfer(dist.irecv, buffer[:rows], peer)
+                target.copy_(buffer[:rows])
+    return full

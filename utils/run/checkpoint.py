@@ -215,8 +215,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     return state
 
 
-def capture_rng_state() -> dict:
-    """torch, numpy and Python RNG states as weights_only-safe values."""
+def capture_rng_state(device: dict | None = None) -> dict:
+    """torch, numpy and Python RNG states as weights_only-safe values, and ``device``: the accelerator's
+    generators as the device layer reports them (``utils.devices.device.device_rng_state``; None on CPU)."""
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
@@ -224,14 +225,17 @@ def capture_rng_state() -> dict:
         "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
                   "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "device": device,
     }
 
 
-def restore_rng_state(state: dict) -> None:
-    """Restore torch, numpy and python RNG states saved with the checkpoint."""
+def restore_rng_state(state: dict) -> dict | None:
+    """Restore torch, numpy and python RNG states saved with the checkpoint; returns the device generators'
+    entry (None when the checkpoint has none: written on CPU, or before it was saved) for the device layer."""
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["gauss"]))
     py_state = state["python"]
     random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss"]))
+    return state.get("device")

@@ -6,16 +6,22 @@ what the trainer calls it.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
+import json
 import logging
 import os
+import uuid
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from utils.devices import device as devices
-from utils.run.checkpoint import (atomic_save, build_checkpoint, capture_rng_state, checkpoint_path, clean_partial_writes,
-                              newest_loadable, previous_run_files, prune_checkpoints, restore_rng_state)
+from utils.devices import distributed as dist_utils
+from utils.run.checkpoint import (CheckpointError, atomic_save, build_checkpoint, capture_rng_state, checkpoint_path,
+                                  clean_partial_writes, load_checkpoint, newest_loadable, previous_run_files,
+                                  prune_checkpoints, restore_rng_state)
 from utils.config.load import to_plain
 from utils.config.rules import ConfigError
 from utils.config.paths import ensure_output_dir
@@ -45,21 +51,21 @@ def rank0_decides(value: float, ctx: devices.DeviceContext) -> float:
 
 
 def prepare_output(cfg: Any, ctx: devices.DeviceContext) -> tuple[str | None, dict | None]:
-    """Clean interrupted writes, refuse to clobber a previous run, find the checkpoint to resume from."""
+    """Clean interrupted writes, refuse to clobber a previous run, find the checkpoint to resume from
+    (rank 0 chooses it, every rank loads that file: :func:`share_checkpoint`)."""
     if ctx.is_main:
         ensure_output_dir(cfg.output, "config key 'output'")
         clean_partial_writes(cfg.output)
     resume = cfg.resume
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarts and not resume:  # torchrun --max-restarts restarted us: the folder holds this very run
-        logger.warning("elastic restart %d: continuing from the newest checkpoint (as resume=\"auto\")", restarts)
+    if ctx.restarts and not resume:  # torchrun --max-restarts restarted us: the folder holds this very run
+        logger.warning("elastic restart %d: continuing from the newest checkpoint (as resume=\"auto\")", ctx.restarts)
         resume = "auto"
-    path, state = newest_loadable(cfg.output) if resume else (None, None)
-    found = rank0_decides(float(path is not None), ctx)
-    if resume is True and not found:
+    path, state = newest_loadable(cfg.output) if resume and ctx.is_main else (None, None)
+    path, state = share_checkpoint(path, state, cfg.output, ctx)
+    if resume is True and path is None:
         raise ConfigError(f"resume=True but {cfg.output} holds no usable checkpoint; use resume=\"auto\" to start "
                           f"fresh when there is none, or check `output`")
-    if resume == "auto" and not found:
+    if resume == "auto" and path is None:
         logger.info("resume=\"auto\": no checkpoint in %s, starting fresh", cfg.output)
     if not resume:
         existing = previous_run_files(cfg.output) if ctx.is_main else []
@@ -71,7 +77,71 @@ def prepare_output(cfg: Any, ctx: devices.DeviceContext) -> tuple[str | None, di
             for old in existing:
                 os.remove(old)
             logger.warning("overwrite=True: deleted %d file(s) of the previous run in %s", len(existing), cfg.output)
-    return (path, state) if found else (None, None)
+    return path, state
+
+
+VISIBLE_MARKER = ".arcscale-visible-"  # a file rank 0 creates in `output` for a moment: can the others see it?
+
+
+def share_checkpoint(path: str | None, state: dict | None, output: str,
+                     ctx: devices.DeviceContext) -> tuple[str | None, dict | None]:
+    """Rank 0's choice (``path``, its loaded ``state``; ignored elsewhere) loaded on every rank, or one line.
+
+    Each rank used to look for the newest checkpoint on its own disk: a node that saw none started from step
+    0 and hung later. Now rank 0 sends the file's name, size and step; every rank loads that name in its
+    `output`, and all agree it did, or every rank stops with ``checkpoint X is not visible on rank R (node
+    N)``. On the way every rank looks for a file rank 0 creates in `output` for the moment: a rank that does
+    not see it gets a warning at the start of a run (rank 0 alone writes checkpoints), not at its first resume.
+    """
+    marker = ""
+    if ctx.is_main and ctx.distributed:
+        for stale in glob.glob(os.path.join(glob.escape(output), VISIBLE_MARKER + "*")):
+            os.remove(stale)
+        marker = os.path.join(output, f"{VISIBLE_MARKER}{uuid.uuid4().hex}")
+        open(marker, "w").close()
+    choice = {"marker": os.path.basename(marker), "name": None}
+    if ctx.is_main and path is not None:
+        choice.update(name=os.path.basename(path), path=path, size=os.path.getsize(path), step=int(state["step"]))
+    choice = json.loads(dist_utils.broadcast_text(json.dumps(choice), ctx.device))
+    if choice["name"] is None:
+        path, state = None, None
+    elif not ctx.is_main:
+        path = os.path.join(output, choice["name"])
+    problem = 0  # 1: no such file, 2: another file (unreadable, or its size or step differs)
+    if path is not None and not ctx.is_main:
+        state, problem = None, 1
+        if os.path.isfile(path):
+            problem = 2
+            with contextlib.suppress(CheckpointError, OSError):
+                state = load_checkpoint(path)
+                if os.path.getsize(path) == choice["size"] and int(state["step"]) == choice["step"]:
+                    problem = 0
+    sees_output = ctx.is_main or os.path.exists(os.path.join(output, choice["marker"]))
+    rows = dist_utils.all_gather_ints([problem, int(sees_output), ctx.node], ctx.device)
+    if marker:
+        os.remove(marker)
+    chosen = choice.get("path")  # as rank 0 names it
+    for rank, (rank_problem, _, node) in enumerate(rows):
+        if rank_problem == 1:
+            raise TrainingError(f"checkpoint {chosen} is not visible on rank {rank} (node {node}): output must be on "
+                                f"a filesystem every node sees")
+        if rank_problem == 2:
+            raise TrainingError(f"checkpoint {chosen} on rank {rank} (node {node}) is not the file rank 0 chose "
+                                f"(unreadable, or another size or step): output must be on a filesystem every node "
+                                f"sees")
+    blind = [(rank, node) for rank, (_, sees, node) in enumerate(rows) if not sees]
+    if blind:
+        logger.warning("output %s is not visible on rank(s) %s (node(s) %s): rank 0 alone writes checkpoints, so a "
+                       "resume would stop; put output on a filesystem every node sees", output,
+                       ", ".join(str(rank) for rank, _ in blind), ", ".join(sorted({str(node) for _, node in blind})))
+    return path, state
+
+
+def unseen_on_some_rank(paths: list[str], ctx: devices.DeviceContext) -> list[list[tuple[int, int]]]:
+    """For each of ``paths`` (as each rank names it), the (rank, node) pairs on which it is not a file: one
+    decision for all ranks, so that none skips a collective the others run on a file only they see."""
+    rows = dist_utils.all_gather_ints([int(os.path.isfile(path)) for path in paths] + [ctx.node], ctx.device)
+    return [[(rank, row[-1]) for rank, row in enumerate(rows) if not row[index]] for index in range(len(paths))]
 
 
 def head_state_dict(head: torch.nn.Module) -> dict:
@@ -88,13 +158,27 @@ def load_head_state(head: torch.nn.Module, state: dict) -> None:
 
 
 def gather_rng_states(ctx: devices.DeviceContext) -> list:
-    """Every rank's RNG state (rank 0 writes them all into the checkpoint)."""
-    state = capture_rng_state()
+    """Every rank's RNG states, its device's generators included (rank 0 writes them all into the checkpoint)."""
+    state = capture_rng_state(devices.device_rng_state(ctx))
     if not ctx.distributed:
         return [state]
     states = [None] * ctx.world_size
     dist.all_gather_object(states, state)
     return states
+
+
+def restore_rng(state: dict, ctx: devices.DeviceContext) -> None:
+    """On the world size that wrote ``state``: this rank's CPU, numpy, Python and device generators as they
+    were. On another world size rank r's states have no counterpart: every generator keeps the seeding the
+    run started with (seed + rank; ``torch.manual_seed`` seeds the CUDA/NPU generators too), as a fresh run."""
+    if state["world_size"] != ctx.world_size:
+        logger.info("resuming %d-rank checkpoint on %d ranks: head shards re-split, RNG reseeded",
+                    state["world_size"], ctx.world_size)
+        return
+    why = devices.restore_device_rng_state(ctx, restore_rng_state(state["rng"][ctx.rank]))
+    if why:
+        logger.warning("device RNG not restored (%s): it keeps the seed + rank seeding, so dropout and other "
+                       "random draws on the device differ from an uninterrupted run", why)
 
 
 def save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples_in_epoch, bad_records, source) -> None:
@@ -144,11 +228,7 @@ def restore_checkpoint(path, state, ctx, plan, parts) -> tuple[int, int, Any]:
     scaler.load_state_dict(state["scaler"])
     sampler.load_state_dict(state["sampler"])
     step, epoch, samples = resume_position(state["progress"], plan)
-    if state["world_size"] == ctx.world_size:
-        restore_rng_state(state["rng"][ctx.rank])
-    else:
-        logger.info("resuming %d-rank checkpoint on %d ranks: head shards re-split, RNG reseeded",
-                    state["world_size"], ctx.world_size)
+    restore_rng(state, ctx)
     resumed = plan.resumed_at(step, epoch, sampler.consumed if sampler.epoch == epoch else 0)
     saved_batch = int(state["progress"]["global_batch"])
     if saved_batch != plan.global_batch and ctx.is_main:
