@@ -115,6 +115,22 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
     return DeviceContext(kind, device, rank, local_rank, world_size, backend)
 
 
+def apply_speed_settings(ctx: DeviceContext, cudnn_benchmark: bool, allow_tf32: bool) -> None:
+    """The config's speed switches for this process's device (config keys ``cudnn_benchmark`` and
+    ``allow_tf32``). CUDA: ``torch.backends.cudnn.benchmark`` and ``torch.backends.cuda.matmul.allow_tf32``;
+    Ascend: ``torch.npu.matmul.allow_hf32`` (torch_npu's TF32 counterpart; there is no cuDNN benchmark);
+    CPU: nothing to set."""
+    if ctx.kind == "cuda":
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+        torch.backends.cuda.matmul.allow_tf32 = bool(allow_tf32)
+    elif ctx.kind == "npu":
+        torch.npu.matmul.allow_hf32 = bool(allow_tf32)
+    else:
+        return
+    logger.info("%s: cudnn_benchmark=%s, allow_tf32=%s", ctx.kind, bool(cudnn_benchmark) if ctx.kind == "cuda"
+                else "n/a", bool(allow_tf32))
+
+
 def teardown(together: bool = False) -> None:
     """Leave the process group, if this process joined one.
 
@@ -167,6 +183,39 @@ def grad_scaler(ctx: DeviceContext, fp16: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(ctx.kind, enabled=fp16)
 
 
+def loss_scale(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
+    """The scaler's current scale as a float32 tensor on ``device``, not read on the host: torch's own scale
+    tensor (``_get_scale_async``, what torch's fused optimizers read), else ``get_scale()`` (a host read)."""
+    read_async = getattr(scaler, "_get_scale_async", None)
+    scale = read_async() if read_async is not None else None
+    if scale is None:
+        return torch.full((), float(scaler.get_scale()), device=device)
+    return scale.detach().float().to(device).reshape(())
+
+
+def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The inf/nan count ``scaler.unscale_(optimizer)`` recorded (a device tensor; torch_npu's scaler puts its
+    overflow-status flags there too), or None when the scaler is off or keeps no such record."""
+    if not scaler.is_enabled():
+        return None
+    states = getattr(scaler, "_per_optimizer_states", {})
+    found = states.get(id(optimizer), {}).get("found_inf_per_device") if isinstance(states, dict) else None
+    if not found:
+        return None
+    return torch.stack([value.reshape(()).float().to(next(iter(found.values())).device) for value in found.values()]).sum()
+
+
+def flags_tensor(values, device: torch.device) -> torch.Tensor:
+    """float32 [len(values)] on ``device`` from host numbers, with no host-to-device copy: a copy of a
+    host tensor waits for the device's queue (a stream sync); filling elements passes the numbers as
+    kernel arguments."""
+    flags = torch.zeros(len(values), dtype=torch.float32, device=device)
+    for index, value in enumerate(values):
+        if value:
+            flags[index] = float(value)
+    return flags
+
+
 def pin_memory(ctx: DeviceContext) -> bool:
     """Pinned host memory only helps copies to an accelerator."""
     return ctx.kind in ("cuda", "npu")
@@ -205,22 +254,63 @@ def memory_gib(ctx: DeviceContext) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def wrap_ddp(model: torch.nn.Module, ctx: DeviceContext, static_graph: bool, accumulation: int,
+             fp16_grad_compression: bool) -> torch.nn.Module:
+    """DDP with summed (not averaged) gradients (:func:`sum_allreduce_hook`); ``model`` itself without a
+    process group. ``static_graph`` (config key) is used only when every micro-step syncs (``accumulation``
+    1): torch's static graph and ``no_sync()`` do not mix (an internal assert at the first step, and once
+    past it gradients that stop being all-reduced: pytorch#143580, #187732)."""
+    if not ctx.distributed:
+        return model
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # BatchNorm statistics stay per rank between steps (arcface_torch's broadcast_buffers=False); newer
+    # torch spells it forward_sync_buffers and warns about the old name.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
+    static = bool(static_graph) and int(accumulation) == 1
+    if static_graph and not static:
+        logger.info("gradient_acc=%d: DDP runs with static_graph=False (torch's static graph breaks under "
+                    "no_sync, pytorch#143580)", accumulation)
+    wrapped = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.kind != "cpu" else None,
+                                      static_graph=static, **no_buffer_sync)
+    wrapped.register_comm_hook(None, sum_allreduce_hook(fp16_compression_applies(ctx, fp16_grad_compression)))
+    return wrapped
+
+
 def sum_allreduce_hook(fp16_compress: bool):
     """DDP communication hook that SUMS gradients (the Partial FC head returns true gradients of the
-    global-mean loss, so averaging over ranks would divide them by the world size)."""
+    global-mean loss, so averaging over ranks would divide them by the world size).
+
+    ``fp16_compress``: the bucket travels as fp16, divided by the world size first and multiplied back
+    after, so the fp16 all-reduce carries the mean (whose magnitude is that of one rank's gradient)
+    instead of a sum that can pass fp16's 65504 (torch's own fp16 compress hook also divides first);
+    the result is still the SUM, in the bucket's own dtype.
+    """
 
     def hook(state, bucket):  # no annotations: DDP inspects them and `from __future__` makes them strings
         buffer = bucket.buffer()
         if not fp16_compress:
             future = dist.all_reduce(buffer, async_op=True).get_future()
             return future.then(lambda fut: fut.value()[0])
-        compressed = buffer.to(torch.float16)
+        world_size = dist.get_world_size()
+        compressed = buffer.div_(world_size).to(torch.float16)  # divide in the bucket's precision, then round
         future = dist.all_reduce(compressed, async_op=True).get_future()
 
         def decompress(fut):
-            buffer.copy_(fut.value()[0])
-            return buffer
+            return buffer.copy_(fut.value()[0]).mul_(world_size)
 
         return future.then(decompress)
 
     return hook
+
+
+def fp16_compression_applies(ctx: DeviceContext, requested: bool) -> bool:
+    """Whether ``fp16_grad_compression`` is used: on CUDA (NCCL) and Ascend (HCCL, where torch_npu documents
+    the same DDP hook); on CPU/gloo it would only cost conversions, so it is left off there with a note."""
+    if requested and ctx.kind == "cpu":
+        logger.info("fp16_grad_compression=True: not applied on CPU (gloo gains nothing from fp16 buckets)")
+    return bool(requested) and ctx.kind in ("cuda", "npu")

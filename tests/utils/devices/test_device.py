@@ -85,3 +85,71 @@ def test_fp16_on_cpu_falls_back_with_one_warning(monkeypatch, caplog, native_bf1
     assert devices.resolve_precision(cuda, True, False) == (True, False)  # real fp16 hardware keeps it
     with pytest.raises(devices.DeviceError, match="'fp16' and 'bf16' are both True"):
         devices.resolve_precision(ctx, True, True)
+
+
+def _fp16_hook_worker(rank: int, world_size: int) -> tuple:
+    """Every rank's gradient is 40000 per element: the SUM (80000) is past fp16's largest value (65504)."""
+    plain = torch.full((3,), 40000.0, dtype=torch.float16)
+    dist.all_reduce(plain)  # what an fp16 all-reduce without the divide carries
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1, bias=False))
+    model.register_comm_hook(None, devices.sum_allreduce_hook(fp16_compress=True))
+    with torch.no_grad():
+        model.module.weight.fill_(1.0)
+    model(torch.full((1, 3), 40000.0 if rank == 0 else 40001.0)).sum().backward()
+    grad = model.module.weight.grad
+    return plain.tolist(), grad.dtype, grad.tolist()
+
+
+def test_fp16_compression_divides_by_the_world_size_and_still_sums(port):
+    results = run_ranks(_fp16_hook_worker, 2, port)
+    for plain, dtype, grad in results:
+        assert plain == [float("inf")] * 3  # without the divide the fp16 sum overflows
+        assert dtype == torch.float32
+        # (40000 + 40001) / 2 = 40000.5 rounds to 40000 in fp16 (its spacing there is 32): sum = 2 x 40000
+        assert grad == [[80000.0, 80000.0, 80000.0]]
+
+
+def test_fp16_compression_applies_on_cuda_and_npu_only():
+    for kind, expected in (("cuda", True), ("npu", True), ("cpu", False)):
+        ctx = devices.DeviceContext(kind, torch.device("cpu"), 0, 0, 2, devices.BACKENDS[kind])
+        assert devices.fp16_compression_applies(ctx, True) is expected
+        assert devices.fp16_compression_applies(ctx, False) is False
+
+
+def test_speed_settings_set_the_device_flags(monkeypatch):
+    import types
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    npu = types.SimpleNamespace(matmul=types.SimpleNamespace(allow_hf32=False))
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    cpu = devices.DeviceContext("cpu", torch.device("cpu"), 0, 0, 1, "gloo")
+    devices.apply_speed_settings(cpu, cudnn_benchmark=True, allow_tf32=True)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, npu.matmul.allow_hf32) == \
+        (False, False, False)  # nothing on CPU
+    cuda = devices.DeviceContext("cuda", torch.device("cpu"), 0, 0, 1, "nccl")
+    devices.apply_speed_settings(cuda, cudnn_benchmark=True, allow_tf32=True)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, npu.matmul.allow_hf32) == \
+        (True, True, False)
+    devices.apply_speed_settings(cuda, cudnn_benchmark=False, allow_tf32=False)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+    ascend = devices.DeviceContext("npu", torch.device("cpu"), 0, 0, 1, "hccl")
+    devices.apply_speed_settings(ascend, cudnn_benchmark=True, allow_tf32=True)
+    assert (torch.backends.cudnn.benchmark, npu.matmul.allow_hf32) == (False, True)
+
+
+def test_the_trainer_applies_the_configured_speed_settings(monkeypatch, tmp_path):
+    """train.main hands the config's keys to the device layer (with the defaults base.py documents)."""
+    import train
+
+    seen = []
+    monkeypatch.setattr(devices, "apply_speed_settings", lambda ctx, benchmark, tf32: seen.append((benchmark, tf32)))
+    monkeypatch.setattr(train, "train", lambda *args: {})
+    config = tmp_path / "job.py"
+    config.write_text("from easydict import EasyDict as edict\nconfig = edict()\nconfig.device = 'cpu'\n"
+                      f"config.output = {str(tmp_path / 'out')!r}\n")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert train.main([str(config)]) == 0
+    assert train.main([str(config), "--set", "allow_tf32=True", "--set", "cudnn_benchmark=False"]) == 0
+    assert seen == [(True, False), (False, True)]
