@@ -287,7 +287,9 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         micro_batches, fetch_error, data_wait = fetch_step(batches, plan.accumulation, deaths, steps_to_run > 0)
         have_data, no_stop = all_ranks_min([float(micro_batches is not None), float(not stop.requested)], ctx)
         ended = "" if have_data and no_stop else "stop" if not no_stop else "data"
-        for index in range(0 if ended else steps_to_run):
+        if ended:
+            break
+        for index in range(steps_to_run):
             current_lr = schedule.lr(plan.position(epoch, sampler.consumed))
             optimizer.set_lr(current_lr)
             loss = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx)
@@ -307,18 +309,19 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
                 check_data_health(loader, cfg, ctx)
                 log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, current_lr,
                              start_step, getattr(head, "last_stats", None))
-            if any(outcome.flags):
+            if any(outcome.flags) and step < plan.last_step:  # after the last step the run is complete anyway
                 ended = "stop" if outcome.flags[0] else "data"
-                break
+                if index + 1 < steps_to_run:
+                    break
+                continue  # the epoch's last step: its end is counted and saved as in an uninterrupted run
             if verification is not None and cfg.verbose > 0 and step % cfg.verbose == 0 and step < plan.last_step:
                 results = verification(step, backbone, ctx.device)
                 log_scalars(writer, wandb_run, results, step)
             if cfg.save_every_steps and step % cfg.save_every_steps == 0:
                 checkpoint()
         else:
-            if not ended:
-                epoch += int(steps_to_run == steps_this_epoch)  # the epoch ran to its end
-                checkpoint()
+            epoch += int(steps_to_run == steps_this_epoch)  # the epoch ran to its end
+            checkpoint()
 
     checkpoint()
     if ended:

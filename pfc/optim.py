@@ -259,8 +259,11 @@ class JointOptimizer:
         loss = (loss.detach().float().to(self.device) if isinstance(loss, torch.Tensor)
                 else torch.full((), float(loss), device=self.device)).reshape(1)
         grads_bad = ~torch.isfinite(grad_norm)
-        if head is not None:
-            grads_bad |= ~torch.as_tensor(head.grads_finite(), device=self.device)
+        head_finite = True if head is None else head.grads_finite()
+        if isinstance(head_finite, torch.Tensor):
+            grads_bad |= ~head_finite.to(self.device)
+        elif not head_finite:  # a host bool (a head without device-side checks): no copy to the device needed
+            grads_bad = torch.ones_like(grads_bad)
         found_inf = devices.scaler_found_inf(scaler, self.backbone_optimizer)  # torch_npu: its overflow flags
         if found_inf is not None:
             grads_bad |= found_inf.to(self.device).reshape(1) > 0

@@ -240,3 +240,13 @@ def test_a_training_step_reads_the_host_once_and_agrees_in_one_small_all_reduce(
             assert data["_forward_fp32:all_gather"] == 4 and data["softmax_cross_entropy_:all_reduce"] == 4
             assert data["backward:all_reduce"] == 2 and data["hook:all_reduce"] >= 1
             assert sum(data.values()) == 10 + data["hook:all_reduce"]
+
+
+def test_fp16_compression_with_bf16_is_a_one_line_error(tmp_path, identity_set, capsys):
+    import train
+
+    config = write_config(tmp_path, "bf16", rec=identity_set, bf16=True, fp16_grad_compression=True)
+    assert train.main([config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: config keys 'fp16_grad_compression' and 'bf16': both True")
+    assert not os.path.exists(tmp_path / "out_bf16")  # refused before anything started

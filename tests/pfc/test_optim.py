@@ -138,15 +138,16 @@ def _two_rank_worker(rank, world_size):
     first = joint.step(loss=loss)
     joint.zero_grad()
     skipped_weight_same = torch.equal(head.weight, weight)
-    second = joint.step(loss=forward_backward(backbone, head, scaler, 1))
+    # The caller's own flags ride in the same all-reduce: rank 1 asks to stop, rank 0 lacks its next batch.
+    second = joint.step(loss=forward_backward(backbone, head, scaler, 1), flags=(rank == 1, rank == 0, False))
     return (first.stepped, first.grads_finite, skipped_weight_same, scaler.get_scale(),
-            second.stepped, torch.equal(head.weight, weight))
+            second.stepped, torch.equal(head.weight, weight), second.flags)
 
 
 def test_every_rank_takes_the_same_decision(port):
     results = run_ranks(_two_rank_worker, 2, port, timeout=90)
-    # Both ranks: first step skipped (rank 1's inf), scale halved; second step taken.
-    assert results[0] == results[1] == (False, False, True, 2.0 ** 15, True, False)
+    # Both ranks: first step skipped (rank 1's inf), scale halved; second step taken; both see both flags.
+    assert results[0] == results[1] == (False, False, True, 2.0 ** 15, True, False, [True, True, False])
 
 
 @pytest.mark.parametrize("pfc_update", ["dense", "sparse"])
