@@ -212,7 +212,7 @@ def flags_tensor(values, device: torch.device) -> torch.Tensor:
     flags = torch.zeros(len(values), dtype=torch.float32, device=device)
     for index, value in enumerate(values):
         if value:
-            flags[index] = float(value)
+            flags[index].fill_(float(value))
     return flags
 
 
