@@ -274,8 +274,12 @@ class JointOptimizer:
         loss_bad, grads_bad, agreed = values[0] > 0, values[1] > 0, [value > 0 for value in values[2:-2]]
         stepped = not loss_bad and not grads_bad
         if stepped:
-            # Every gradient is finite on every rank (GradScaler.step would read its inf flags once more).
-            self.backbone_optimizer.step()
+            # Every gradient is finite on every rank, the scaler's own flags included: GradScaler.step would only
+            # read them on the host once more (it still does where they could not be seen above).
+            if found_inf is None and scaler.is_enabled():
+                scaler.step(self.backbone_optimizer)
+            else:
+                self.backbone_optimizer.step()
             if head is not None:
                 head.step(self.head_group["lr"])
             scaler.update()
