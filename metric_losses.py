@@ -43,11 +43,14 @@ def pairwise_distances(embeddings: torch.Tensor, squared: bool = True) -> torch.
     return torch.where(positive, sq.clamp_min(SQRT_EPS).sqrt(), torch.zeros_like(sq))
 
 
-def _gather_global(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global-batch rows (own rows live, the others constant) and labels, in rank order."""
+def _gather_global(embeddings: torch.Tensor, labels: torch.Tensor,
+                   equal_batches: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global-batch rows (own rows live, the others constant) and labels, in rank order
+    (``equal_batches``: every rank has as many rows as this one, so no size exchange)."""
     if not dist_utils.is_distributed():
         return embeddings, labels
-    sizes = dist_utils.all_gather_sizes(embeddings.shape[0], embeddings.device)
+    sizes = ([embeddings.shape[0]] * dist_utils.get_world_size() if equal_batches
+             else dist_utils.all_gather_sizes(embeddings.shape[0], embeddings.device))
     rank = dist_utils.get_rank()
     everyone = dist_utils.all_gather_rows(embeddings.detach(), sizes)
     all_labels = dist_utils.all_gather_rows(labels, sizes)
@@ -79,6 +82,7 @@ class TripletLoss(nn.Module):
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
             raise MarginLossError(f"config key 'triplet_margin'={margin!r}: expected a number > 0 (FaceNet: 0.2)")
         self.margin, self.mining, self.squared = float(margin), mining, bool(squared)
+        self.equal_batches = False  # True: every rank passes as many rows (a drop_last loader); saves a host sync
         self._stats: dict[str, torch.Tensor] = {}
 
     @property
@@ -92,7 +96,7 @@ class TripletLoss(nn.Module):
             raise MarginLossError(f"TripletLoss: expected embeddings [N, D] and labels [N], got "
                                   f"{tuple(embeddings.shape)} and {tuple(labels.shape)}")
         x = F.normalize(embeddings.float(), dim=1)
-        x, labels = _gather_global(x, labels.to(x.device).long())
+        x, labels = _gather_global(x, labels.to(x.device).long(), self.equal_batches)
         dist = pairwise_distances(x, self.squared)
         same = labels[:, None] == labels[None, :]
         eye = torch.eye(len(labels), dtype=torch.bool, device=x.device)

@@ -77,13 +77,15 @@ class PartialFC(nn.Module):
     v2). ``weight_dtype`` ("float32" or "bfloat16") and ``state_dtype`` ("float32", "bfloat16" or, for
     SGD momentum, "int8" with a per-row scale), all with stochastic rounding, are explicit memory
     options; logits, margin and cross-entropy are always fp32 (``fp16`` is accepted for arcface_torch
-    compatibility and changes nothing).
+    compatibility and changes nothing). ``equal_batches=True``: every rank passes the same number of rows
+    to every forward (no size exchange); ``check_labels=False``: the caller guarantees labels in
+    ``[0, num_classes)`` (no range check; an out-of-range label would have no target class).
     """
 
     def __init__(self, margin_loss: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
                  pfc_update: str = "sparse", fp16: bool = False, weight_dtype: str = "float32",
                  state_dtype: str = "float32", seed: int = 0, init_std: float = 0.01,
-                 update_chunk_rows: int = 4096):
+                 update_chunk_rows: int = 4096, equal_batches: bool = False, check_labels: bool = True):
         super().__init__()
         if not callable(margin_loss):
             raise PartialFCError(f"PartialFC: margin_loss must be callable (e.g. losses.CombinedMarginLoss), "
@@ -112,6 +114,10 @@ class PartialFC(nn.Module):
         self.sample_rate, self.pfc_update = float(sample_rate), pfc_update
         self.weight_dtype, self.state_dtype = WEIGHT_DTYPES[weight_dtype], STATE_DTYPES[state_dtype]
         self.seed, self.update_chunk_rows = int(seed), int(update_chunk_rows)
+        # A trainer whose loader drops the last partial batch knows every rank's batch size and has checked
+        # the labels as it read them: it turns off the size exchange and the range check, each a host sync
+        # (a GPU stall) per forward.
+        self.equal_batches, self.check_labels = bool(equal_batches), bool(check_labels)
         # contiguous class shards, sizes differ by at most one (the same split as every other sharded tensor)
         self.class_start, class_end = dist_utils.shard_bounds(num_classes, self.world_size)[self.rank]
         self.num_local = class_end - self.class_start
@@ -219,10 +225,12 @@ class PartialFC(nn.Module):
     def _forward_fp32(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         distributed = dist_utils.is_distributed()
         if distributed:
-            sizes = dist_utils.all_gather_sizes(embeddings.shape[0], embeddings.device)
+            sizes = ([embeddings.shape[0]] * self.world_size if self.equal_batches
+                     else dist_utils.all_gather_sizes(embeddings.shape[0], embeddings.device))
             embeddings = dist_utils.all_gather_rows(embeddings, sizes)
             labels = dist_utils.all_gather_rows(labels, sizes)
-        self._check_label_range(labels)
+        if self.check_labels:
+            self._check_label_range(labels)
         in_shard = (labels >= self.class_start) & (labels < self.class_start + self.num_local)
         shard_labels = torch.where(in_shard, labels - self.class_start, torch.full_like(labels, -1))
         centers_lease = None
@@ -258,12 +266,13 @@ class PartialFC(nn.Module):
         over the micro-steps since ``zero_grad``; None when there is none."""
         return self.grad_sink.coalesced()
 
-    def unscale_(self, inv_scale: float) -> None:
+    def unscale_(self, inv_scale: float | torch.Tensor) -> None:
         """Multiply the accumulated center gradients by ``inv_scale`` (AMP loss scaling)."""
         self.grad_sink.unscale_(inv_scale)
 
-    def grads_finite(self) -> bool:
-        """True when this rank's accumulated center gradients are all finite (a local check)."""
+    def grads_finite(self) -> torch.Tensor | bool:
+        """Whether this rank's accumulated center gradients are all finite (a local check): a 0-dim bool
+        tensor on the head's device, not read on the host, or True without gradients."""
         return self.grad_sink.all_finite()
 
     def zero_grad(self) -> None:

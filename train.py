@@ -6,8 +6,8 @@
 
 Reads top to bottom: config -> device/process group -> output folder and resume decision -> data
 -> run plan (steps and LR from progress in samples) -> backbone (DDP) + head -> optimizer -> resume
--> the loop (fetch a step's batches, agree on all ranks to go on, micro-steps with AMP, one optimizer
-step, logging, verification, checkpoints) -> final model.pt and verification table.
+-> the loop (micro-steps with AMP, the next step's batches fetched, one optimizer step whose
+all-reduce also agrees on going on, logging, verification, checkpoints) -> final model.pt and verification table.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from backbones import MODEL_NAMES, get_model, input_spec, normalize
 from dataset import bad_record_count, check_bad_records, get_dataloader
@@ -96,10 +95,14 @@ def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> tuple[torch.nn.Modul
 def build_head(cfg: Any, num_classes: int, classifier: dict | None, ctx: devices.DeviceContext) -> torch.nn.Module:
     """The training objective on top of the embeddings: Partial FC with a margin loss (default), a
     replicated softmax classifier (``head="softmax"``), or the triplet loss (``loss="triplet"``)."""
+    # The loader drops partial batches (every rank's batch is batch_size) and the datasets check each label
+    # as they read it: the heads skip the per-forward size exchange and range check (host syncs).
     if cfg.loss == "triplet":
         from metric_losses import build_triplet_loss
 
-        return build_triplet_loss(cfg)
+        triplet = build_triplet_loss(cfg)
+        triplet.equal_batches = True
+        return triplet
     if cfg.head == "softmax":
         from softmax_head import SoftmaxHead
 
@@ -112,7 +115,7 @@ def build_head(cfg: Any, num_classes: int, classifier: dict | None, ctx: devices
                     tuple(classifier["weight"].shape)[0], cfg.head)
     return PartialFC(build_margin_loss(cfg), cfg.embedding_size, num_classes, sample_rate=cfg.sample_rate,
                      pfc_update=cfg.pfc_update, weight_dtype=cfg.pfc_weight_dtype, state_dtype=cfg.pfc_state_dtype,
-                     seed=cfg.seed).to(ctx.device)
+                     seed=cfg.seed, equal_batches=True, check_labels=False).to(ctx.device)
 
 
 def sum_replicated_grads(head: torch.nn.Module, ctx: devices.DeviceContext) -> None:
@@ -135,23 +138,6 @@ def build_optimizer(cfg: Any, backbone: torch.nn.Module, head: torch.nn.Module, 
     return build_joint_optimizer(cfg.optimizer, params, partial_fc, lr, momentum=cfg.momentum,
                                  weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                  clip_grad_norm=cfg.clip_grad_norm, scaler=scaler)
-
-
-def wrap_ddp(backbone: torch.nn.Module, cfg: Any, ctx: devices.DeviceContext) -> torch.nn.Module:
-    """DDP with summed (not averaged) gradients; the backbone itself without a process group."""
-    if not ctx.distributed:
-        return backbone
-    # BatchNorm statistics stay per rank between steps (arcface_torch's broadcast_buffers=False); newer
-    # torch spells it forward_sync_buffers and warns about the old name.
-    import inspect
-
-    no_buffer_sync = ({"forward_sync_buffers": False}
-                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                      else {"broadcast_buffers": False})
-    model = DistributedDataParallel(backbone, device_ids=[ctx.local_rank] if ctx.kind != "cpu" else None,
-                                    static_graph=bool(cfg.static_graph), **no_buffer_sync)
-    model.register_comm_hook(None, devices.sum_allreduce_hook(cfg.fp16_grad_compression and ctx.kind == "cuda"))
-    return model
 
 
 def seed_everything(seed: int) -> None:
@@ -199,23 +185,28 @@ def check_data_health(loader: Any, cfg: Any, ctx: devices.DeviceContext) -> None
         raise DatasetError(error or "corrupt samples above max_bad_records on another rank (see its log)")
 
 
-def fetch_step(batches: Any, accumulation: int, deaths: WorkerDeaths) -> tuple[list | None, str]:
-    """The micro-batches of one optimizer step, or (None, why) when a DataLoader worker died (since the
-    last step, e.g. during a checkpoint write, or while this step's batches were being handed over)."""
+def fetch_step(batches: Any, accumulation: int, deaths: WorkerDeaths, wanted: bool = True) -> tuple[list | None, str, float]:
+    """The micro-batches of one optimizer step and the seconds waited for them, or (None, why, seconds) when
+    a DataLoader worker died (since the last step, e.g. during a checkpoint write, or while this step's
+    batches were being handed over); ([], "", 0) when ``wanted`` is False (no further step this epoch)."""
+    start = time.perf_counter()
+    if not wanted:
+        return [], "", 0.0
     if deaths.failure:
-        return None, deaths.failure
+        return None, deaths.failure, 0.0
     try:
-        return [next(batches) for _ in range(accumulation)], ""
+        return [next(batches) for _ in range(accumulation)], "", time.perf_counter() - start
     except RuntimeError as exc:
         if "DataLoader worker" not in str(exc):
             raise
-        return None, str(exc).splitlines()[0]
+        return None, str(exc).splitlines()[0], 0.0
     except (ConnectionError, EOFError) as exc:  # killed while handing a batch over (its fd socket broke)
-        return None, f"a DataLoader worker died while handing over a batch ({type(exc).__name__}: {exc})"
+        return None, f"a DataLoader worker died while handing over a batch ({type(exc).__name__}: {exc})", 0.0
 
 
-def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> float:
-    """Micro-steps of one optimizer step; returns the step's mean loss (DDP syncs only on the last)."""
+def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> torch.Tensor:
+    """Micro-steps of one optimizer step (DDP syncs only on the last), then a replicated head's gradient sum;
+    returns the step's mean loss as a tensor, not read on the host."""
     model.train()
     loss_sum, accumulation, spec = 0.0, len(micro_batches), input_spec(model)
     for micro_step, (images, labels) in enumerate(micro_batches):
@@ -229,8 +220,21 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> 
                 embeddings = model(images)
             loss = head(embeddings.float(), labels)
             scaler.scale(loss / accumulation).backward()
-        loss_sum += loss.item() / accumulation
+        loss_sum = loss_sum + loss.detach() / accumulation
+    sum_replicated_grads(head, ctx)
     return loss_sum
+
+
+def count_nonfinite(outcome: Any, in_a_row: int, step: int, cfg: Any) -> int:
+    """Non-finite losses in a row after this step's ``outcome``: each warns; ``max_nonfinite_steps`` stops the run."""
+    if outcome.loss_finite:
+        return 0
+    in_a_row += 1
+    logger.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, outcome.loss, in_a_row)
+    if in_a_row >= cfg.max_nonfinite_steps:
+        raise TrainingError(f"loss was non-finite for {in_a_row} optimizer steps in a row (max_nonfinite_steps="
+                            f"{cfg.max_nonfinite_steps}, last at step {step}); lower lr, use bf16, or check the data")
+    return in_a_row
 
 
 def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: WorkerDeaths) -> dict[str, float]:
@@ -264,7 +268,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
             return {}  # the checkpoint is the run's end: nothing to train, verify or write again
         step, epoch, plan = restore_checkpoint(resume_path, resume_state, ctx, plan, parts)
         del resume_state
-    model = wrap_ddp(backbone, cfg, ctx)
+    model = devices.wrap_ddp(backbone, ctx, cfg.static_graph, plan.accumulation, cfg.fp16_grad_compression)
     verification = build_verification(cfg, source, ctx)
     writer, wandb_run = open_summary_writers(cfg, ctx)
     autocast = devices.autocast(ctx, fp16, bf16)
@@ -281,43 +285,44 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     if verification is not None and cfg.verify_at_start and step == 0:
         log_scalars(writer, wandb_run, verification(0, backbone, ctx.device), 0)
 
-    # ---- the loop: one iteration = one optimizer step of `accumulation` micro-batches
+    # ---- the loop: one iteration = one optimizer step of `accumulation` micro-batches. Ranks agree before an
+    # epoch's first step; each step fetches the next step's batches before its optimizer step, whose one
+    # all-reduce also carries "stop requested" and "no batches" (see docs/training.md, host syncs).
     while epoch < plan.num_epoch and step < plan.last_step and not ended:
         sampler.set_epoch(epoch)
         batches = deaths.start(loader)  # workers start with signals blocked (see utils/stop.py)
         steps_this_epoch = len(loader) // plan.accumulation
         steps_to_run = min(steps_this_epoch, plan.last_step - step)
+        micro_batches, fetch_error, data_wait = fetch_step(batches, plan.accumulation, deaths, steps_to_run > 0)
+        have_data, no_stop = all_ranks_min([float(micro_batches is not None), float(not stop.requested)], ctx)
+        ended = "" if have_data and no_stop else "stop" if not no_stop else "data"
+        if ended:
+            break
         for index in range(steps_to_run):
-            wait_start = time.perf_counter()
-            micro_batches, fetch_error = fetch_step(batches, plan.accumulation, deaths)
-            data_wait = time.perf_counter() - wait_start
-            # Every rank trains this step, or none does: a stop or a dead worker anywhere abandons it everywhere.
-            have_data, no_stop = all_ranks_min([float(micro_batches is not None), float(not stop.requested)], ctx)
-            if not (have_data and no_stop):
-                ended = "stop" if not no_stop else "data"
-                break
             current_lr = schedule.lr(plan.position(epoch, sampler.consumed))
             optimizer.set_lr(current_lr)
             loss = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx)
-            sum_replicated_grads(head, ctx)
-            outcome = optimizer.step(loss=loss)
+            micro_batches, fetch_error, next_wait = fetch_step(batches, plan.accumulation, deaths,
+                                                               index + 1 < steps_to_run)
+            # Every rank applies this step or skips it; a stop or a dead worker anywhere ends the run after it.
+            outcome = optimizer.step(loss=loss, flags=(stop.requested, micro_batches is None))
             optimizer.zero_grad(set_to_none=True)
-            nonfinite_in_a_row = 0 if outcome.loss_finite else nonfinite_in_a_row + 1
+            nonfinite_in_a_row = count_nonfinite(outcome, nonfinite_in_a_row, step, cfg)
             if outcome.stepped:
-                loss_meter.update(loss)
-            elif not outcome.loss_finite:
-                logger.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, loss, nonfinite_in_a_row)
-                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    raise TrainingError(f"loss was non-finite for {nonfinite_in_a_row} optimizer steps in a row "
-                                        f"(max_nonfinite_steps={cfg.max_nonfinite_steps}, last at step {step}); "
-                                        f"lower lr, use bf16, or check the data")
+                loss_meter.update(outcome.loss)
             sampler.advance(plan.global_batch)
             step += 1
             timer.add(plan.global_batch, data_wait)
+            data_wait = next_wait
             if step % cfg.frequent == 0 or step == plan.last_step:
                 check_data_health(loader, cfg, ctx)
                 log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, current_lr,
                              start_step, getattr(head, "last_stats", None), plan.samples_seen(epoch, sampler))
+            if any(outcome.flags) and step < plan.last_step:  # after the last step the run is complete anyway
+                ended = "stop" if outcome.flags[0] else "data"
+                if index + 1 < steps_to_run:
+                    break
+                continue  # the epoch's last step: its end is counted and saved as in an uninterrupted run
             if verification is not None and cfg.verbose > 0 and step % cfg.verbose == 0 and step < plan.last_step:
                 results = verification(step, backbone, ctx.device)
                 log_scalars(writer, wandb_run, results, plan.samples_seen(epoch, sampler))
@@ -325,8 +330,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
             if cfg.save_every_steps and step % cfg.save_every_steps == 0 and index < steps_to_run - 1:
                 checkpoint()
         else:
-            if steps_to_run == steps_this_epoch:
-                epoch += 1  # the epoch ran to its end
+            epoch += int(steps_to_run == steps_this_epoch)  # the epoch ran to its end
             checkpoint()
 
     checkpoint()
@@ -369,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, known_values={"network": MODEL_NAMES})  # typos before any data
         ctx = devices.setup(cfg.device, args.local_rank)
+        devices.apply_speed_settings(ctx, cfg.cudnn_benchmark, cfg.allow_tf32)
     except Exception as exc:
         if type(exc).__module__.split(".")[0] not in OUR_PACKAGES:
             raise

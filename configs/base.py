@@ -81,8 +81,10 @@ config.max_nonfinite_steps = 20 # abort after this many non-finite losses in a r
 # ---------------------------------------------------------------- precision and DDP
 config.fp16 = False             # autocast fp16 + GradScaler (apex O1 equivalent)
 config.bf16 = False             # autocast bf16 (no scaler)
-config.fp16_grad_compression = False  # CUDA: compress DDP gradient buckets to fp16
-config.static_graph = True      # DDP static graph: the same parameters get gradients every step
+config.fp16_grad_compression = False  # CUDA/NPU: DDP gradient buckets travel as fp16 (divided by the world size first, summed, multiplied back); not with bf16; off on CPU
+config.static_graph = True      # DDP static graph: the same parameters get gradients every step; used only with gradient_acc=1 (torch's static graph breaks under no_sync, pytorch#143580)
+config.cudnn_benchmark = True   # CUDA: torch.backends.cudnn.benchmark (fixed 112x112 inputs: the fastest conv algorithms are timed once, then reused)
+config.allow_tf32 = False       # fp32 matmuls (the head's logits GEMMs, linear layers) in TF32 on CUDA (torch.backends.cuda.matmul.allow_tf32), HF32 on Ascend (torch.npu.matmul.allow_hf32); False keeps them exact fp32 (torch's default); convolutions keep torch's own default
 
 # ---------------------------------------------------------------- logging, eval, checkpoints
 config.frequent = 10            # a step interval (arcface_torch's name): log every N optimizer steps

@@ -135,17 +135,23 @@ class GradientSink:
                 self.grads = [(unique, total)]
         return self.grads[0]
 
-    def unscale_(self, inv_scale: float) -> None:
+    def unscale_(self, inv_scale: float | torch.Tensor) -> None:
         """Multiply the accumulated gradient by ``inv_scale`` (AMP loss scaling)."""
         grad = self.coalesced()
         if grad is not None:
             grad[1].mul_(inv_scale)
 
-    def all_finite(self) -> bool:
-        """True when every accumulated gradient value on this rank is finite."""
+    def all_finite(self) -> torch.Tensor | bool:
+        """Whether every accumulated gradient value on this rank is finite: a 0-dim bool tensor on the
+        gradient's device (reading it is the caller's one host sync), or True when there is no gradient."""
         grad = self.coalesced()
+        if grad is None:
+            return True
         # In row chunks: one [S, D] boolean temporary would cost more than the check itself.
-        return grad is None or all(bool(torch.isfinite(grad[1][rows]).all()) for rows in row_chunks(grad[1].shape[0]))
+        finite = torch.ones((), dtype=torch.bool, device=grad[1].device)
+        for rows in row_chunks(grad[1].shape[0]):
+            finite &= torch.isfinite(grad[1][rows]).all()
+        return finite
 
     def clear(self) -> None:
         """Drop every gradient and hand the workspace buffers back."""

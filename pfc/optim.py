@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import torch
 
 from pfc import PartialFCError
 from pfc.kernels import row_chunks
 from pfc.storage import RowStorage
+from utils.devices import device as devices
 from utils.devices import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
@@ -81,12 +82,15 @@ class RowOptimizer:
         index, rows_grad = grad
         storage.new_step()  # fresh rounding noise every step
         if index is None or dense:
-            for rows in row_chunks(weight.shape[0], chunk_rows):
+            chunks = list(row_chunks(weight.shape[0], chunk_rows))
+            if index is not None:  # where each chunk's rows start in the sorted index: one host read for all
+                starts = torch.arange(0, weight.shape[0] + 1, chunk_rows, device=index.device)
+                edges = torch.searchsorted(index, starts).tolist() + [index.numel()]
+            for number, rows in enumerate(chunks):
                 if index is None:
                     local_index, grad_rows = None, rows_grad[rows]
                 else:
-                    bounds = torch.tensor([rows.start, rows.stop], device=index.device)
-                    lo, hi = torch.searchsorted(index, bounds).tolist()
+                    lo, hi = edges[number], edges[number + 1]
                     local_index, grad_rows = index[lo:hi] - rows.start, rows_grad[lo:hi]
                 self.update_rows(weight, state, storage, rows, local_index, grad_rows, lr)
         else:
@@ -160,11 +164,11 @@ class RowUpdatedHead(Protocol):
                             betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         """Choose the row update rule (a ``RowOptimizer``) and allocate its state."""
 
-    def unscale_(self, inv_scale: float) -> None:
-        """Multiply this step's gradient rows by ``inv_scale`` (AMP)."""
+    def unscale_(self, inv_scale: float | torch.Tensor) -> None:
+        """Multiply this step's gradient rows by ``inv_scale`` (AMP; a 0-dim device tensor or a number)."""
 
-    def grads_finite(self) -> bool:
-        """Whether this rank's gradient rows are all finite."""
+    def grads_finite(self) -> torch.Tensor | bool:
+        """Whether this rank's gradient rows are all finite (a 0-dim bool tensor, left on the device)."""
 
     def step(self, lr: float) -> None:
         """Update the rows that have gradients."""
@@ -181,6 +185,8 @@ class StepOutcome:
     loss_finite: bool  # the loss was finite on every rank
     grads_finite: bool  # every backbone and head gradient was finite on every rank
     grad_norm: float  # this step's backbone gradient norm (before clipping; nan / inf when not finite)
+    loss: float = math.nan  # this rank's loss as passed to step()
+    flags: list[bool] = field(default_factory=list)  # step(flags=...) agreed on: True where any rank set it
 
 
 class JointOptimizer:
@@ -231,35 +237,55 @@ class JointOptimizer:
         return [param for group in self.backbone_optimizer.param_groups for param in group["params"]
                 if param.grad is not None]
 
-    def step(self, loss: float = 0.0) -> StepOutcome:
-        """Unscale, clip, decide on every rank together, then step both (or skip both)."""
-        scaler = self.scaler
-        head = self.head
+    def step(self, loss: float | torch.Tensor = 0.0, flags: Sequence[float] = ()) -> StepOutcome:
+        """Unscale, clip, decide on every rank together, then step both (or skip both).
+
+        ``loss`` may be a tensor (this step's loss, not yet read on the host). ``flags``: the caller's own
+        per-rank conditions (e.g. "stop requested"), agreed on in the same all-reduce (max over ranks) and
+        returned in ``StepOutcome.flags``. One small all-reduce and one device-to-host read per call: the
+        decision, the loss and the gradient norm come back together.
+        """
+        scaler, head = self.scaler, self.head
         if scaler.is_enabled():
             scaler.unscale_(self.backbone_optimizer)
             if head is not None:
-                head.unscale_(1.0 / scaler.get_scale())
+                head.unscale_(devices.loss_scale(scaler, self.device).reciprocal())  # a power of 2: exact
         params = self._backbone_params()
         if self.clip_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
         else:  # the norm only (it is the backbone's finite check); nothing to scale
             grad_norm = torch.nn.utils.get_total_norm([param.grad for param in params])
-        grad_norm = float(grad_norm)
-        local_finite = math.isfinite(grad_norm) and (head is None or head.grads_finite())
+        grad_norm = grad_norm.detach().float().to(self.device).reshape(1)
+        loss = (loss.detach().float().to(self.device) if isinstance(loss, torch.Tensor)
+                else torch.full((), float(loss), device=self.device)).reshape(1)
+        grads_bad = ~torch.isfinite(grad_norm)
+        head_finite = True if head is None else head.grads_finite()
+        if isinstance(head_finite, torch.Tensor):
+            grads_bad |= ~head_finite.to(self.device)
+        elif not head_finite:  # a host bool (a head without device-side checks): no copy to the device needed
+            grads_bad = torch.ones_like(grads_bad)
+        found_inf = devices.scaler_found_inf(scaler, self.backbone_optimizer)  # torch_npu: its overflow flags
+        if found_inf is not None:
+            grads_bad |= found_inf.to(self.device).reshape(1) > 0
         # Max over ranks of "something is wrong": every rank takes the same decision.
-        bad = torch.tensor([not math.isfinite(loss), not local_finite], dtype=torch.float32, device=self.device)
-        dist_utils.all_reduce_(bad, "max")
-        loss_bad, grads_bad = (bool(value) for value in bad.tolist())
+        decision = torch.cat([~torch.isfinite(loss), grads_bad, devices.flags_tensor(flags, self.device) > 0]).float()
+        dist_utils.all_reduce_(decision, "max")
+        values = torch.cat([decision, grad_norm, loss]).tolist()  # the step's one host read
+        loss_bad, grads_bad, agreed = values[0] > 0, values[1] > 0, [value > 0 for value in values[2:-2]]
         stepped = not loss_bad and not grads_bad
         if stepped:
-            # The backbone's own inf check (from unscale_) is finite here, since every rank's norm is.
-            scaler.step(self.backbone_optimizer)
+            # Every gradient is finite on every rank, the scaler's own flags included: GradScaler.step would only
+            # read them on the host once more (it still does where they could not be seen above).
+            if found_inf is None and scaler.is_enabled():
+                scaler.step(self.backbone_optimizer)
+            else:
+                self.backbone_optimizer.step()
             if head is not None:
                 head.step(self.head_group["lr"])
             scaler.update()
         elif scaler.is_enabled():
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-        return StepOutcome(stepped, not loss_bad, not grads_bad, grad_norm)
+        return StepOutcome(stepped, not loss_bad, not grads_bad, values[-2], values[-1], agreed)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the backbone's and the head's gradients."""

@@ -43,12 +43,18 @@ class RowStorage:
 
     ``generator`` returns the rounding generator for a device (the head owns it, so it is saved with
     the head's other generators). Stochastic-rounding noise is drawn once per step (``new_step()``) as
-    a pool, and each chunk of rows rounds with a window of it at a random offset.
+    a pool, and each chunk of rows rounds with a window of it at an offset that moves on by a fixed
+    stride from chunk to chunk.
     """
+
+    # Offsets step through the pool by the golden ratio of its length: successive windows overlap as little
+    # as a fixed stride can make them, with no random draw (reading one back would cost a device sync).
+    OFFSET_STRIDE = 0.6180339887498949
 
     def __init__(self, generator: Callable[[torch.device], torch.Generator], pool_rows: int):
         self.generator, self.pool_rows = generator, int(pool_rows)
         self.noise_pool: torch.Tensor | None = None
+        self.windows = 0  # windows handed out since the pool was drawn
 
     def new_step(self) -> None:
         """Fresh rounding noise for the next step."""
@@ -66,18 +72,20 @@ class RowStorage:
         return tensor.index_select(0, rows).float()
 
     def rounding_noise(self, values: torch.Tensor) -> torch.Tensor:
-        """Stochastic-rounding noise for ``values`` [rows, D]: a random window of rows of this step's pool.
+        """Stochastic-rounding noise for ``values`` [rows, D]: a window of rows of this step's pool.
         Drawing fresh noise for every element was 3/4 of a bf16 step on CPU (the generator makes ~100M
-        values/s); a window at a random offset keeps every element's noise uniform and independent of
-        the value it rounds, hence the rounding unbiased."""
-        generator = self.generator(values.device)
+        values/s). Every element of the pool is uniform and drawn independently of the values, so any
+        window keeps the rounding unbiased; the window's offset needs no randomness of its own."""
         rows = values.shape[0]
         pool = self.noise_pool
         if pool is None or pool.shape[0] < 2 * rows or pool.shape[1] != values.shape[1] or pool.device != values.device:
             pool = self.noise_pool = torch.empty((2 * max(rows, self.pool_rows), values.shape[1]),
                                                  dtype=torch.int32, device=values.device)
-            pool.random_(0, 1 << 16, generator=generator)
-        offset = int(torch.randint(0, pool.shape[0] - rows + 1, (1,), device=values.device, generator=generator))
+            pool.random_(0, 1 << 16, generator=self.generator(values.device))
+            self.windows = 0
+        span = pool.shape[0] - rows + 1
+        offset = int(self.windows * self.OFFSET_STRIDE * span) % span
+        self.windows += 1
         return pool[offset: offset + rows]
 
     def store(self, tensor: torch.Tensor, rows, values: torch.Tensor, scale: torch.Tensor | None = None) -> None:

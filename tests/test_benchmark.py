@@ -430,10 +430,11 @@ def doctor_status(step: int, loss: str, mem: float = 1.5) -> str:
 def test_doctor_runs_ddp_over_every_local_device_at_the_config_precision(monkeypatch, capsys):
     from tools.benchmarks import doctor
     from utils.devices import device as devices
+    from utils.devices import report
 
     # Two CUDA devices (faked: none here): one process per device under torchrun, the config's fp16 untouched.
     monkeypatch.setattr(devices, "resolve_kind", lambda requested: "cuda")
-    monkeypatch.setattr(devices, "local_device_count", lambda kind: 2 if kind == "cuda" else 1)
+    monkeypatch.setattr(report, "local_device_count", lambda kind: 2 if kind == "cuda" else 1)
     monkeypatch.setattr(doctor, "print_environment", lambda: None)
     stdout = "".join(doctor_status(step, f"{40 - step * 0.5:.4f}", mem=10.0 + step) for step in range(1, 21))
     calls = fake_train(monkeypatch, 0, stdout)

@@ -128,6 +128,26 @@ def test_inf_in_the_head_alone_skips_both(fp16):
     assert torch.equal(head.weight, weight)
 
 
+class SaturatingScaler(torch.amp.GradScaler):
+    """Stands in for torch_npu's scaler on an NPU in saturation mode: an overflow leaves finite (clamped)
+    gradients, and only the inf flag the scaler records in ``unscale_`` says so."""
+
+    def unscale_(self, optimizer):
+        super().unscale_(optimizer)
+        for found in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+            found.fill_(1.0)
+
+
+def test_the_scalers_own_overflow_flag_skips_the_step():
+    backbone, head, _, joint = setup("sgd", fp16=True)
+    scaler = joint.scaler = SaturatingScaler("cpu", init_scale=2.0 ** 16)
+    weight, backbone_weight = head.weight.clone(), backbone.weight.detach().clone()
+    outcome = joint.step(loss=forward_backward(backbone, head, scaler, 0))
+    assert not outcome.stepped and not outcome.grads_finite and math.isfinite(outcome.grad_norm)
+    assert torch.equal(head.weight, weight) and torch.equal(backbone.weight, backbone_weight)
+    assert scaler.get_scale() == 2.0 ** 15
+
+
 def _two_rank_worker(rank, world_size):
     """Rank 1's head shard gets an inf; both ranks must skip (and then both step)."""
     backbone, head, scaler, joint = setup("sgd", fp16=True)
@@ -138,15 +158,16 @@ def _two_rank_worker(rank, world_size):
     first = joint.step(loss=loss)
     joint.zero_grad()
     skipped_weight_same = torch.equal(head.weight, weight)
-    second = joint.step(loss=forward_backward(backbone, head, scaler, 1))
+    # The caller's own flags ride in the same all-reduce: rank 1 asks to stop, rank 0 lacks its next batch.
+    second = joint.step(loss=forward_backward(backbone, head, scaler, 1), flags=(rank == 1, rank == 0, False))
     return (first.stepped, first.grads_finite, skipped_weight_same, scaler.get_scale(),
-            second.stepped, torch.equal(head.weight, weight))
+            second.stepped, torch.equal(head.weight, weight), second.flags)
 
 
 def test_every_rank_takes_the_same_decision(port):
     results = run_ranks(_two_rank_worker, 2, port, timeout=90)
-    # Both ranks: first step skipped (rank 1's inf), scale halved; second step taken.
-    assert results[0] == results[1] == (False, False, True, 2.0 ** 15, True, False)
+    # Both ranks: first step skipped (rank 1's inf), scale halved; second step taken; both see both flags.
+    assert results[0] == results[1] == (False, False, True, 2.0 ** 15, True, False, [True, True, False])
 
 
 @pytest.mark.parametrize("pfc_update", ["dense", "sparse"])

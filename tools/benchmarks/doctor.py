@@ -53,12 +53,12 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
 
 def print_environment() -> None:
     """Versions, devices, distributed backends and native precisions (utils/devices/device.py)."""
-    from utils.devices import device as devices
+    from utils.devices import report
 
-    print_rows("doctor: software", devices.software_versions())
-    print_rows("doctor: devices", devices.local_devices())
-    print_rows("doctor: distributed backends", devices.distributed_backends())
-    print_rows("doctor: precisions", devices.native_precisions())
+    print_rows("doctor: software", report.software_versions())
+    print_rows("doctor: devices", report.local_devices())
+    print_rows("doctor: distributed backends", report.distributed_backends())
+    print_rows("doctor: precisions", report.native_precisions())
 
 
 def load_doctor_config(args: argparse.Namespace):
@@ -134,13 +134,13 @@ def summarize(lines: list[dict], steps: int, global_batch: int, kind: str) -> tu
 
 def run(args: argparse.Namespace) -> None:
     """Print the environment, train ``--steps`` steps through train.py and print what they showed."""
-    from utils.devices import device as devices
+    from utils.devices import device as devices, report
 
     check_arguments(args)
     print_environment()
     cfg = load_doctor_config(args)
     kind = devices.resolve_kind(args.device or cfg.device)
-    nproc = devices.local_device_count(kind)
+    nproc = report.local_device_count(kind)
     batch = args.batch_size or int(cfg.batch_size)
     classes = args.num_classes or cfg.num_classes or DEFAULT_CLASSES
     threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)

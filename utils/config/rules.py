@@ -239,6 +239,11 @@ def validate_config(cfg: Mapping[str, Any], defaults: Mapping[str, Any],
             raise _bad_value(name, problem, value, sources)
     if not prefix and cfg.get("fp16") and cfg.get("bf16"):
         raise ConfigError("config keys 'fp16' and 'bf16': both True, expected at most one of them")
+    if not prefix and cfg.get("fp16_grad_compression") and cfg.get("bf16"):
+        # bf16 gradients are not loss-scaled: small ones underflow in fp16 (smallest subnormal 6e-8).
+        raise ConfigError("config keys 'fp16_grad_compression' and 'bf16': both True; fp16 buckets would flush "
+                          "small unscaled bf16-run gradients to zero: use fp16_grad_compression with fp16 "
+                          "(loss-scaled) or fp32 training only")
 
 
 def _bad_value(name: str, expected: str, value: Any, sources: Mapping[str, str]) -> ConfigError:

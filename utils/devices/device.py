@@ -136,6 +136,22 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
     return DeviceContext(kind, device, rank, local_rank, world_size, backend, node_rank(rank), restarts)
 
 
+def apply_speed_settings(ctx: DeviceContext, cudnn_benchmark: bool, allow_tf32: bool) -> None:
+    """The config's speed switches for this process's device (config keys ``cudnn_benchmark`` and
+    ``allow_tf32``). CUDA: ``torch.backends.cudnn.benchmark`` and ``torch.backends.cuda.matmul.allow_tf32``;
+    Ascend: ``torch.npu.matmul.allow_hf32`` (torch_npu's TF32 counterpart; there is no cuDNN benchmark);
+    CPU: nothing to set."""
+    if ctx.kind == "cuda":
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+        torch.backends.cuda.matmul.allow_tf32 = bool(allow_tf32)
+    elif ctx.kind == "npu":
+        torch.npu.matmul.allow_hf32 = bool(allow_tf32)
+    else:
+        return
+    logger.info("%s: cudnn_benchmark=%s, allow_tf32=%s", ctx.kind, bool(cudnn_benchmark) if ctx.kind == "cuda"
+                else "n/a", bool(allow_tf32))
+
+
 def teardown(together: bool = False) -> None:
     """Leave the process group, if this process joined one.
 
@@ -186,6 +202,39 @@ def resolve_precision(ctx: DeviceContext, fp16: bool, bf16: bool) -> tuple[bool,
 def grad_scaler(ctx: DeviceContext, fp16: bool) -> torch.amp.GradScaler:
     """Loss scaling is needed for fp16 only; bf16 has fp32's exponent range."""
     return torch.amp.GradScaler(ctx.kind, enabled=fp16)
+
+
+def loss_scale(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
+    """The scaler's current scale as a float32 tensor on ``device``, not read on the host: torch's own scale
+    tensor (``_get_scale_async``, what torch's fused optimizers read), else ``get_scale()`` (a host read)."""
+    read_async = getattr(scaler, "_get_scale_async", None)
+    scale = read_async() if read_async is not None else None
+    if scale is None:
+        return torch.full((), float(scaler.get_scale()), device=device)
+    return scale.detach().float().to(device).reshape(())
+
+
+def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The inf/nan count ``scaler.unscale_(optimizer)`` recorded (a device tensor; torch_npu's scaler puts its
+    overflow-status flags there too), or None when the scaler is off or keeps no such record."""
+    if not scaler.is_enabled():
+        return None
+    states = getattr(scaler, "_per_optimizer_states", {})
+    found = states.get(id(optimizer), {}).get("found_inf_per_device") if isinstance(states, dict) else None
+    if not found:
+        return None
+    return torch.stack([value.reshape(()).float().to(next(iter(found.values())).device) for value in found.values()]).sum()
+
+
+def flags_tensor(values, device: torch.device) -> torch.Tensor:
+    """float32 [len(values)] on ``device`` from host numbers, with no host-to-device copy: a copy of a
+    host tensor waits for the device's queue (a stream sync); filling elements passes the numbers as
+    kernel arguments."""
+    flags = torch.zeros(len(values), dtype=torch.float32, device=device)
+    for index, value in enumerate(values):
+        if value:
+            flags[index].fill_(float(value))
+    return flags
 
 
 def pin_memory(ctx: DeviceContext) -> bool:
@@ -252,147 +301,63 @@ def memory_gib(ctx: DeviceContext) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def wrap_ddp(model: torch.nn.Module, ctx: DeviceContext, static_graph: bool, accumulation: int,
+             fp16_grad_compression: bool) -> torch.nn.Module:
+    """DDP with summed (not averaged) gradients (:func:`sum_allreduce_hook`); ``model`` itself without a
+    process group. ``static_graph`` (config key) is used only when every micro-step syncs (``accumulation``
+    1): torch's static graph and ``no_sync()`` do not mix (an internal assert at the first step, and once
+    past it gradients that stop being all-reduced: pytorch#143580, #187732)."""
+    if not ctx.distributed:
+        return model
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # BatchNorm statistics stay per rank between steps (arcface_torch's broadcast_buffers=False); newer
+    # torch spells it forward_sync_buffers and warns about the old name.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
+    static = bool(static_graph) and int(accumulation) == 1
+    if static_graph and not static:
+        logger.info("gradient_acc=%d: DDP runs with static_graph=False (torch's static graph breaks under "
+                    "no_sync, pytorch#143580)", accumulation)
+    wrapped = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.kind != "cpu" else None,
+                                      static_graph=static, **no_buffer_sync)
+    wrapped.register_comm_hook(None, sum_allreduce_hook(fp16_compression_applies(ctx, fp16_grad_compression)))
+    return wrapped
+
+
 def sum_allreduce_hook(fp16_compress: bool):
     """DDP communication hook that SUMS gradients (the Partial FC head returns true gradients of the
-    global-mean loss, so averaging over ranks would divide them by the world size)."""
+    global-mean loss, so averaging over ranks would divide them by the world size).
+
+    ``fp16_compress``: the bucket travels as fp16, divided by the world size first and multiplied back
+    after, so the fp16 all-reduce carries the mean (whose magnitude is that of one rank's gradient)
+    instead of a sum that can pass fp16's 65504 (torch's own fp16 compress hook also divides first);
+    the result is still the SUM, in the bucket's own dtype.
+    """
 
     def hook(state, bucket):  # no annotations: DDP inspects them and `from __future__` makes them strings
         buffer = bucket.buffer()
         if not fp16_compress:
             future = dist.all_reduce(buffer, async_op=True).get_future()
             return future.then(lambda fut: fut.value()[0])
-        compressed = buffer.to(torch.float16)
+        world_size = dist.get_world_size()
+        compressed = buffer.div_(world_size).to(torch.float16)  # divide in the bucket's precision, then round
         future = dist.all_reduce(compressed, async_op=True).get_future()
 
         def decompress(fut):
-            buffer.copy_(fut.value()[0])
-            return buffer
+            return buffer.copy_(fut.value()[0]).mul_(world_size)
 
         return future.then(decompress)
 
     return hook
 
 
-# ---------------------------------------------------------------- what this machine offers (tools/benchmark.py doctor)
-
-def _npu_module():
-    """torch_npu when it is installed (importing it registers ``torch.npu`` and HCCL), else None."""
-    try:
-        import torch_npu
-    except ImportError:
-        return None
-    return torch_npu
-
-
-def _first_line(command: list[str]) -> str:
-    """The first output line of a vendor tool (nvidia-smi), "" when it is missing or fails."""
-    import subprocess
-
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    lines = result.stdout.strip().splitlines() if result.returncode == 0 else []
-    return lines[0].strip() if lines else ""
-
-
-def _cann_version(torch_npu, module: str) -> str:
-    """CANN (or its driver's) version as torch_npu reports it (``get_cann_version``: CANN >= 8.1.RC1)."""
-    for owner in ("torch_npu.npu.utils", "torch_npu.utils"):
-        try:
-            import importlib
-
-            version = importlib.import_module(owner).get_cann_version(module=module)
-        except Exception:  # older torch_npu or CANN: the function is missing or cannot tell
-            continue
-        if version:
-            return str(version)
-    return str(getattr(torch.version, "cann", "") or "") if module == "CANN" else ""
-
-
-def local_device_count(kind: str) -> int:
-    """Devices of ``kind`` this node sees (CPU: 1 process)."""
-    if kind == "cuda":
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if kind == "npu":
-        return torch.npu.device_count() if _npu_available() else 0
-    return 1
-
-
-def software_versions() -> list[tuple[str, str]]:
-    """(name, version) of Python, torch and what it was built with, the GPU driver, torch_npu and CANN."""
-    import platform
-
-    nccl = ""
-    if torch.cuda.is_available() and dist.is_nccl_available():
-        version = torch.cuda.nccl.version()
-        nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-    driver = _first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) \
-        if torch.cuda.is_available() else ""
-    torch_npu = _npu_module()
-    rows = [("python", f"{platform.python_version()} ({platform.machine()}, {platform.system()})"),
-            ("torch", f"{torch.__version__} (git {(torch.version.git_version or '?')[:7]})"),
-            ("CUDA", f"built with {torch.version.cuda}" if torch.version.cuda else "not in this torch build"),
-            ("cuDNN", str(torch.backends.cudnn.version()) if torch.version.cuda and torch.backends.cudnn.is_available()
-             else "-"),
-            ("NCCL", nccl or "-"),
-            ("GPU driver", driver or ("unknown (nvidia-smi gave nothing)" if torch.cuda.is_available() else "-"))]
-    if torch_npu is None:
-        rows.append(("torch_npu", "not installed"))
-    else:
-        rows += [("torch_npu", str(getattr(torch_npu, "__version__", "?"))),
-                 ("CANN", _cann_version(torch_npu, "CANN") or "unknown (torch_npu does not say)"),
-                 ("NPU driver", _cann_version(torch_npu, "DRIVER") or "unknown (torch_npu does not say)")]
-    return rows
-
-
-def local_devices() -> list[tuple[str, str]]:
-    """(device, description) of every device this process can train on."""
-    rows = [("cpu", f"{os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads")]
-    for index in range(local_device_count("cuda")):
-        props = torch.cuda.get_device_properties(index)
-        rows.append((f"cuda:{index}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
-                                      f"{props.major}.{props.minor}"))
-    for index in range(local_device_count("npu")):
-        try:
-            props = torch.npu.get_device_properties(index)
-            rows.append((f"npu:{index}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB"))
-        except Exception:  # an older torch_npu without device properties
-            rows.append((f"npu:{index}", torch.npu.get_device_name(index)))
-    return rows
-
-
-def distributed_backends() -> list[tuple[str, str]]:
-    """(backend, whether this machine can use it) for gloo, NCCL, HCCL, MPI and UCC; train.py uses
-    BACKENDS[kind]."""
-    torch_npu = _npu_module()
-    is_hccl_available = getattr(getattr(torch_npu, "distributed", None), "is_hccl_available", None)
-    hccl = torch_npu is not None and (is_hccl_available() if is_hccl_available else "hccl" in dist.Backend.backend_list)
-    ucc = getattr(dist, "is_ucc_available", lambda: False)()
-    return [("gloo", "yes (CPU)" if dist.is_available() and dist.is_gloo_available() else "no"),
-            ("nccl", "yes (CUDA)" if dist.is_nccl_available() and local_device_count("cuda") else
-             "built in, no CUDA device" if dist.is_nccl_available() else "no"),
-            ("hccl", "yes (NPU)" if hccl and local_device_count("npu") else "no"),
-            ("mpi", "yes" if dist.is_mpi_available() else "no"), ("ucc", "yes" if ucc else "no")]
-
-
-def native_precisions() -> list[tuple[str, str]]:
-    """(device, which of fp32/fp16/bf16 run natively there); emulated ones are slower than fp32."""
-    if cpu_has_native_bf16():
-        cpu_bf16 = "bf16 native (AVX512-BF16/AMX)"
-    else:
-        cpu_bf16 = "bf16 emulated (slower than fp32)"
-    rows = [("cpu", f"fp32 native, {cpu_bf16}, fp16 emulated (train.py uses bf16 or fp32 instead)")]
-    for index in range(local_device_count("cuda")):
-        # Per device from its compute capability (torch.cuda.is_bf16_supported answers for the current device
-        # only): bf16 and TF32 tensor cores from sm_80 (Ampere), fp16 tensor cores from sm_70, fp16 math from sm_53.
-        major, minor = torch.cuda.get_device_capability(index)
-        bf16 = major >= 8
-        rows.append((f"cuda:{index}", f"fp32 native{' (TF32 tensor cores)' if major >= 8 else ''}, "
-                                      f"fp16 {'native' if (major, minor) >= (5, 3) else 'emulated'}"
-                                      f"{' (tensor cores)' if major >= 7 else ''}, "
-                                      f"bf16 {'native' if bf16 else 'not native'}"))
-    for index in range(local_device_count("npu")):
-        bf16 = getattr(torch.npu, "is_bf16_supported", lambda: False)()
-        rows.append((f"npu:{index}", f"fp32 native, fp16 native, bf16 {'native' if bf16 else 'not supported'}"))
-    return rows
+def fp16_compression_applies(ctx: DeviceContext, requested: bool) -> bool:
+    """Whether ``fp16_grad_compression`` is used: on CUDA (NCCL) and Ascend (HCCL, where torch_npu documents
+    the same DDP hook); on CPU/gloo it would only cost conversions, so it is left off there with a note."""
+    if requested and ctx.kind == "cpu":
+        logger.info("fp16_grad_compression=True: not applied on CPU (gloo gains nothing from fp16 buckets)")
+    return bool(requested) and ctx.kind in ("cuda", "npu")

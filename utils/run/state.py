@@ -34,9 +34,14 @@ class TrainingError(RuntimeError):
     """The run cannot continue (e.g. the loss stayed non-finite); the message says why."""
 
 
+# Decisions travel as float32: NCCL and HCCL both reduce it (HCCL has no float64 all-reduce); flags
+# and counts below 2**24 are exact in it.
+DECISION_DTYPE = torch.float32
+
+
 def all_ranks_min(values: list[float], ctx: devices.DeviceContext) -> list[float]:
     """Element-wise minimum over ranks, so every rank takes the same skip/stop decision."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.kind != "cpu" else "cpu")
+    tensor = torch.tensor(values, dtype=DECISION_DTYPE, device=ctx.device if ctx.kind != "cpu" else "cpu")
     if ctx.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return tensor.tolist()
@@ -44,7 +49,7 @@ def all_ranks_min(values: list[float], ctx: devices.DeviceContext) -> list[float
 
 def rank0_decides(value: float, ctx: devices.DeviceContext) -> float:
     """Rank 0's ``value`` on every rank (decisions about the output folder are rank 0's to make)."""
-    tensor = torch.tensor([value], dtype=torch.float64, device=ctx.device if ctx.kind != "cpu" else "cpu")
+    tensor = torch.tensor([value], dtype=DECISION_DTYPE, device=ctx.device if ctx.kind != "cpu" else "cpu")
     if ctx.distributed:
         dist.broadcast(tensor, src=0)
     return float(tensor.item())

@@ -107,6 +107,10 @@ def test_parse_override_and_to_plain():
     ("", ["max_bad_records=-0.1"], r"'max_bad_records': expected a fraction of the data below 1 .*, got -0.1"),
     ("", ["max_bad_records=True"], r"'max_bad_records': expected a fraction .*, got True \(bool\)$"),
     ("config.fp16 = True\n", ["bf16=True"], r"config keys 'fp16' and 'bf16': both True"),
+    ("config.bf16 = True\n", ["fp16_grad_compression=True"],
+     r"^config keys 'fp16_grad_compression' and 'bf16': both True; fp16 buckets would flush"),
+    ("", ["cudnn_benchmark=1"], r"'cudnn_benchmark': expected True or False, got 1 \(int\)$"),
+    ("", ["allow_tf32='yes'"], r"'allow_tf32': expected True or False, got 'yes' \(str\)$"),
 ])
 def test_wrong_types_and_ranges_are_one_line_errors(tmp_path, body, overrides, message):
     with pytest.raises(ConfigError, match=message) as info:

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from tests.spawn_helpers import run_ranks
 from utils.devices import device as devices
+from utils.devices import report
 
 
 def test_cpu_resolution_and_errors(monkeypatch):
@@ -90,16 +91,16 @@ def test_fp16_on_cpu_falls_back_with_one_warning(monkeypatch, caplog, native_bf1
 # ---------------------------------------------------------------- the environment report (tools/benchmark.py doctor)
 
 def test_environment_report_on_this_cpu_machine():
-    versions = dict(devices.software_versions())
+    versions = dict(report.software_versions())
     assert versions["torch"].startswith(torch.__version__ + " (git ")
     assert versions["CUDA"] == (f"built with {torch.version.cuda}" if torch.version.cuda else "not in this torch build")
-    cpu = dict(devices.local_devices())["cpu"]
+    cpu = dict(report.local_devices())["cpu"]
     assert cpu == f"{os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads"
-    backends = dict(devices.distributed_backends())
+    backends = dict(report.distributed_backends())
     assert backends["gloo"] == ("yes (CPU)" if dist.is_gloo_available() else "no")
     assert list(backends) == ["gloo", "nccl", "hccl", "mpi", "ucc"]
-    assert dict(devices.native_precisions())["cpu"].startswith("fp32 native, bf16 ")
-    assert devices.local_device_count("cpu") == 1
+    assert dict(report.native_precisions())["cpu"].startswith("fp32 native, bf16 ")
+    assert report.local_device_count("cpu") == 1
 
 
 def test_environment_report_for_two_cuda_devices_uses_the_documented_api(monkeypatch):
@@ -114,16 +115,16 @@ def test_environment_report_for_two_cuda_devices_uses_the_documented_api(monkeyp
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (props[index].major, props[index].minor))
     monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 21, 5))
     monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
-    monkeypatch.setattr(devices, "_first_line", lambda command: "550.54.15" if command[0] == "nvidia-smi" else "")
-    versions = dict(devices.software_versions())
+    monkeypatch.setattr(report, "_first_line", lambda command: "550.54.15" if command[0] == "nvidia-smi" else "")
+    versions = dict(report.software_versions())
     assert versions["NCCL"] == "2.21.5" and versions["GPU driver"] == "550.54.15"
-    assert devices.local_devices()[1:] == [("cuda:0", "NVIDIA H100 80GB HBM3, 80.0 GiB, compute capability 9.0"),
+    assert report.local_devices()[1:] == [("cuda:0", "NVIDIA H100 80GB HBM3, 80.0 GiB, compute capability 9.0"),
                                            ("cuda:1", "Tesla V100-SXM2-32GB, 32.0 GiB, compute capability 7.0")]
-    assert dict(devices.distributed_backends())["nccl"] == "yes (CUDA)"
-    assert devices.native_precisions()[1:] == [
+    assert dict(report.distributed_backends())["nccl"] == "yes (CUDA)"
+    assert report.native_precisions()[1:] == [
         ("cuda:0", "fp32 native (TF32 tensor cores), fp16 native (tensor cores), bf16 native"),
         ("cuda:1", "fp32 native, fp16 native (tensor cores), bf16 not native")]  # a V100 next to an H100
-    assert devices.local_device_count("cuda") == 2
+    assert report.local_device_count("cuda") == 2
 
 
 def test_environment_report_for_an_ascend_npu_uses_the_documented_api(monkeypatch):
@@ -146,9 +147,77 @@ def test_environment_report_for_an_ascend_npu_uses_the_documented_api(monkeypatc
     for name, module in (("torch_npu", torch_npu), ("torch_npu.npu", npu_package), ("torch_npu.npu.utils", npu_utils)):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(torch, "npu", npu, raising=False)
-    versions = dict(devices.software_versions())
+    versions = dict(report.software_versions())
     assert (versions["torch_npu"], versions["CANN"], versions["NPU driver"]) == ("2.1.0.post8", "8.1.RC1", "24.1.0")
-    assert devices.local_devices()[-1] == ("npu:0", "Ascend910B2, 64.0 GiB")
-    assert dict(devices.distributed_backends())["hccl"] == "yes (NPU)"
-    assert devices.native_precisions()[-1] == ("npu:0", "fp32 native, fp16 native, bf16 native")
-    assert devices.local_device_count("npu") == 1 and devices.resolve_kind("npu") == "npu"
+    assert report.local_devices()[-1] == ("npu:0", "Ascend910B2, 64.0 GiB")
+    assert dict(report.distributed_backends())["hccl"] == "yes (NPU)"
+    assert report.native_precisions()[-1] == ("npu:0", "fp32 native, fp16 native, bf16 native")
+    assert report.local_device_count("npu") == 1 and devices.resolve_kind("npu") == "npu"
+
+
+def _fp16_hook_worker(rank: int, world_size: int) -> tuple:
+    """Every rank's gradient is 40000 per element: the SUM (80000) is past fp16's largest value (65504)."""
+    plain = torch.full((3,), 40000.0, dtype=torch.float16)
+    dist.all_reduce(plain)  # what an fp16 all-reduce without the divide carries
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1, bias=False))
+    model.register_comm_hook(None, devices.sum_allreduce_hook(fp16_compress=True))
+    with torch.no_grad():
+        model.module.weight.fill_(1.0)
+    model(torch.full((1, 3), 40000.0 if rank == 0 else 40001.0)).sum().backward()
+    grad = model.module.weight.grad
+    return plain.tolist(), grad.dtype, grad.tolist()
+
+
+def test_fp16_compression_divides_by_the_world_size_and_still_sums(port):
+    results = run_ranks(_fp16_hook_worker, 2, port)
+    for plain, dtype, grad in results:
+        assert plain == [float("inf")] * 3  # without the divide the fp16 sum overflows
+        assert dtype == torch.float32
+        # (40000 + 40001) / 2 = 40000.5 rounds to 40000 in fp16 (its spacing there is 32): sum = 2 x 40000
+        assert grad == [[80000.0, 80000.0, 80000.0]]
+
+
+def test_fp16_compression_applies_on_cuda_and_npu_only():
+    for kind, expected in (("cuda", True), ("npu", True), ("cpu", False)):
+        ctx = devices.DeviceContext(kind, torch.device("cpu"), 0, 0, 2, devices.BACKENDS[kind])
+        assert devices.fp16_compression_applies(ctx, True) is expected
+        assert devices.fp16_compression_applies(ctx, False) is False
+
+
+def test_speed_settings_set_the_device_flags(monkeypatch):
+    import types
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    npu = types.SimpleNamespace(matmul=types.SimpleNamespace(allow_hf32=False))
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    cpu = devices.DeviceContext("cpu", torch.device("cpu"), 0, 0, 1, "gloo")
+    devices.apply_speed_settings(cpu, cudnn_benchmark=True, allow_tf32=True)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, npu.matmul.allow_hf32) == \
+        (False, False, False)  # nothing on CPU
+    cuda = devices.DeviceContext("cuda", torch.device("cpu"), 0, 0, 1, "nccl")
+    devices.apply_speed_settings(cuda, cudnn_benchmark=True, allow_tf32=True)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, npu.matmul.allow_hf32) == \
+        (True, True, False)
+    devices.apply_speed_settings(cuda, cudnn_benchmark=False, allow_tf32=False)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+    ascend = devices.DeviceContext("npu", torch.device("cpu"), 0, 0, 1, "hccl")
+    devices.apply_speed_settings(ascend, cudnn_benchmark=True, allow_tf32=True)
+    assert (torch.backends.cudnn.benchmark, npu.matmul.allow_hf32) == (False, True)
+
+
+def test_the_trainer_applies_the_configured_speed_settings(monkeypatch, tmp_path):
+    """train.main hands the config's keys to the device layer (with the defaults base.py documents)."""
+    import train
+
+    seen = []
+    monkeypatch.setattr(devices, "apply_speed_settings", lambda ctx, benchmark, tf32: seen.append((benchmark, tf32)))
+    monkeypatch.setattr(train, "train", lambda *args: {})
+    config = tmp_path / "job.py"
+    config.write_text("from easydict import EasyDict as edict\nconfig = edict()\nconfig.device = 'cpu'\n"
+                      f"config.output = {str(tmp_path / 'out')!r}\n")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert train.main([str(config)]) == 0
+    assert train.main([str(config), "--set", "allow_tf32=True", "--set", "cudnn_benchmark=False"]) == 0
+    assert seen == [(True, False), (False, True)]
