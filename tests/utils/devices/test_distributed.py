@@ -59,3 +59,26 @@ def test_all_gather_unequal_batches_and_gradient(port):
         assert torch.equal(result["gathered"], expected)
         assert torch.equal(result["labels"], expected_labels)
         assert torch.equal(result["grad"], torch.tensor([[6.0, 60.0]]).expand(SIZES[rank], 2))
+
+
+def _buffers_worker(rank: int, world_size: int) -> bytes:
+    # Each rank's BatchNorm has seen other data: its running statistics differ from the other ranks'.
+    norm = torch.nn.BatchNorm1d(3)
+    norm(torch.randn(8, 3, generator=torch.Generator().manual_seed(rank)) * (rank + 1))
+    own = {key: value.clone() for key, value in norm.state_dict().items()}
+    with dist_utils.rank0_buffers(norm) as module:
+        inside = {key: value.clone() for key, value in module.state_dict().items()}
+    return _pack({"own": own, "inside": inside, "after": norm.state_dict()})
+
+
+def test_rank0_buffers_lends_rank_0s_statistics_and_gives_each_rank_its_own_back(port):
+    results = [torch.load(io.BytesIO(data), weights_only=True) for data in run_ranks(_buffers_worker, 2, port)]
+    rank0_own = results[0]["own"]
+    assert not torch.equal(results[1]["own"]["running_mean"], rank0_own["running_mean"])
+    for result in results:
+        for key in rank0_own:
+            assert torch.equal(result["inside"][key], rank0_own[key]), key   # every rank evaluates rank 0's
+            assert torch.equal(result["after"][key], result["own"][key]), key  # and trains on with its own
+    norm = torch.nn.BatchNorm1d(3)
+    with dist_utils.rank0_buffers(norm) as module:  # without a process group: the module as it is
+        assert module is norm
