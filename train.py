@@ -34,12 +34,15 @@ from utils.devices import device as devices
 from utils.config.load import load_config, to_plain
 from utils.config.rules import ConfigError
 from utils.data.errors import DatasetError
+from utils.data.workers import start_logged
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
 from utils.run.state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint,
                              save_checkpoint)
 from utils.run.summary import log_progress, log_scalars, open_summary_writers, print_summary
+from utils.run.failures import failure_line
 from utils.run.stop import StopRequest, WorkerDeaths
+from utils.run.watchdog import StepWatch, process_group_timeout_s
 from utils.weights.load import load_backbone
 
 logger = logging.getLogger("arcscale.train")
@@ -192,13 +195,18 @@ def check_data_health(loader: Any, cfg: Any, ctx: devices.DeviceContext) -> None
         raise DatasetError(error or "corrupt samples above max_bad_records on another rank (see its log)")
 
 
-def fetch_step(batches: Any, accumulation: int, deaths: WorkerDeaths) -> tuple[list | None, str]:
-    """The micro-batches of one optimizer step, or (None, why) when a DataLoader worker died (since the
-    last step, e.g. during a checkpoint write, or while this step's batches were being handed over)."""
+def fetch_step(batches: Any, accumulation: int, deaths: WorkerDeaths, watch: StepWatch,
+               step: int) -> tuple[list | None, str]:
+    """The micro-batches of optimizer step ``step``, or (None, why) when a DataLoader worker died (since the
+    last step, e.g. during a checkpoint write, or while this step's batches were being handed over).
+    ``watch`` learns where this rank is: loading the batches, then entering the step's collectives."""
     if deaths.failure:
         return None, deaths.failure
+    watch.reached(step, "data")
     try:
-        return [next(batches) for _ in range(accumulation)], ""
+        micro_batches = [next(batches) for _ in range(accumulation)]
+        watch.reached(step, "step")
+        return micro_batches, ""
     except RuntimeError as exc:
         if "DataLoader worker" not in str(exc):
             raise
@@ -226,9 +234,11 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> 
     return loss_sum
 
 
-def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: WorkerDeaths) -> dict[str, float]:
+def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: WorkerDeaths,
+          watch: StepWatch) -> dict[str, float]:
     """Train ``cfg`` on this rank; returns the last verification results (empty without val_targets).
-    ``stop`` and ``deaths`` carry the signals (stop requests, dead DataLoader workers) read between steps."""
+    ``stop`` and ``deaths`` carry the signals (stop requests, dead DataLoader workers) read between steps;
+    ``watch`` follows the steps (error lines, first-step memory, the stalled-rank watchdog)."""
     seed_everything(cfg.seed + ctx.rank)
     resume_path, resume_state = prepare_output(cfg, ctx)
     attach_log_file(ctx.rank, cfg.output)
@@ -275,12 +285,12 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     # ---- the loop: one iteration = one optimizer step of `accumulation` micro-batches
     while epoch < plan.num_epoch and step < plan.last_step and not ended:
         sampler.set_epoch(epoch)
-        batches = deaths.start(loader)  # workers start with signals blocked (see utils/stop.py)
+        batches = start_logged(loader, deaths.start)  # workers start with signals blocked (utils/run/stop.py)
         steps_this_epoch = len(loader) // plan.accumulation
         steps_to_run = min(steps_this_epoch, plan.last_step - step)
         for _ in range(steps_to_run):
             wait_start = time.perf_counter()
-            micro_batches, fetch_error = fetch_step(batches, plan.accumulation, deaths)
+            micro_batches, fetch_error = fetch_step(batches, plan.accumulation, deaths, watch, step + 1)
             data_wait = time.perf_counter() - wait_start
             # Every rank trains this step, or none does: a stop or a dead worker anywhere abandons it everywhere.
             have_data, no_stop = all_ranks_min([float(micro_batches is not None), float(not stop.requested)], ctx)
@@ -358,24 +368,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        ctx = devices.setup(cfg.device, args.local_rank)
+        ctx = devices.setup(cfg.device, args.local_rank, process_group_timeout_s(cfg.collective_timeout_s))
     except Exception as exc:
         if type(exc).__module__.split(".")[0] not in OUR_PACKAGES:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     setup_logging(ctx.rank, None, cfg.log_level)  # training.log joins once the output folder is accepted
-    finished = False
+    finished, watch = False, StepWatch(ctx, cfg.collective_timeout_s)
     try:
-        with StopRequest() as stop, WorkerDeaths() as deaths:
-            train(cfg, ctx, stop, deaths)
+        with StopRequest() as stop, WorkerDeaths() as deaths, watch:
+            train(cfg, ctx, stop, deaths, watch)
         finished = True
         return 0
     except Exception as exc:
+        # Out of memory and failed collectives come from inside torch: said in one line too.
+        message = failure_line(exc, cfg, watch)
         worker_died = isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
-        if type(exc).__module__.split(".")[0] not in OUR_PACKAGES and not worker_died:
+        if message is None and type(exc).__module__.split(".")[0] not in OUR_PACKAGES and not worker_died:
             raise
-        message = one_line(exc)
+        if watch.exiting.is_set():
+            return 2  # the watchdog has said it (missing ranks) and is ending the process
+        message = message or one_line(exc)
         logger.error("error: %s", message, extra={"console": False})  # training.log; the console gets stderr
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 2

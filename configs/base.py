@@ -81,6 +81,9 @@ config.fp16 = False             # autocast fp16 + GradScaler (apex O1 equivalent
 config.bf16 = False             # autocast bf16 (no scaler)
 config.fp16_grad_compression = False  # CUDA: compress DDP gradient buckets to fp16
 config.static_graph = True      # DDP static graph: the same parameters get gradients every step
+config.collective_timeout_s = 1800  # several ranks: seconds a rank may be missing (stopped, hung, gone) before the
+                                    # run ends with one error line naming it (exit 2), warnings before; the process
+                                    # group's own timeout is 60 s longer (utils/run/watchdog.py)
 
 # ---------------------------------------------------------------- logging, eval, checkpoints
 config.frequent = 10            # a step interval (arcface_torch's name): log every N optimizer steps

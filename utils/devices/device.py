@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import resource
 from dataclasses import dataclass
 from typing import ContextManager
@@ -81,8 +82,11 @@ def launch_env(legacy_local_rank: int | None = None) -> tuple[int, int, int]:
     return rank, int(local_rank), world_size
 
 
-def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout_minutes: float = 30.0) -> DeviceContext:
-    """Pick the device, set it for this process and join the process group when launched with several ranks."""
+def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout_s: float = 1800.0) -> DeviceContext:
+    """Pick the device, set it for this process and join the process group when launched with several ranks.
+
+    ``timeout_s`` bounds forming the group and every collective (torch's default is 30 minutes; the
+    trainer passes its ``collective_timeout_s`` plus a grace, see utils/run/watchdog.py)."""
     kind = resolve_kind(requested)
     rank, local_rank, world_size = launch_env(legacy_local_rank)
     if kind == "cuda":
@@ -100,19 +104,60 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise DeviceError(f"WORLD_SIZE={world_size} but {key} is not set; launch with torchrun")
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
-            # torchrun keeps its store across restarts: a fresh key prefix per attempt keeps the restarted
-            # ranks from reading the dead ranks' gloo/NCCL addresses.
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                  is_master=False, timeout=timeout)
-            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"arcscale/attempt_{restart}", store),
-                                    rank=rank, world_size=world_size, timeout=timeout)
-        else:
-            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                    timeout=timeout)
+        try:
+            _join_process_group(backend, rank, world_size, datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as exc:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
+            if collective_failure(exc) != "timeout":
+                raise
+            raise DeviceError(f"rank {rank}: the {world_size} ranks did not all join the process group at "
+                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_s:g} s "
+                              f"(are all ranks/nodes started? config key 'collective_timeout_s' sets the "
+                              f"wait): {str(exc).strip().splitlines()[0]}") from None
     return DeviceContext(kind, device, rank, local_rank, world_size, backend)
+
+
+def _join_process_group(backend: str, rank: int, world_size: int, timeout: datetime.timedelta) -> None:
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
+        # torchrun keeps its store across restarts: a fresh key prefix per attempt keeps the restarted
+        # ranks from reading the dead ranks' gloo/NCCL addresses.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False, timeout=timeout)
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"arcscale/attempt_{restart}", store),
+                                rank=rank, world_size=world_size, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=timeout)
+
+
+def store_client(timeout_s: float) -> "dist.TCPStore":
+    """A new client of the rendezvous TCP store this process group formed through (torchrun's agent
+    hosts it, or rank 0 under a plain env:// launch), for side channels such as heartbeats."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def store_host_rank() -> int | None:
+    """The rank whose process hosts the rendezvous store (None: torchrun's agent hosts it)."""
+    return None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
+
+
+# What torch's backends raise when a collective waits too long or its peer is gone (gloo's, NCCL's and
+# HCCL's messages; DistBackendError where torch has it).
+_TIMEOUT_TEXT = re.compile(r"Timed out waiting|Watchdog caught collective operation timeout|timed out after|"
+                           r"HCCL.*time ?out|Socket Timeout", re.IGNORECASE)
+_PEER_GONE_TEXT = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|"
+                             r"NCCL communicator was aborted|remote process exited", re.IGNORECASE)
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """``"timeout"``, ``"peer"`` (another rank went away) or None for an exception from a collective."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc)
+    if _TIMEOUT_TEXT.search(text):
+        return "timeout"
+    return "peer" if _PEER_GONE_TEXT.search(text) else None
 
 
 def teardown(together: bool = False) -> None:
@@ -203,6 +248,90 @@ def memory_gib(ctx: DeviceContext) -> float:
     if _accelerator(ctx) is not None:
         return _accelerator(ctx).max_memory_allocated(ctx.device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+# ---------------------------------------------------------------- out of memory
+
+# CUDA: torch.OutOfMemoryError "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity
+# of ..."; torch_npu's caching allocator: "NPU out of memory. Tried to allocate 2.00 GiB (NPU 0; 28.50 GiB
+# total capacity; ...)", ACL's own "EL0004: Failed to allocate memory"; c10's CPU allocator:
+# "DefaultCPUAllocator: can't allocate memory: you tried to allocate 722534400 bytes. Error code 12".
+_OOM_TEXT = re.compile(r"(CUDA|NPU|XPU) out of memory|DefaultCPUAllocator: (can't allocate memory|not enough memory)|"
+                       r"EL0004: Failed to allocate memory")
+_ASKED_SIZE = re.compile(r"Tried to allocate ([0-9.]+) ?(bytes|B|KiB|MiB|GiB|TiB)")
+_ASKED_BYTES = re.compile(r"you tried to allocate ([0-9]+) bytes")
+_UNITS = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+@dataclass(frozen=True)
+class OutOfMemory:
+    """An allocation that failed: on which memory, and how many bytes were asked for (None: not said)."""
+
+    memory: str                 # "CUDA", "NPU", "CPU" (host memory), "accelerator" (an OutOfMemoryError that says no more)
+    requested_bytes: int | None
+
+
+def out_of_memory(exc: BaseException) -> OutOfMemory | None:
+    """The allocation failure ``exc`` reports (also when a DataLoader worker's re-raised text carries it), or None."""
+    if isinstance(exc, MemoryError):
+        return OutOfMemory("CPU", None)
+    if not isinstance(exc, RuntimeError):  # torch.OutOfMemoryError is a RuntimeError
+        return None
+    text = str(exc)
+    match = _OOM_TEXT.search(text)
+    if match is None and not isinstance(exc, torch.OutOfMemoryError):
+        return None
+    memory = "accelerator" if match is None else \
+        match.group(1) or ("NPU" if match.group(0).startswith("EL0004") else "CPU")
+    size = _ASKED_SIZE.search(text)
+    if size is not None:
+        return OutOfMemory(memory, int(float(size.group(1)) * _UNITS[size.group(2)]))
+    size = _ASKED_BYTES.search(text)
+    return OutOfMemory(memory, int(size.group(1)) if size else None)
+
+
+def format_bytes(count: float) -> str:
+    """``722534400`` -> ``"689.1 MiB"``; GiB from 1 GiB up."""
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def _cgroup_memory_limit() -> int | None:
+    # A container's or a batch job's memory limit (cgroup v2, then v1); "max" or a huge v1 value = none.
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as handle:
+                value = handle.read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 2**60:
+            return int(value)
+    return None
+
+
+def memory_capacity(ctx: DeviceContext) -> int:
+    """Bytes the training memory can hold: the accelerator's total, or on CPU the machine's RAM (or the
+    cgroup limit of this container/job when lower)."""
+    accelerator = _accelerator(ctx)
+    if accelerator is not None:
+        return int(accelerator.get_device_properties(ctx.device).total_memory)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = _cgroup_memory_limit()
+    return min(physical, limit) if limit else physical
+
+
+def peak_memory_report(ctx: DeviceContext) -> str:
+    """The peak memory so far against what the device holds, e.g. ``peak 9.81 GiB allocated (10.20 GiB
+    reserved) of 79.15 GiB on cuda:0: 68.95 GiB headroom`` (CPU: this process's peak RSS of the RAM)."""
+    total = memory_capacity(ctx)
+    accelerator = _accelerator(ctx)
+    if accelerator is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return (f"peak {format_bytes(peak)} resident (this process) of {format_bytes(total)} RAM: "
+                f"{format_bytes(max(total - peak, 0))} headroom")
+    allocated = accelerator.max_memory_allocated(ctx.device)
+    reserved = accelerator.max_memory_reserved(ctx.device)
+    return (f"peak {format_bytes(allocated)} allocated ({format_bytes(reserved)} reserved by the caching "
+            f"allocator) of {format_bytes(total)} on {ctx.device}: {format_bytes(max(total - reserved, 0))} headroom")
 
 
 def sum_allreduce_hook(fp16_compress: bool):
