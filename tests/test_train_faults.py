@@ -223,3 +223,4 @@ def test_a_rank_that_never_joins_is_one_line_after_the_timeout(tmp_path, identit
         f"ranks/nodes started? config key 'collective_timeout_s' sets the wait): "), lines  # then torch's words
     assert 61 <= took < 120
     assert not (tmp_path / "out_alone").exists()  # nothing was started
+
