@@ -208,7 +208,7 @@ def fetch_step(batches: Any, accumulation: int, deaths: WorkerDeaths, watch: Ste
         watch.reached(step, "step")
         return micro_batches, ""
     except RuntimeError as exc:
-        if "DataLoader worker" not in str(exc):
+        if "DataLoader worker" not in str(exc) or devices.out_of_memory(exc):  # a worker out of memory: main() says so
             raise
         return None, str(exc).splitlines()[0]
     except (ConnectionError, EOFError) as exc:  # killed while handing a batch over (its fd socket broke)

@@ -224,3 +224,33 @@ def test_a_rank_that_never_joins_is_one_line_after_the_timeout(tmp_path, identit
     assert 61 <= took < 120
     assert not (tmp_path / "out_alone").exists()  # nothing was started
 
+
+
+def test_a_dataloader_worker_out_of_memory_is_said_as_such_not_as_a_dead_worker(tmp_path):
+    import train
+    from utils.config.load import load_config
+    from utils.devices.device import DeviceContext
+    from utils.run.failures import failure_line
+    from utils.run.stop import WorkerDeaths
+    from utils.run.watchdog import StepWatch
+
+    cfg = load_config(write_config(tmp_path, "worker_oom", tmp_path, num_workers=2))
+    watch = StepWatch(DeviceContext("cpu", torch.device("cpu"), 0, 0, 1, "gloo"), cfg.collective_timeout_s)
+
+    def batches(message: str):
+        raise RuntimeError(message)
+        yield  # a generator, as the loader's iterator
+
+    # How torch re-raises a worker's exception in the main process.
+    worker_oom = ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                  "RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                  "memory: you tried to allocate 185794560 bytes. Error code 12 (Cannot allocate memory)")
+    with pytest.raises(RuntimeError) as raised:
+        train.fetch_step(batches(worker_oom), 1, WorkerDeaths(), watch, 1)
+    assert failure_line(raised.value, cfg, watch) == (
+        "out of host memory (RAM) at step 1 (loading its batches): tried to allocate 177.2 MiB; lower batch_size "
+        "(now 8; raise gradient_acc, now 1, to keep the global batch), or num_workers (now 2; each worker holds "
+        "batches in flight)")
+    # A worker that died is still the dead-worker stop (checkpoint, then one line), not an exception.
+    died = "DataLoader worker (pid 4242) is killed by signal: Killed."
+    assert train.fetch_step(batches(died), 1, WorkerDeaths(), watch, 2) == (None, died)

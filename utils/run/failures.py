@@ -33,7 +33,8 @@ def memory_advice(oom: devices.OutOfMemory, cfg: Any, where: str, verification: 
     asked = f"tried to allocate {devices.format_bytes(oom.requested_bytes)}" if oom.requested_bytes else \
         "an allocation failed"
     if verification:
-        where, lower = f"{where}'s verification", [f"val_batch_size (now {cfg.val_batch_size})"]
+        where = "the verification before the first step" if where.startswith("setting up") else f"{where}'s verification"
+        lower = [f"val_batch_size (now {cfg.val_batch_size})"]
     else:
         lower = [f"batch_size (now {cfg.batch_size}; raise gradient_acc, now {cfg.gradient_acc}, to keep the "
                  f"global batch)"]
