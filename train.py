@@ -197,9 +197,8 @@ def check_data_health(loader: Any, cfg: Any, ctx: devices.DeviceContext) -> None
 
 def fetch_step(batches: Any, accumulation: int, deaths: WorkerDeaths, watch: StepWatch,
                step: int) -> tuple[list | None, str]:
-    """The micro-batches of optimizer step ``step``, or (None, why) when a DataLoader worker died (since the
-    last step, e.g. during a checkpoint write, or while this step's batches were being handed over).
-    ``watch`` learns where this rank is: loading the batches, then entering the step's collectives."""
+    """The micro-batches of optimizer step ``step`` (``watch`` learns: loading them, then in the step), or (None,
+    why) when a DataLoader worker died (since the last step, or while this step's batches were handed over)."""
     if deaths.failure:
         return None, deaths.failure
     watch.reached(step, "data")
@@ -382,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         finished = True
         return 0
     except Exception as exc:
-        # Out of memory and failed collectives come from inside torch: said in one line too.
-        message = failure_line(exc, cfg, watch)
+        message = failure_line(exc, cfg, watch)  # out of memory, failed collectives: torch's, said in one line
         worker_died = isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
         if message is None and type(exc).__module__.split(".")[0] not in OUR_PACKAGES and not worker_died:
             raise

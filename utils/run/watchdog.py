@@ -104,7 +104,12 @@ class StepWatch:
 
     def _log_first_step_memory(self, step: int) -> None:
         self._memory_logged = True
-        logger.info("step %d (this run's first): %s", step, devices.peak_memory_report(self.ctx))
+        try:
+            report = devices.peak_memory_report(self.ctx)
+        except (RuntimeError, AttributeError, OSError) as exc:  # a device API that says no: a lost line, not a run
+            logger.warning("step %d: peak memory unavailable (%s)", step, exc)
+            return
+        logger.info("step %d (this run's first): %s", step, report)
 
     def __enter__(self) -> "StepWatch":
         if not self.ctx.distributed:
@@ -114,9 +119,9 @@ class StepWatch:
             self._store = dist.PrefixStore(f"arcscale/heartbeat/{restart}/",
                                            devices.store_client(self.silent_after))
             self._publish(0)
-        except RuntimeError as exc:
+        except (RuntimeError, KeyError, ValueError) as exc:  # torch's DistNetworkError/DistStoreError; no address
             logger.warning("watchdog off: the rendezvous store does not answer (%s); a stalled rank is then only "
-                           "reported by the process group's timeout", str(exc).strip().splitlines()[0])
+                           "reported by the process group's timeout", (str(exc).strip() or repr(exc)).splitlines()[0])
             return self
         self._thread = threading.Thread(target=self._run, name="arcscale-watchdog", daemon=True)
         self._thread.start()
