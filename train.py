@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -33,13 +32,17 @@ from utils.devices import device as devices
 from utils.config.load import load_config, to_plain
 from utils.config.rules import ConfigError
 from utils.data.errors import DatasetError
+from utils.data.workers import start_logged
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
 from utils.run.resume_review import review_resume
 from utils.run.state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint, save_checkpoint,
                              unseen_on_some_rank)
-from utils.run.summary import log_progress, log_scalars, open_summary_writers, print_summary
+from utils.run.steps import count_nonfinite, fetch_step
+from utils.run.summary import log_progress, log_run_header, log_scalars, open_summary_writers, print_summary
+from utils.run.failures import failure_line
 from utils.run.stop import StopRequest, WorkerDeaths
+from utils.run.watchdog import StepWatch, process_group_timeout_s
 from utils.weights.load import load_backbone
 
 logger = logging.getLogger("arcscale.train")
@@ -185,25 +188,6 @@ def check_data_health(loader: Any, cfg: Any, ctx: devices.DeviceContext) -> None
         raise DatasetError(error or "corrupt samples above max_bad_records on another rank (see its log)")
 
 
-def fetch_step(batches: Any, accumulation: int, deaths: WorkerDeaths, wanted: bool = True) -> tuple[list | None, str, float]:
-    """The micro-batches of one optimizer step and the seconds waited for them, or (None, why, seconds) when
-    a DataLoader worker died (since the last step, e.g. during a checkpoint write, or while this step's
-    batches were being handed over); ([], "", 0) when ``wanted`` is False (no further step this epoch)."""
-    start = time.perf_counter()
-    if not wanted:
-        return [], "", 0.0
-    if deaths.failure:
-        return None, deaths.failure, 0.0
-    try:
-        return [next(batches) for _ in range(accumulation)], "", time.perf_counter() - start
-    except RuntimeError as exc:
-        if "DataLoader worker" not in str(exc):
-            raise
-        return None, str(exc).splitlines()[0], 0.0
-    except (ConnectionError, EOFError) as exc:  # killed while handing a batch over (its fd socket broke)
-        return None, f"a DataLoader worker died while handing over a batch ({type(exc).__name__}: {exc})", 0.0
-
-
 def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> torch.Tensor:
     """Micro-steps of one optimizer step (DDP syncs only on the last), then a replicated head's gradient sum;
     returns the step's mean loss as a tensor, not read on the host."""
@@ -225,21 +209,11 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> 
     return loss_sum
 
 
-def count_nonfinite(outcome: Any, in_a_row: int, step: int, cfg: Any) -> int:
-    """Non-finite losses in a row after this step's ``outcome``: each warns; ``max_nonfinite_steps`` stops the run."""
-    if outcome.loss_finite:
-        return 0
-    in_a_row += 1
-    logger.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", step, outcome.loss, in_a_row)
-    if in_a_row >= cfg.max_nonfinite_steps:
-        raise TrainingError(f"loss was non-finite for {in_a_row} optimizer steps in a row (max_nonfinite_steps="
-                            f"{cfg.max_nonfinite_steps}, last at step {step}); lower lr, use bf16, or check the data")
-    return in_a_row
-
-
-def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: WorkerDeaths) -> dict[str, float]:
+def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: WorkerDeaths,
+          watch: StepWatch) -> dict[str, float]:
     """Train ``cfg`` on this rank; returns the last verification results (empty without val_targets).
-    ``stop`` and ``deaths`` carry the signals (stop requests, dead DataLoader workers) read between steps."""
+    ``stop`` and ``deaths`` carry the signals (stop requests, dead DataLoader workers) read between steps;
+    ``watch`` follows the steps (error lines, first-step memory, the stalled-rank watchdog)."""
     seed_everything(cfg.seed + ctx.rank)
     resume_path, resume_state = prepare_output(cfg, ctx)
     attach_log_file(ctx.rank, cfg.output)
@@ -249,10 +223,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     sampler, data = loader.sampler, loader.data_info
     plan = make_plan(cfg, data.num_images, ctx.world_size, warn=ctx.is_main)
     schedule = make_schedule(cfg, plan)
-    logger.info("%s: %s, %d images, %d classes, world size %d, global batch %d (%d x %d ranks x %d acc), "
-                "%d steps/epoch, %d steps", cfg.config_name, data.source, data.num_images, data.num_classes,
-                ctx.world_size, plan.global_batch, cfg.batch_size, ctx.world_size, plan.accumulation,
-                plan.steps_per_epoch, plan.total_steps)
+    log_run_header(cfg.config_name, data, plan)
 
     # ---- model, head, optimizers
     fp16, bf16 = devices.resolve_precision(ctx, bool(cfg.fp16), bool(cfg.bf16))
@@ -290,10 +261,11 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     # all-reduce also carries "stop requested" and "no batches" (see docs/training.md, host syncs).
     while epoch < plan.num_epoch and step < plan.last_step and not ended:
         sampler.set_epoch(epoch)
-        batches = deaths.start(loader)  # workers start with signals blocked (see utils/stop.py)
+        batches = start_logged(loader, deaths.start)  # workers start with signals blocked (utils/run/stop.py)
         steps_this_epoch = len(loader) // plan.accumulation
         steps_to_run = min(steps_this_epoch, plan.last_step - step)
-        micro_batches, fetch_error, data_wait = fetch_step(batches, plan.accumulation, deaths, steps_to_run > 0)
+        micro_batches, fetch_error, data_wait = fetch_step(batches, plan.accumulation, deaths, watch, step + 1,
+                                                          steps_to_run > 0)
         have_data, no_stop = all_ranks_min([float(micro_batches is not None), float(not stop.requested)], ctx)
         ended = "" if have_data and no_stop else "stop" if not no_stop else "data"
         if ended:
@@ -302,7 +274,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
             current_lr = schedule.lr(plan.position(epoch, sampler.consumed))
             optimizer.set_lr(current_lr)
             loss = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx)
-            micro_batches, fetch_error, next_wait = fetch_step(batches, plan.accumulation, deaths,
+            micro_batches, fetch_error, next_wait = fetch_step(batches, plan.accumulation, deaths, watch, step + 2,
                                                                index + 1 < steps_to_run)
             # Every rank applies this step or skips it; a stop or a dead worker anywhere ends the run after it.
             outcome = optimizer.step(loss=loss, flags=(stop.requested, micro_batches is None))
@@ -372,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, known_values={"network": MODEL_NAMES})  # typos before any data
-        ctx = devices.setup(cfg.device, args.local_rank)
+        ctx = devices.setup(cfg.device, args.local_rank, process_group_timeout_s(cfg.collective_timeout_s))
         devices.apply_speed_settings(ctx, cfg.cudnn_benchmark, cfg.allow_tf32)
     except Exception as exc:
         if type(exc).__module__.split(".")[0] not in OUR_PACKAGES:
@@ -380,17 +352,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     setup_logging(ctx.rank, None, cfg.log_level)  # training.log joins once the output folder is accepted
-    finished = False
+    finished, watch = False, StepWatch(ctx, cfg.collective_timeout_s)
     try:
-        with StopRequest() as stop, WorkerDeaths() as deaths:
-            train(cfg, ctx, stop, deaths)
+        with StopRequest() as stop, WorkerDeaths() as deaths, watch:
+            train(cfg, ctx, stop, deaths, watch)
         finished = True
         return 0
     except Exception as exc:
+        message = failure_line(exc, cfg, watch)  # out of memory, failed collectives: torch's, said in one line
         worker_died = isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
-        if type(exc).__module__.split(".")[0] not in OUR_PACKAGES and not worker_died:
+        if message is None and type(exc).__module__.split(".")[0] not in OUR_PACKAGES and not worker_died:
             raise
-        message = one_line(exc)
+        if watch.exiting.is_set():
+            return 2  # the watchdog has said it (missing ranks) and is ending the process
+        message = message or one_line(exc)
         logger.error("error: %s", message, extra={"console": False})  # training.log; the console gets stderr
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 2

@@ -85,6 +85,9 @@ config.fp16_grad_compression = False  # CUDA/NPU: DDP gradient buckets travel as
 config.static_graph = True      # DDP static graph: the same parameters get gradients every step; used only with gradient_acc=1 (torch's static graph breaks under no_sync, pytorch#143580)
 config.cudnn_benchmark = True   # CUDA: torch.backends.cudnn.benchmark (fixed 112x112 inputs: the fastest conv algorithms are timed once, then reused)
 config.allow_tf32 = False       # fp32 matmuls (the head's logits GEMMs, linear layers) in TF32 on CUDA (torch.backends.cuda.matmul.allow_tf32), HF32 on Ascend (torch.npu.matmul.allow_hf32); False keeps them exact fp32 (torch's default); convolutions keep torch's own default
+config.collective_timeout_s = 1800  # several ranks: seconds a rank may be missing (stopped, hung, gone) before the
+                                    # run ends with one error line naming it (exit 2), warnings before; the process
+                                    # group's own timeout is 60 s longer (utils/run/watchdog.py)
 
 # ---------------------------------------------------------------- logging, eval, checkpoints
 config.frequent = 10            # a step interval (arcface_torch's name): log every N optimizer steps

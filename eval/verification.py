@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 from eval.embed import Progress, embed_images, gather_shards  # noqa: E402
 from eval.metrics import VerificationResult, verification_metrics  # noqa: E402
-from utils.devices.distributed import get_rank, get_world_size, shard_bounds  # noqa: E402
+from utils.devices.distributed import get_rank, get_world_size, rank0_buffers, shard_bounds  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,10 @@ def target_path(data_dir: str, target: str) -> str:
 
 
 class VerificationCallback:
-    """Runs the verification targets during training (every rank calls it; the work is sharded)."""
+    """Runs the verification targets during training (every rank calls it; the work is sharded).
+
+    It scores the model rank 0 saves: every rank embeds its shard with rank 0's BatchNorm statistics
+    (``rank0_buffers``), and keeps its own for training."""
 
     def __init__(self, targets: list[str], data_dir: str, batch_size: int = 256,
                  image_size: tuple[int, int] = (112, 112)) -> None:
@@ -298,16 +301,17 @@ class VerificationCallback:
         backbone.eval()
         results: dict[str, float] = {}
         try:
-            for target in self.targets:
-                result = target.evaluate(backbone, device, self.batch_size)
-                self.highest[target.name] = max(self.highest[target.name], result.flip.accuracy)
-                if rank == 0:
-                    for line in format_lines(target.name, result, step, flip_only=True):
-                        logger.info(line)
-                    logger.info("[%s][%d]Accuracy-Highest: %1.5f", target.name, step, self.highest[target.name])
-                results[f"{target.name}/accuracy_flip"] = result.flip.accuracy
-                results[f"{target.name}/best"] = self.highest[target.name]
-                results[f"{target.name}/xnorm"] = result.xnorm
+            with rank0_buffers(backbone):
+                for target in self.targets:
+                    result = target.evaluate(backbone, device, self.batch_size)
+                    self.highest[target.name] = max(self.highest[target.name], result.flip.accuracy)
+                    if rank == 0:
+                        for line in format_lines(target.name, result, step, flip_only=True):
+                            logger.info(line)
+                        logger.info("[%s][%d]Accuracy-Highest: %1.5f", target.name, step, self.highest[target.name])
+                    results[f"{target.name}/accuracy_flip"] = result.flip.accuracy
+                    results[f"{target.name}/best"] = self.highest[target.name]
+                    results[f"{target.name}/xnorm"] = result.xnorm
         finally:
             backbone.train(was_training)
         return results

@@ -84,6 +84,7 @@ RULES: dict[str, Rule] = {
     "max_bad_records": Rule("limit"), "resume": Rule("bool", choices=("auto",)),
     "lr_schedule": _enum("poly", "step"), "lr_steps": Rule("seq", 0, item="float"), "lr_gamma": _num(0, low_open=True),
     "on_save_error": _enum("stop", "warn"), "triplet_margin": _num(0, low_open=True), "images_per_identity": _int(2),
+    "collective_timeout_s": _num(0, low_open=True),
 }
 
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",

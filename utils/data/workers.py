@@ -1,4 +1,5 @@
-"""DataLoader worker setup: route the workers' log records to the trainer, and seed them.
+"""DataLoader worker setup: route the workers' log records to the trainer, seed them, and say how long
+their start takes.
 
 Workers are spawned, so they start without any logging configuration: ``init_worker`` (the
 loader's ``worker_init_fn``) sends each record through a queue that a thread of the training
@@ -11,11 +12,15 @@ import logging
 import logging.handlers
 import random
 import threading
-from typing import Any
+import time
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
+logger = logging.getLogger(__name__)
+
+SLOW_START_S = 30.0  # a worker start slower than this is a warning, with what to lower
 _log_queue: Any = None
 
 
@@ -66,3 +71,33 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def start_logged(loader: Any, start: Callable[[Any], Iterator]) -> Iterator:
+    """``start(loader)``, the iterator over its batches; when that starts the loader's worker processes
+    (persistent workers: the first epoch only), one line before and one at the first batch with how long
+    the start took (spawned workers each import torch and open the data first: seconds each)."""
+    workers = int(getattr(loader, "num_workers", 0) or 0)
+    if not workers or getattr(loader, "workers_started", False):
+        return start(loader)
+    logger.info("starting %d DataLoader worker process(es) (num_workers=%d per rank); each imports torch and "
+                "opens the data before the first batch", workers, workers)
+    began = time.perf_counter()
+    batches = start(loader)
+    loader.workers_started = True
+    return _first_batch_timed(batches, began, workers)
+
+
+def _first_batch_timed(batches: Iterator, began: float, workers: int) -> Iterator:
+    try:
+        first = next(batches)  # a dead worker's error reaches the caller's next() as it is
+    except StopIteration:
+        return
+    took = time.perf_counter() - began
+    if took > SLOW_START_S:
+        logger.warning("DataLoader workers started: first batch after %.1f s (num_workers=%d per rank; fewer "
+                       "workers start sooner)", took, workers)
+    else:
+        logger.info("DataLoader workers started: first batch after %.1f s", took)
+    yield first
+    yield from batches

@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import resource
 from dataclasses import dataclass
 from typing import ContextManager
@@ -93,8 +94,11 @@ def node_rank(rank: int) -> int:
     return rank // int(local_world) if local_world.isdigit() and int(local_world) > 0 else 0
 
 
-def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout_minutes: float = 30.0) -> DeviceContext:
-    """Pick the device, set it for this process and join the process group when launched with several ranks."""
+def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout_s: float = 1800.0) -> DeviceContext:
+    """Pick the device, set it for this process and join the process group when launched with several ranks.
+
+    ``timeout_s`` bounds forming the group and every collective (torch's default is 30 minutes; the
+    trainer passes its ``collective_timeout_s`` plus a grace, see utils/run/watchdog.py)."""
     kind = resolve_kind(requested)
     rank, local_rank, world_size = launch_env(legacy_local_rank)
     if kind == "cuda":
@@ -113,22 +117,30 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise DeviceError(f"WORLD_SIZE={world_size} but {key} is not set; launch with torchrun")
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            # torchrun keeps its store for the whole job: each attempt's process group needs keys of its own
-            # (or the restarted ranks read the dead ranks' gloo/NCCL addresses), named by a generation that
-            # rank 0 hands out, since the per-node restart counters disagree between nodes.
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                  is_master=False, timeout=timeout)
-            generation = elastic.agree_on_generation(store, rank, world_size, timeout)
-            # rank 0's count of this job's process groups; the node's own count too, for a store that torchrun
-            # re-created (c10d rendezvous whose rank-0 node changed)
-            restarts = max(restarts, generation - 1)
-            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"arcscale/generation_{generation}", store),
-                                    rank=rank, world_size=world_size, timeout=timeout)
-        else:
-            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                    timeout=timeout)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        try:
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # torchrun keeps its store for the whole job: each attempt's process group needs keys of its own
+                # (or the restarted ranks read the dead ranks' gloo/NCCL addresses), named by a generation that
+                # rank 0 hands out, since the per-node restart counters disagree between nodes.
+                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                      is_master=False, timeout=timeout)
+                generation = elastic.agree_on_generation(store, rank, world_size, timeout)
+                # rank 0's count of this job's process groups; the node's own count too, for a store that torchrun
+                # re-created (c10d rendezvous whose rank-0 node changed)
+                restarts = max(restarts, generation - 1)
+                dist.init_process_group(backend=backend, store=dist.PrefixStore(f"arcscale/generation_{generation}", store),
+                                        rank=rank, world_size=world_size, timeout=timeout)
+            else:
+                dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                        timeout=timeout)
+        except RuntimeError as exc:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
+            if collective_failure(exc) != "timeout":
+                raise
+            raise DeviceError(f"rank {rank}: the {world_size} ranks did not all join the process group at "
+                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_s:g} s "
+                              f"(are all ranks/nodes started? config key 'collective_timeout_s' sets the "
+                              f"wait): {str(exc).strip().splitlines()[0]}") from None
     if world_size > 1:  # without torchrun's store (or a counter from before it): restarted if any node says so
         agreed = torch.tensor([restarts], dtype=torch.int64, device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
@@ -150,6 +162,36 @@ def apply_speed_settings(ctx: DeviceContext, cudnn_benchmark: bool, allow_tf32: 
         return
     logger.info("%s: cudnn_benchmark=%s, allow_tf32=%s", ctx.kind, bool(cudnn_benchmark) if ctx.kind == "cuda"
                 else "n/a", bool(allow_tf32))
+
+
+def store_client(timeout_s: float) -> "dist.TCPStore":
+    """A new client of the rendezvous TCP store this process group formed through (torchrun's agent
+    hosts it, or rank 0 under a plain env:// launch), for side channels such as heartbeats."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def store_host_rank() -> int | None:
+    """The rank whose process hosts the rendezvous store (None: torchrun's agent hosts it)."""
+    return None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
+
+
+# What torch's backends raise when a collective waits too long or its peer is gone (gloo's, NCCL's and
+# HCCL's messages; DistBackendError where torch has it).
+_TIMEOUT_TEXT = re.compile(r"Timed out waiting|Watchdog caught collective operation timeout|timed out after|"
+                           r"HCCL.*time ?out|Socket Timeout", re.IGNORECASE)
+_PEER_GONE_TEXT = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|"
+                             r"NCCL communicator was aborted|remote process exited", re.IGNORECASE)
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """``"timeout"``, ``"peer"`` (another rank went away) or None for an exception from a collective."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc)
+    if _TIMEOUT_TEXT.search(text):
+        return "timeout"
+    return "peer" if _PEER_GONE_TEXT.search(text) else None
 
 
 def teardown(together: bool = False) -> None:
@@ -242,7 +284,7 @@ def pin_memory(ctx: DeviceContext) -> bool:
     return ctx.kind in ("cuda", "npu")
 
 
-def _accelerator(ctx: DeviceContext):
+def accelerator_of(ctx: DeviceContext):
     """``torch.cuda`` or ``torch.npu`` (same API for what this module calls) for ``ctx``; None on CPU."""
     if ctx.kind == "cuda":
         return torch.cuda
@@ -251,15 +293,15 @@ def _accelerator(ctx: DeviceContext):
 
 def synchronize(ctx: DeviceContext) -> None:
     """Wait for the accelerator's queued work (timing); a no-op on CPU."""
-    if _accelerator(ctx) is not None:
-        _accelerator(ctx).synchronize(ctx.device)
+    if accelerator_of(ctx) is not None:
+        accelerator_of(ctx).synchronize(ctx.device)
 
 
 def device_rng_state(ctx: DeviceContext) -> dict | None:
     """The accelerator's default generators, one state per device this process sees (``get_rng_state_all``
     of ``torch.cuda``, or of ``torch.npu``, which torch_npu gives the same API), as CPU byte tensors that a
     ``weights_only`` checkpoint holds; None on CPU (torch's CPU generator is saved with the other CPU states)."""
-    accelerator = _accelerator(ctx)
+    accelerator = accelerator_of(ctx)
     if accelerator is None:
         return None
     return {"kind": ctx.kind, "states": [state.detach().cpu().clone() for state in accelerator.get_rng_state_all()]}
@@ -268,7 +310,7 @@ def device_rng_state(ctx: DeviceContext) -> dict | None:
 def restore_device_rng_state(ctx: DeviceContext, saved: dict | None) -> str:
     """Set the accelerator's generators to ``saved`` (from :func:`device_rng_state`); returns "" when they
     were set, otherwise why not (another device kind or device count): they then keep their seeding."""
-    accelerator = _accelerator(ctx)
+    accelerator = accelerator_of(ctx)
     if accelerator is None:
         return "" if saved is None else f"the checkpoint holds {saved['kind']} generator states; this run is on cpu"
     if saved is None:
@@ -290,14 +332,14 @@ def bf16_supported(ctx: DeviceContext) -> bool:
 
 def reset_peak_memory(ctx: DeviceContext) -> None:
     """Start a new peak for :func:`memory_gib` on an accelerator (the CPU's peak RSS cannot be reset)."""
-    if _accelerator(ctx) is not None:
-        _accelerator(ctx).reset_peak_memory_stats(ctx.device)
+    if accelerator_of(ctx) is not None:
+        accelerator_of(ctx).reset_peak_memory_stats(ctx.device)
 
 
 def memory_gib(ctx: DeviceContext) -> float:
     """Peak accelerator memory (allocator) or, on CPU, this process's peak RSS, in GiB."""
-    if _accelerator(ctx) is not None:
-        return _accelerator(ctx).max_memory_allocated(ctx.device) / 2**30
+    if accelerator_of(ctx) is not None:
+        return accelerator_of(ctx).max_memory_allocated(ctx.device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 

@@ -8,7 +8,8 @@ same gathered rows, so the true gradient of a row is the sum of the parts.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,31 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """The number of ranks; 1 without an initialised process group."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@contextlib.contextmanager
+def rank0_buffers(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block, ``module``'s buffers (BatchNorm running statistics) hold rank 0's values on every
+    rank; each rank gets its own back afterwards, so training is unchanged. A no-op without a process group.
+
+    DDP here leaves buffers per rank (arcface_torch's broadcast_buffers=False), and rank 0 saves the model:
+    a sharded evaluation must embed every shard with rank 0's statistics to score the saved model.
+    (Parameters need no such step: DDP starts every rank from rank 0's and applies the same update.)
+    """
+    if not is_distributed():
+        yield module
+        return
+    buffers = [buffer for buffer in module.buffers() if buffer.numel()]
+    own = [buffer.detach().clone() for buffer in buffers] if get_rank() != 0 else []
+    with torch.no_grad():
+        for buffer in buffers:
+            dist.broadcast(buffer, src=0)
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(buffers, own):
+                buffer.copy_(saved)
 
 
 def shard_bounds(num_items: int, world_size: int) -> list[tuple[int, int]]:

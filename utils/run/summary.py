@@ -33,6 +33,14 @@ def open_summary_writers(cfg: Any, ctx: devices.DeviceContext) -> tuple[Any, Any
     return writer, run
 
 
+def log_run_header(config_name: str, data: Any, plan: Any) -> None:
+    """The line that says what this run trains on and how long: data, sizes, the global batch, the steps."""
+    logger.info("%s: %s, %d images, %d classes, world size %d, global batch %d (%d x %d ranks x %d acc), "
+                "%d steps/epoch, %d steps", config_name, data.source, data.num_images, data.num_classes,
+                plan.world_size, plan.global_batch, plan.batch_size, plan.world_size, plan.accumulation,
+                plan.steps_per_epoch, plan.total_steps)
+
+
 def log_scalars(writer: Any, run: Any, scalars: dict[str, float], step: int) -> None:
     """Write scalars to TensorBoard and wandb when they are open; ``step`` is the x-axis (the trainer passes
     samples seen, ``RunPlan.samples_seen``, which a resume on another world size keeps monotonic)."""

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from tests.spawn_helpers import run_ranks
 from utils.devices import device as devices
+from utils.devices import memory
 from utils.devices import report
 
 
@@ -221,3 +222,45 @@ def test_the_trainer_applies_the_configured_speed_settings(monkeypatch, tmp_path
     assert train.main([str(config)]) == 0
     assert train.main([str(config), "--set", "allow_tf32=True", "--set", "cudnn_benchmark=False"]) == 0
     assert seen == [(True, False), (False, True)]
+
+
+def test_peak_memory_report_on_cuda_reads_the_allocator_and_the_device(monkeypatch):
+    # torch.cuda's documented API, patched: max_memory_allocated/reserved and get_device_properties().total_memory.
+    from types import SimpleNamespace
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: asked.append(device) or 9 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 10 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    ctx = devices.DeviceContext("cuda", torch.device("cuda", 3), 0, 3, 1, "nccl")
+    assert memory.peak_memory_report(ctx) == ("peak 9.00 GiB allocated (10.00 GiB reserved by the caching "
+                                               "allocator) of 80.00 GiB on cuda:3: 70.00 GiB headroom")
+    assert asked == [torch.device("cuda", 3)]
+
+
+@pytest.mark.parametrize("exc, memory, size", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB"),
+     "CUDA", 20 * 2**20),
+    (RuntimeError("NPU out of memory. Tried to allocate 2.00 GiB (NPU 0; 28.50 GiB total capacity; 10.24 GiB already "
+                  "allocated)"), "NPU", 2 * 2**30),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 722534400 bytes. Error code 12 (Cannot allocate memory)"), "CPU", 722534400),
+    (RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                  "RuntimeError: DefaultCPUAllocator: not enough memory: you tried to allocate 64 bytes."), "CPU", 64),
+    (RuntimeError("EL0004: Failed to allocate memory."), "NPU", None),
+    (MemoryError(), "CPU", None),
+    (torch.OutOfMemoryError("out of memory"), "accelerator", None),
+], ids=["cuda", "npu", "cpu", "cpu-in-a-worker", "acl", "python", "bare"])
+def test_out_of_memory_is_recognised_with_the_size_asked_for(exc, memory, size):
+    assert memory.out_of_memory(exc) == memory.OutOfMemory(memory, size)
+
+
+def test_other_errors_are_not_out_of_memory_and_collective_failures_are_told_apart():
+    assert memory.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert memory.out_of_memory(ValueError("CUDA out of memory")) is None
+    timeout = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms "
+                           "for recv operation to complete")
+    assert devices.collective_failure(timeout) == "timeout"
+    assert devices.collective_failure(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                                                   "[127.0.0.1]:5050")) == "peer"
+    assert devices.collective_failure(RuntimeError("something else")) is None

@@ -149,3 +149,26 @@ def test_gather_to_rank0_sends_to_rank0_only_in_bounded_pieces_bit_identical(por
     received = results[0]["transfers"]
     assert {name for name, _, _, _ in received} == {"irecv"} and max(n for _, _, n, _ in received) == CHUNK_ROWS * 5
     assert sorted({peer for _, peer, _, _ in received}) == [1, 2]
+
+
+def _buffers_worker(rank: int, world_size: int) -> bytes:
+    # Each rank's BatchNorm has seen other data: its running statistics differ from the other ranks'.
+    norm = torch.nn.BatchNorm1d(3)
+    norm(torch.randn(8, 3, generator=torch.Generator().manual_seed(rank)) * (rank + 1))
+    own = {key: value.clone() for key, value in norm.state_dict().items()}
+    with dist_utils.rank0_buffers(norm) as module:
+        inside = {key: value.clone() for key, value in module.state_dict().items()}
+    return _pack({"own": own, "inside": inside, "after": norm.state_dict()})
+
+
+def test_rank0_buffers_lends_rank_0s_statistics_and_gives_each_rank_its_own_back(port):
+    results = [torch.load(io.BytesIO(data), weights_only=True) for data in run_ranks(_buffers_worker, 2, port)]
+    rank0_own = results[0]["own"]
+    assert not torch.equal(results[1]["own"]["running_mean"], rank0_own["running_mean"])
+    for result in results:
+        for key in rank0_own:
+            assert torch.equal(result["inside"][key], rank0_own[key]), key   # every rank evaluates rank 0's
+            assert torch.equal(result["after"][key], result["own"][key]), key  # and trains on with its own
+    norm = torch.nn.BatchNorm1d(3)
+    with dist_utils.rank0_buffers(norm) as module:  # without a process group: the module as it is
+        assert module is norm
