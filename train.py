@@ -36,8 +36,8 @@ from utils.config.rules import ConfigError
 from utils.data.errors import DatasetError
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
-from utils.run.state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint,
-                             save_checkpoint)
+from utils.run.saving import CheckpointSaver
+from utils.run.state import TrainingError, all_ranks_min, prepare_output, restore_checkpoint
 from utils.run.summary import log_progress, log_scalars, open_summary_writers, print_summary
 from utils.run.stop import StopRequest, WorkerDeaths
 from utils.weights.load import load_backbone
@@ -253,21 +253,19 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
 
     step, epoch = 0, 0
     if resume_path:
-        step, epoch, plan = restore_checkpoint(resume_path, resume_state, ctx, plan, parts)
+        step, epoch, plan = restore_checkpoint(resume_path, resume_state, ctx, plan, parts, data.fingerprint,
+                                               cfg.resume_data_changed)
         del resume_state
+    saver = CheckpointSaver(cfg, ctx, plan, parts, data.fingerprint, resume_path, step)
     model = wrap_ddp(backbone, cfg, ctx)
     verification = build_verification(cfg, source)
     writer, wandb_run = open_summary_writers(cfg, ctx)
     autocast = devices.autocast(ctx, fp16, bf16)
     loss_meter, timer = RunningMean(), StepTimer()
-    start_step, nonfinite_in_a_row, results, saved_at, ended = step, 0, {}, None, ""
+    start_step, nonfinite_in_a_row, results, ended = step, 0, {}, ""
 
-    def checkpoint() -> None:
-        nonlocal saved_at
-        if saved_at != (step, epoch):  # an epoch end right after an interval save is saved again, as epoch + 1
-            samples = sampler.consumed if sampler.epoch == epoch else 0
-            save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples, bad_record_count(loader), source)
-            saved_at = (step, epoch)
+    def checkpoint() -> None:  # an epoch end right after an interval save is saved again, as epoch + 1
+        saver.save(step, epoch, sampler.consumed if sampler.epoch == epoch else 0, bad_record_count(loader))
 
     if verification is not None and cfg.verify_at_start and step == 0:
         log_scalars(writer, wandb_run, verification(0, backbone, ctx.device), 0)
@@ -320,6 +318,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
             checkpoint()
 
     checkpoint()
+    saver.require_saved(step)  # a final state that is not on disk is no success, whatever on_save_error says
     if ended:
         why = (f"{stop.signal_name or 'a signal'} received" if stop.requested else "stop requested on another rank") \
             if ended == "stop" else (fetch_error or "a DataLoader worker died on another rank")
@@ -336,7 +335,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     if skipped:
         logger.warning("%d corrupt record(s) were skipped during training", skipped)
     if ctx.is_main:
-        print_summary(cfg, results)
+        print_summary(cfg, results, *saver.final_files())
     if writer is not None:
         writer.close()
     if wandb_run is not None:
