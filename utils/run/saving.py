@@ -55,7 +55,7 @@ class CheckpointSaver:
                  resumed_from: str | None = None, resumed_step: int = 0) -> None:
         self.cfg, self.ctx, self.plan, self.parts, self.data = cfg, ctx, plan, parts, data
         self.model_path = os.path.join(cfg.output, "model.pt")
-        self.saved_at: tuple[int, int] | None = None  # (step, epoch) of the last save that wrote both files
+        self.tried_at: tuple[int, int] | None = None  # (step, epoch) of the last save (not retried at once)
         self.failure = ""  # why the last save failed; "" when it succeeded
         self.resumed_from = resumed_from
         self.checkpoint, self.checkpoint_step = (resumed_from, resumed_step) if resumed_from else (None, None)
@@ -64,10 +64,12 @@ class CheckpointSaver:
         self.model_size = 0
 
     def save(self, step: int, epoch: int, samples_in_epoch: int, bad_records: int) -> bool:
-        """Collective: save at (step, epoch) unless that was saved already; False when a write failed and
-        ``on_save_error="warn"`` (one warning), a TrainingError naming the file when ``"stop"``."""
-        if self.saved_at == (step, epoch):
-            return True
+        """Collective: save at (step, epoch) unless that was tried already; False when a write failed and
+        ``on_save_error="warn"`` (one warning; at the last step :meth:`require_saved` says it), a
+        TrainingError naming the file and what is on disk when ``"stop"``."""
+        if self.tried_at == (step, epoch):
+            return not self.failure
+        self.tried_at = (step, epoch)
         backbone, head, optimizer, scaler, sampler = self.parts
         head_state = head_state_dict(head)
         rng_states = gather_rng_states(self.ctx)
@@ -86,10 +88,12 @@ class CheckpointSaver:
         if checkpoint_ok:
             self.checkpoint, self.checkpoint_step = path, step
         if checkpoint_ok and model_ok:
-            self.model_step, self.saved_at, self.failure = step, (step, epoch), ""
+            self.model_step, self.failure = step, ""
             return True
         self.failure = rank0_text(error, self.ctx)
         if self.cfg.on_save_error == "warn":
+            if step >= self.plan.last_step:  # the run's end: require_saved's error line says it, once
+                return False
             logger.warning("%s; %s; training goes on (on_save_error=\"warn\")", self.failure, self.on_disk())
             return False
         raise TrainingError(f"{self.failure}; {self.on_disk()}; stopping (on_save_error=\"stop\"; \"warn\" trains on)")
