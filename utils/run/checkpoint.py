@@ -47,10 +47,11 @@ def describe_load_failure(exc: BaseException) -> str:
     return f"{type(root).__name__}: {sentence}"
 
 
-def write_error(exc: RuntimeError, path: str) -> BaseException:
-    """The OSError behind torch's zip-writer error: a failed write (ENOSPC, EDQUOT, EIO) comes out of
-    torch.save as ``RuntimeError: [enforce fail at inline_container.cc] . unexpected pos ...`` with the
-    OSError only as its context. Any other RuntimeError is returned as it is."""
+def write_error(exc: BaseException, path: str) -> BaseException:
+    """The OSError behind a failed torch.save, naming ``path``: a failed write (ENOSPC, EDQUOT, EIO) comes
+    out of torch.save as the OSError itself, or, when the file took part of a write, as its zip writer's
+    ``RuntimeError: [enforce fail at inline_container.cc] . unexpected pos ...`` with the OSError only as
+    its context. Any other error is returned as it is."""
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
@@ -66,10 +67,11 @@ def atomic_save(obj: Any, path: str) -> None:
     os.makedirs(directory, exist_ok=True)
     tmp_path = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp_path, "wb") as handle:
+        # unbuffered: a failed write surfaces inside torch.save, never again from close()'s flush
+        with open(tmp_path, "wb", buffering=0) as handle:
             try:
                 torch.save(obj, handle)
-            except RuntimeError as exc:
+            except (OSError, RuntimeError) as exc:
                 error = write_error(exc, tmp_path)
                 if error is exc:
                     raise
@@ -78,7 +80,7 @@ def atomic_save(obj: Any, path: str) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
     finally:
-        if os.path.isfile(tmp_path):
+        if os.path.lexists(tmp_path) and not os.path.isdir(tmp_path):
             os.remove(tmp_path)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
