@@ -61,13 +61,19 @@ class _LogFile(logging.FileHandler):
         if not self._failed_now:
             self.failing = False
 
-    def handleError(self, record: logging.LogRecord) -> None:
+    def handleError(self, record: logging.LogRecord | None) -> None:
         self._failed_now = True
         if not self.failing:
             self.failing = True
             error = sys.exc_info()[1]
             sys.stderr.write(f"warning: cannot write {self.baseFilename} "
                              f"({getattr(error, 'strerror', None) or error}); the console has the lines\n")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last buffered lines could not be flushed either
+            self.handleError(None)
 
 
 def attach_log_file(rank: int, output: str) -> None:
