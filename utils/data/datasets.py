@@ -325,9 +325,9 @@ class ImageFolderDataset(FaceDataset):
 
     def index_sha256(self) -> str:
         """SHA-256 of every image's path under ``root`` and its label (the folder may move; no image is read)."""
-        digest = hashlib.sha256()
-        for path in self.paths:
-            digest.update(os.path.relpath(path, self.root).encode("utf-8", "surrogateescape") + b"\0")
+        prefix = len(os.path.join(self.root, ""))  # scan_image_folder joins every path onto root
+        names = "\0".join(path[prefix:] for path in self.paths)
+        digest = hashlib.sha256(names.encode("utf-8", "surrogateescape"))
         digest.update(self.labels_array.tobytes())
         return digest.hexdigest()
 
