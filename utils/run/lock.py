@@ -9,7 +9,6 @@ exit. On a filesystem that cannot lock (some FUSE and object-store mounts) the r
 from __future__ import annotations
 
 import atexit
-import errno
 import fcntl
 import json
 import logging
@@ -25,7 +24,8 @@ _held: dict[str, int] = {}
 
 
 class OutputLockedError(RuntimeError):
-    """Another live run holds the output folder; the message names it (host, pid) in one line."""
+    """Another live run holds the output folder (the message names it: host, pid), or no lock file can be
+    created in it; one line."""
 
 
 def _close_in_child() -> None:
@@ -82,7 +82,11 @@ def lock_output(folder: str, config: str = "", wait_s: float = 0.0) -> bool:
     path = os.path.join(folder, LOCK_NAME)
     deadline, unnamed_tries = time.monotonic() + wait_s, 0
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise OutputLockedError(f"output folder {folder}: cannot create its lock file {LOCK_NAME} "
+                                    f"({exc.strerror}); expected a folder this run can write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -96,10 +100,8 @@ def lock_output(folder: str, config: str = "", wait_s: float = 0.0) -> bool:
             raise OutputLockedError(f"output folder {folder} is in use by another run ({describe_holder(holder)}); "
                                     f"two runs in one folder overwrite each other's checkpoints: wait for it to "
                                     f"end, or choose another `output`") from None
-        except OSError as exc:
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP, ...: a filesystem without flock
             os.close(fd)
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
             logger.warning("cannot lock output folder %s (%s): another run started into it would not be stopped",
                            folder, exc.strerror)
             return False
