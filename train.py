@@ -34,6 +34,7 @@ from utils.devices import device as devices
 from utils.config.load import load_config, to_plain
 from utils.config.rules import ConfigError
 from utils.data.errors import DatasetError
+from utils.run.lock import release_output
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
 from utils.run.saving import CheckpointSaver
@@ -379,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
     finally:
+        release_output(cfg.output)  # the folder's lock (a later run in this process or another may take it)
         devices.teardown(together=finished)
 
 
