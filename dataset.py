@@ -82,6 +82,14 @@ class DataInfo:
     num_classes: int
     num_images: int
     layout: str | None   # RecordIO: header | plain
+    path: str = ""       # the source as an absolute path ("random" for random tensors)
+    index_sha256: str = ""  # the dataset's index hash (FaceDataset.index_sha256)
+
+    @property
+    def fingerprint(self) -> dict:
+        """What checkpoints record about the data, so resume can tell when it changed (cheap: no image read)."""
+        return {"source": self.path, "kind": self.kind, "num_images": self.num_images,
+                "num_classes": self.num_classes, "index_sha256": self.index_sha256}
 
 
 def describe_data(cfg: Any, dataset: FaceDataset, source: str) -> DataInfo:
@@ -95,8 +103,9 @@ def describe_data(cfg: Any, dataset: FaceDataset, source: str) -> DataInfo:
     kind = {RecordDataset: "recordio", ImageFolderDataset: "image_folder"}.get(type(dataset), "random")
     # Logged as the data trained on: say "random tensors", not arcface_torch's ambiguous "synthetic".
     shown = "random tensors" if kind == "random" else str(source)
+    path = "random" if kind == "random" else os.path.realpath(source)
     return DataInfo(shown, kind, int(dataset.num_classes), int(dataset.num_image),
-                    getattr(dataset, "layout", None))
+                    getattr(dataset, "layout", None), path, dataset.index_sha256())
 
 
 def get_dataloader(cfg: Any, rank: int, world_size: int, pin_memory: bool = False,

@@ -33,11 +33,12 @@ from utils.config.load import load_config, to_plain
 from utils.config.rules import ConfigError
 from utils.data.errors import DatasetError
 from utils.data.workers import start_logged
+from utils.run.lock import release_output
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
 from utils.run.resume_review import review_resume
-from utils.run.state import (TrainingError, all_ranks_min, prepare_output, restore_checkpoint, save_checkpoint,
-                             unseen_on_some_rank)
+from utils.run.saving import CheckpointSaver
+from utils.run.state import TrainingError, all_ranks_min, prepare_output, restore_checkpoint, unseen_on_some_rank
 from utils.run.steps import count_nonfinite, fetch_step
 from utils.run.summary import log_progress, log_run_header, log_scalars, open_summary_writers, print_summary
 from utils.run.failures import failure_line
@@ -237,21 +238,19 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     if resume_path:
         if review_resume(cfg, resume_path, resume_state, plan, schedule, ctx):
             return {}  # the checkpoint is the run's end: nothing to train, verify or write again
-        step, epoch, plan = restore_checkpoint(resume_path, resume_state, ctx, plan, parts)
+        step, epoch, plan = restore_checkpoint(resume_path, resume_state, ctx, plan, parts, data.fingerprint,
+                                               cfg.resume_data_changed)
         del resume_state
+    saver = CheckpointSaver(cfg, ctx, plan, parts, data.fingerprint, resume_path, step)
     model = devices.wrap_ddp(backbone, ctx, cfg.static_graph, plan.accumulation, cfg.fp16_grad_compression)
     verification = build_verification(cfg, source, ctx)
     writer, wandb_run = open_summary_writers(cfg, ctx)
     autocast = devices.autocast(ctx, fp16, bf16)
     loss_meter, timer = RunningMean(), StepTimer()
-    start_step, nonfinite_in_a_row, results, saved_at, ended = step, 0, {}, None, ""
+    start_step, nonfinite_in_a_row, results, ended = step, 0, {}, ""
 
-    def checkpoint() -> None:
-        nonlocal saved_at
-        if saved_at != (step, epoch):  # the loop's end and a stop both call this; one write per state
-            samples = sampler.consumed if sampler.epoch == epoch else 0
-            save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples, bad_record_count(loader), source)
-            saved_at = (step, epoch)
+    def checkpoint() -> None:  # the loop's end and a stop both call this; the saver writes each state once
+        saver.save(step, epoch, sampler.consumed if sampler.epoch == epoch else 0, bad_record_count(loader))
 
     if verification is not None and cfg.verify_at_start and step == 0:
         log_scalars(writer, wandb_run, verification(0, backbone, ctx.device), 0)
@@ -306,6 +305,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
             checkpoint()
 
     checkpoint()
+    saver.require_saved(step)  # a final state that is not on disk is no success, whatever on_save_error says
     if ended:
         why = (f"{stop.signal_name or 'a signal'} received" if stop.requested else "stop requested on another rank") \
             if ended == "stop" else (fetch_error or "a DataLoader worker died on another rank")
@@ -322,7 +322,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     if skipped:
         logger.warning("%d corrupt record(s) were skipped during training", skipped)
     if ctx.is_main:
-        print_summary(cfg, results)
+        print_summary(cfg, results, *saver.final_files())
     if writer is not None:
         writer.close()
     if wandb_run is not None:
@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
     finally:
+        release_output(cfg.output)  # the folder's lock (a later run in this process or another may take it)
         devices.teardown(together=finished)
 
 

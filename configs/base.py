@@ -9,11 +9,12 @@ from easydict import EasyDict as edict
 config = edict()
 
 # ---------------------------------------------------------------- experiment
-config.output = None            # run folder; None -> work_dirs/<config file stem>
+config.output = None            # run folder; None -> work_dirs/<config file stem>. A run locks it (.arcscale.lock: host, pid) while it lives; a second run into it stops with one line
 config.seed = 2048              # seeds torch/numpy/random, the sampler and the workers
 config.device = "auto"          # auto | cuda | npu | cpu
 config.resume = False           # False | True (continue from the newest checkpoint; error if none) | "auto" (resume when one exists: elastic restarts)
 config.overwrite = False        # allow a fresh run into an `output` holding checkpoints/model.pt (they are deleted first)
+config.resume_data_changed = False  # resume although the data differs from the checkpoint's (its images, classes or index hash): logged; False refuses with one line. Another class count is always refused (the head has a row per class)
 config.init_backbone = None     # path to a backbone/model.pt to start from (fine-tuning)
 config.log_level = "INFO"
 
@@ -103,7 +104,7 @@ config.wandb_entity = None
 config.wandb_run_name = None
 config.save_every_steps = 0     # also checkpoint every N optimizer steps (0 = per epoch only)
 config.keep_checkpoints = 3     # newest checkpoints kept in `output` (the one just written is never pruned)
-config.on_save_error = "stop"   # a checkpoint write that fails: stop (one-line error) | warn (log and train on)
+config.on_save_error = "stop"   # a checkpoint or model.pt write that fails (full disk, quota, permissions): stop (one-line error) | warn (one warning, train on). Either way a run whose final save fails exits 2 saying what is on disk
 config.save_all_states = True   # accepted for arcface_torch configs, not read: checkpoints always hold all states
 
 # ---------------------------------------------------------------- metric learning (metric_losses.py, FaceNet)

@@ -117,6 +117,24 @@ def test_image_folder_labels_by_sorted_name(tmp_path):
     assert data.labels_array.tolist() == [0, 0, 0, 1, 1]
 
 
+def test_index_hashes_follow_the_data_not_its_path(insightface_fixtures, tmp_path):
+    # What resume compares: a moved copy hashes the same, another file list, labels or pack does not.
+    for name in ("alice", "bob"):
+        os.makedirs(tmp_path / "faces" / name)
+        for i in range(2):
+            cv2.imwrite(str(tmp_path / "faces" / name / f"{i}.png"), np.full((8, 8, 3), i, np.uint8))
+    first = ImageFolderDataset(str(tmp_path / "faces")).index_sha256()
+    shutil.copytree(tmp_path / "faces", tmp_path / "moved")
+    assert ImageFolderDataset(str(tmp_path / "moved")).index_sha256() == first
+    os.rename(tmp_path / "moved" / "bob" / "1.png", tmp_path / "moved" / "alice" / "9.png")  # same names' count
+    assert ImageFolderDataset(str(tmp_path / "moved")).index_sha256() != first
+    packs = [RecordDataset(str(_copy_set(insightface_fixtures, name, tmp_path))).index_sha256() for name in "AD"]
+    assert packs[0] != packs[1]
+    (tmp_path / "again").mkdir()
+    assert RecordDataset(str(_copy_set(insightface_fixtures, "A", tmp_path / "again"))).index_sha256() == packs[0]
+    assert RandomTensorDataset(10, 2).index_sha256() != RandomTensorDataset(10, 3).index_sha256()
+
+
 def test_empty_identity_folder_is_an_error_not_a_shift(tmp_path):
     # Skipping "b" would silently renumber "c" from 2 to 1: refuse instead, naming the folder.
     for name, count in (("a", 1), ("b", 0), ("c", 1)):

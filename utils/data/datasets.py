@@ -8,6 +8,7 @@ on-disk helpers they rely on live here too: the ``property`` file and the image-
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any
@@ -72,6 +73,11 @@ class FaceDataset(Dataset):
         raise NotImplementedError
 
     def __len__(self) -> int:
+        raise NotImplementedError
+
+    def index_sha256(self) -> str:
+        """Hash of what identifies this data without reading an image (its index / file list and labels):
+        a checkpoint records it, so resuming on replaced data is noticed."""
         raise NotImplementedError
 
     def _should_flip(self, index: int) -> bool:
@@ -211,6 +217,13 @@ class RecordDataset(FaceDataset):
             raise BadRecordError(f"{where}: cannot read: {exc.strerror}") from exc
         return header, img, key
 
+    def index_sha256(self) -> str:
+        """SHA-256 of the .idx (every key and offset) and the .rec size: replaced records move the offsets."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.reader.key_array, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(self.reader.offset_array, dtype=np.int64).tobytes())
+        digest.update(f"{self.reader.file_size}".encode())
+        return digest.hexdigest()
+
     def labels(self) -> np.ndarray:
         """Class of every image (reads every record header; used by tools, not training)."""
         return np.array([recordio.class_of(self.read_record(i)[0]) for i in range(len(self))], dtype=np.int64)
@@ -310,6 +323,14 @@ class ImageFolderDataset(FaceDataset):
         """Decoded image and class of sample ``index``."""
         return read_image_file(self.paths[index], self.image_size), int(self.labels_array[index])
 
+    def index_sha256(self) -> str:
+        """SHA-256 of every image's path under ``root`` and its label (the folder may move; no image is read)."""
+        prefix = len(os.path.join(self.root, ""))  # scan_image_folder joins every path onto root
+        names = "\0".join(path[prefix:] for path in self.paths)
+        digest = hashlib.sha256(names.encode("utf-8", "surrogateescape"))
+        digest.update(self.labels_array.tobytes())
+        return digest.hexdigest()
+
     def labels(self) -> np.ndarray:
         """Class of every image (from the folder names; no image is read)."""
         return self.labels_array.copy()
@@ -331,6 +352,10 @@ class RandomTensorDataset(FaceDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.image, int(index) % self.num_classes
+
+    def index_sha256(self) -> str:
+        """SHA-256 of the counts: random tensors are described by them alone."""
+        return hashlib.sha256(f"random {self.num_image} {self.num_classes}".encode()).hexdigest()
 
     def labels(self) -> np.ndarray:
         """Class of every sample: index modulo num_classes, as ``__getitem__`` gives."""

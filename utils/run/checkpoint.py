@@ -47,19 +47,40 @@ def describe_load_failure(exc: BaseException) -> str:
     return f"{type(root).__name__}: {sentence}"
 
 
+def write_error(exc: BaseException, path: str) -> BaseException:
+    """The OSError behind a failed torch.save, naming ``path``: a failed write (ENOSPC, EDQUOT, EIO) comes
+    out of torch.save as the OSError itself, or, when the file took part of a write, as its zip writer's
+    ``RuntimeError: [enforce fail at inline_container.cc] . unexpected pos ...`` with the OSError only as
+    its context. Any other error is returned as it is."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return exc
+    return OSError(cause.errno, cause.strerror or str(cause), path)
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """Write ``obj`` next to ``path`` under a temporary name, fsync it, then rename over ``path``."""
+    """Write ``obj`` next to ``path`` under a temporary name, fsync it, then rename over ``path``; a failed
+    write is an OSError (also when torch's zip writer reports it), and leaves ``path`` as it was."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp_path = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp_path, "wb") as handle:
-            torch.save(obj, handle)
+        # unbuffered: a failed write surfaces inside torch.save, never again from close()'s flush
+        with open(tmp_path, "wb", buffering=0) as handle:
+            try:
+                torch.save(obj, handle)
+            except (OSError, RuntimeError) as exc:
+                error = write_error(exc, tmp_path)
+                if error is exc:
+                    raise
+                raise error from exc
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
     finally:
-        if os.path.exists(tmp_path):
+        if os.path.lexists(tmp_path) and not os.path.isdir(tmp_path):
             os.remove(tmp_path)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:

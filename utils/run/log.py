@@ -48,6 +48,34 @@ def _formatter(rank: int) -> logging.Formatter:
     return logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
+class _LogFile(logging.FileHandler):
+    """training.log. A write that fails (a full disk) is said once on stderr, not a traceback per record;
+    the console keeps every line, and the file takes them again once writes work."""
+
+    failing = False
+    _failed_now = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed_now = False
+        super().emit(record)
+        if not self._failed_now:
+            self.failing = False
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        self._failed_now = True
+        if not self.failing:
+            self.failing = True
+            error = sys.exc_info()[1]
+            sys.stderr.write(f"warning: cannot write {self.baseFilename} "
+                             f"({getattr(error, 'strerror', None) or error}); the console has the lines\n")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last buffered lines could not be flushed either
+            self.handleError(None)
+
+
 def attach_log_file(rank: int, output: str) -> None:
     """Rank 0 also logs to ``<output>/training.log`` (appended: a resumed run continues the same file),
     starting with what it logged since ``setup_logging``. The trainer attaches it only once the output
@@ -55,7 +83,7 @@ def attach_log_file(rank: int, output: str) -> None:
     if rank != 0:
         return
     os.makedirs(output, exist_ok=True)
-    file_handler = logging.FileHandler(os.path.join(output, "training.log"))
+    file_handler = _LogFile(os.path.join(output, "training.log"))
     file_handler.setFormatter(_formatter(rank))
     root = logging.getLogger()
     for handler in list(root.handlers):

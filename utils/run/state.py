@@ -1,8 +1,7 @@
-"""Where a run stands, across ranks: the output-folder decision (fresh, resume, refuse to clobber),
-checkpoint save and restore (every rank takes part; rank 0 writes), and the all-rank agreements.
+"""Where a run stands, across ranks: the output-folder decision (locked for this run, fresh, resume, refuse
+to clobber), checkpoint restore (after checking it was trained on this data), and the all-rank agreements.
 
-The checkpoint's format itself belongs to utils/checkpoint.py; this module decides when and with
-what the trainer calls it.
+The checkpoint's format belongs to utils/run/checkpoint.py and the writes to utils/run/saving.py.
 """
 from __future__ import annotations
 
@@ -19,12 +18,11 @@ import torch.distributed as dist
 
 from utils.devices import device as devices
 from utils.devices import distributed as dist_utils
-from utils.run.checkpoint import (CheckpointError, atomic_save, build_checkpoint, capture_rng_state, checkpoint_path,
-                                  clean_partial_writes, load_checkpoint, newest_loadable, previous_run_files,
-                                  prune_checkpoints, restore_rng_state)
-from utils.config.load import to_plain
+from utils.run.checkpoint import (CheckpointError, capture_rng_state, clean_partial_writes, load_checkpoint,
+                                  newest_loadable, previous_run_files, restore_rng_state)
 from utils.config.rules import ConfigError
-from utils.config.paths import ensure_output_dir
+from utils.config.paths import OutputPathError, ensure_output_dir
+from utils.run.lock import OutputLockedError, lock_output
 from utils.run.plan import resume_position
 
 logger = logging.getLogger("arcscale.train")
@@ -55,11 +53,30 @@ def rank0_decides(value: float, ctx: devices.DeviceContext) -> float:
     return float(tensor.item())
 
 
+def rank0_text(text: str, ctx: devices.DeviceContext) -> str:
+    """Rank 0's ``text`` on every rank (so every rank's one-line error says the same thing)."""
+    if not ctx.distributed:
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
 def prepare_output(cfg: Any, ctx: devices.DeviceContext) -> tuple[str | None, dict | None]:
-    """Clean interrupted writes, refuse to clobber a previous run, find the checkpoint to resume from
-    (rank 0 chooses it, every rank loads that file: :func:`share_checkpoint`)."""
+    """Lock the folder for this run, clean interrupted writes, refuse to clobber a previous run, find the
+    checkpoint to resume from (rank 0 chooses it, every rank loads that file: :func:`share_checkpoint`)."""
+    refusal: Exception | None = None
+    if ctx.is_main:  # the one process that writes the folder holds its lock
+        try:
+            ensure_output_dir(cfg.output, "config key 'output'")
+            # an elastic restart's previous attempt may still be exiting: give its lock time to drop
+            lock_output(cfg.output, str(cfg.get("config_path") or ""), wait_s=60.0 if ctx.restarts else 0.0)
+        except (OutputPathError, OutputLockedError) as exc:
+            refusal = exc
+    message = rank0_text(str(refusal or ""), ctx)
+    if message:
+        raise refusal or OutputLockedError(message)
     if ctx.is_main:
-        ensure_output_dir(cfg.output, "config key 'output'")
         clean_partial_writes(cfg.output)
     resume = cfg.resume
     if ctx.restarts and not resume:  # torchrun --max-restarts restarted us: the folder holds this very run
@@ -186,42 +203,46 @@ def restore_rng(state: dict, ctx: devices.DeviceContext) -> None:
                        "random draws on the device differ from an uninterrupted run", why)
 
 
-def save_checkpoint(cfg, ctx, plan, parts, step, epoch, samples_in_epoch, bad_records, source) -> None:
-    """Collective: every rank takes part (head shards are gathered); rank 0 writes atomically.
+def check_resume_data(path: str, state: dict, data: dict, changed_ok: bool = False) -> None:
+    """Refuse to resume ``state`` on other data than it was trained on, in one line saying what changed
+    (image and class counts, the index's hash; a folder that only moved is logged), unless ``changed_ok``
+    (``resume_data_changed=True``): then log it and continue there. Another class count never continues:
+    the head has one row per class."""
+    saved = state.get("data") or {}
+    changes = [f"{word} {saved[key]} -> {data[key]}" for key, word in (("num_images", "images"),
+                                                                       ("num_classes", "classes"))
+               if key in saved and int(saved[key]) != int(data[key])]
+    if saved.get("index_sha256") and saved["index_sha256"] != data["index_sha256"]:
+        changes.append(f"index hash {saved['index_sha256'][:12]} -> {data['index_sha256'][:12]}"
+                       f"{'' if changes else ' with the same image and class counts'}")
+    moved = "source" in saved and str(saved["source"]) != str(data["source"])
+    if not changes:
+        if moved:
+            logger.info("the data moved since %s: %s -> %s (same images, classes and index)", path, saved["source"],
+                        data["source"])
+        return
+    where = f"{saved['source']} -> {data['source']}" if moved else str(data["source"])
+    what = f"the data changed since checkpoint {path} ({where}: {', '.join(changes)})"
+    if "num_classes" in saved and int(saved["num_classes"]) != int(data["num_classes"]):
+        raise TrainingError(f"{what}: its head has one row per class, so it cannot continue on this data; point "
+                            f"`rec` at the data it was trained on, or start a new run from its backbone with "
+                            f"init_backbone={path!r}")
+    if not changed_ok:
+        raise TrainingError(f"{what}; point `rec` at the data it was trained on, or set resume_data_changed=True "
+                            f"to continue on the new data")
+    logger.warning("resume_data_changed=True: %s; continuing on the new data", what)
+    progress, sampler = state["progress"], state["sampler"]  # a position past the new epoch's end ends that epoch
+    progress["samples_in_epoch"] = min(int(progress["samples_in_epoch"]), int(data["num_images"]))
+    sampler["consumed"] = min(int(sampler.get("consumed", 0)), int(data["num_images"]))
 
-    A failed write (disk full, permissions) leaves the previous checkpoint intact and, with
-    ``on_save_error="stop"``, stops every rank with one line naming the path.
-    """
-    backbone, head, optimizer, scaler, sampler = parts
-    head_state = head_state_dict(head)
-    rng_states = gather_rng_states(ctx)
-    path, error = checkpoint_path(cfg.output, step), ""
-    if ctx.is_main:
-        state = build_checkpoint(
-            step=step, epoch=epoch, samples_in_epoch=samples_in_epoch, global_batch=plan.global_batch,
-            world_size=ctx.world_size, rng=rng_states, config=to_plain(cfg),
-            data={"source": str(source), "num_images": plan.num_images, "bad_records": bad_records},
-            states={"backbone": backbone.state_dict(), "head": head_state, "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "sampler": sampler.state_dict()})
-        try:
-            atomic_save(state, path)
-            prune_checkpoints(cfg.output, cfg.keep_checkpoints, protect=path)
-            atomic_save(backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
-            logger.info("saved checkpoint %s (step %d, epoch %d)", path, step, epoch)
-        except OSError as exc:
-            error = f"cannot write checkpoint {path}: {exc.strerror or exc} (the previous checkpoint is intact)"
-    saved = all_ranks_min([0.0 if error else 1.0], ctx)[0]
-    if not saved:
-        error = error or f"cannot write checkpoint {path} on rank 0 (see its log)"
-        if cfg.on_save_error == "warn":
-            logger.warning("%s; training goes on (on_save_error=\"warn\")", error)
-        else:
-            raise TrainingError(f"{error}; stopping (on_save_error=\"stop\"; \"warn\" trains on)")
 
-
-def restore_checkpoint(path, state, ctx, plan, parts) -> tuple[int, int, Any]:
-    """Load every part of a training checkpoint; returns (step, epoch) converted to the current plan, and
+def restore_checkpoint(path, state, ctx, plan, parts, data: dict | None = None,
+                       data_changed_ok: bool = False) -> tuple[int, int, Any]:
+    """Load every part of a training checkpoint, after checking it was trained on ``data`` (the run's data
+    fingerprint, see :func:`check_resume_data`); returns (step, epoch) converted to the current plan, and
     the plan for the rest of the run (``RunPlan.resumed_at``: it ends where the loader really ends)."""
+    if data is not None:
+        check_resume_data(path, state, data, data_changed_ok)
     backbone, head, optimizer, scaler, sampler = parts
     try:
         backbone.load_state_dict(state["backbone"])

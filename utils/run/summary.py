@@ -73,16 +73,20 @@ def log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, p
     loss_meter.reset()
 
 
-def print_summary(cfg: Any, results: dict[str, float]) -> None:
-    """Final verification table and where every output went."""
+def print_summary(cfg: Any, results: dict[str, float], checkpoint: str | None = None,
+                  step: int | None = None) -> None:
+    """Final verification table and where every output went: the run's final ``checkpoint`` (at ``step``)
+    and the model.pt written with it, by name (the trainer prints this only once both are on disk)."""
     lines = ["", "Final verification:" if results else "Training finished (no val_targets configured)."]
     for key in sorted(results):
         lines.append(f"  {key:<40s} {results[key]:.5f}")
     output = os.path.abspath(cfg.output)
+    at_step = f"step {step}: " if step is not None else ""
     lines.append(f"outputs in {output}:")
     lines.append(f"  training.log     {os.path.join(output, 'training.log')}")
     if cfg.tensorboard:
         lines.append(f"  tensorboard/     {os.path.join(output, 'tensorboard')}  (tensorboard --logdir ...)")
-    lines.append(f"  checkpoints      {os.path.join(output, 'checkpoint_step*.pt')}  (resume=True continues)")
-    lines.append(f"  model.pt         {os.path.join(output, 'model.pt')}  (backbone state_dict)")
+    final = os.path.abspath(checkpoint) if checkpoint else os.path.join(output, "checkpoint_step*.pt")
+    lines.append(f"  checkpoint       {final}  ({at_step}resume=True continues)")
+    lines.append(f"  model.pt         {os.path.join(output, 'model.pt')}  ({at_step}backbone state_dict)")
     logger.info("\n".join(lines))

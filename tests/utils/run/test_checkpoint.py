@@ -1,4 +1,5 @@
 """utils/checkpoint.py: atomic checkpoint files, pruning, validation, RNG round trip."""
+import errno
 import os
 import random
 
@@ -29,6 +30,50 @@ def test_failed_save_keeps_the_previous_file(tmp_path):
         resume.atomic_save({"a": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"a": 1}
     assert os.listdir(tmp_path) == ["model.pt"]
+
+
+class FullAfterOneKiB:
+    """A file whose disk fills up after the first KiB: writes then fail with ENOSPC."""
+
+    def __init__(self, handle):
+        self.handle, self.written = handle, 0
+
+    def write(self, data):
+        self.written += len(memoryview(data))
+        if self.written > 1024:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.handle.write(data)
+
+    def flush(self):
+        self.handle.flush()
+
+
+@pytest.mark.parametrize("how", ["zip-writer-runtime-error", "dev-full"])
+def test_torchs_zip_writer_error_becomes_the_oserror_behind_it(tmp_path, monkeypatch, how):
+    path = tmp_path / "checkpoint_step000000001.pt"
+    resume.atomic_save({"a": 1}, str(path))
+    tmp_name = f"{path}.tmp.{os.getpid()}"
+    raised = []
+    if how == "dev-full":  # a device that is always full: torch.save raises the OSError itself
+        os.symlink("/dev/full", tmp_name)
+    else:  # the disk fills up inside a write: torch's zip writer raises "unexpected pos" around the OSError
+        real_save = torch.save
+
+        def save(obj, handle):
+            try:
+                return real_save(obj, FullAfterOneKiB(handle))
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+        monkeypatch.setattr(resume.torch, "save", save)
+    with pytest.raises(OSError) as failed:
+        resume.atomic_save({"a": torch.zeros(100_000)}, str(path))
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == tmp_name
+    if how != "dev-full":
+        assert isinstance(raised[0], RuntimeError) and "unexpected pos" in str(raised[0])
+    assert torch.load(path, weights_only=True) == {"a": 1}
+    assert os.listdir(tmp_path) == [path.name]
 
 
 def test_listing_pruning_and_latest_use_step_numbers(tmp_path):

@@ -41,3 +41,16 @@ def test_other_ranks_keep_no_startup_records_and_write_no_file(tmp_path, restore
     logging.getLogger("startup").warning("a rank-1 warning")
     attach_log_file(1, str(tmp_path))
     assert not (tmp_path / "training.log").exists()
+
+
+def test_a_training_log_on_a_full_disk_is_said_once_without_tracebacks(tmp_path, restore_root_logger, capsys):
+    (tmp_path / "training.log").symlink_to("/dev/full")  # every write to it fails with ENOSPC
+    setup_logging(0)
+    attach_log_file(0, str(tmp_path))
+    for step in range(1, 4):
+        logging.getLogger("train").info("step %d/40", step)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "Logging error" not in captured.err, captured.err
+    said = [line for line in captured.err.splitlines() if "cannot write" in line]
+    assert len(said) == 1 and "training.log" in said[0] and "No space left on device" in said[0], captured.err
+    assert [line.rsplit(" ", 1)[-1] for line in captured.out.splitlines()] == ["1/40", "2/40", "3/40"]
