@@ -113,7 +113,7 @@ def test_out_of_memory_is_one_line_with_the_step_the_size_and_what_to_lower(tmp_
 ], ids=["cuda", "npu"])
 def test_accelerator_out_of_memory_messages_become_one_line(tmp_path, identity_cache, monkeypatch, capsys, message,
                                                             said):
-    import train
+    from utils.run.steps import fetch_step
     from backbones.tiny import TinyFaceNet
 
     def out_of_memory(self, x):
@@ -130,7 +130,7 @@ def test_accelerator_out_of_memory_messages_become_one_line(tmp_path, identity_c
 
 def test_out_of_memory_in_verification_names_val_batch_size(tmp_path, identity_cache, monkeypatch, capsys):
     import eval.verification
-    import train
+    from utils.run.steps import fetch_step
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
@@ -227,7 +227,7 @@ def test_a_rank_that_never_joins_is_one_line_after_the_timeout(tmp_path, identit
 
 
 def test_a_dataloader_worker_out_of_memory_is_said_as_such_not_as_a_dead_worker(tmp_path):
-    import train
+    from utils.run.steps import fetch_step
     from utils.config.load import load_config
     from utils.devices.device import DeviceContext
     from utils.run.failures import failure_line
@@ -246,11 +246,11 @@ def test_a_dataloader_worker_out_of_memory_is_said_as_such_not_as_a_dead_worker(
                   "RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
                   "memory: you tried to allocate 185794560 bytes. Error code 12 (Cannot allocate memory)")
     with pytest.raises(RuntimeError) as raised:
-        train.fetch_step(batches(worker_oom), 1, WorkerDeaths(), watch, 1)
+        fetch_step(batches(worker_oom), 1, WorkerDeaths(), watch, 1)
     assert failure_line(raised.value, cfg, watch) == (
         "out of host memory (RAM) at step 1 (loading its batches): tried to allocate 177.2 MiB; lower batch_size "
         "(now 8; raise gradient_acc, now 1, to keep the global batch), or num_workers (now 2; each worker holds "
         "batches in flight)")
     # A worker that died is still the dead-worker stop (checkpoint, then one line), not an exception.
     died = "DataLoader worker (pid 4242) is killed by signal: Killed."
-    assert train.fetch_step(batches(died), 1, WorkerDeaths(), watch, 2) == (None, died)
+    assert fetch_step(batches(died), 1, WorkerDeaths(), watch, 2) == (None, died, 0.0)

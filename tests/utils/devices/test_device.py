@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from tests.spawn_helpers import run_ranks
 from utils.devices import device as devices
-from utils.devices import memory
+from utils.devices import memory as device_memory
 from utils.devices import report
 
 
@@ -233,7 +233,7 @@ def test_peak_memory_report_on_cuda_reads_the_allocator_and_the_device(monkeypat
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 10 * 2**30)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
     ctx = devices.DeviceContext("cuda", torch.device("cuda", 3), 0, 3, 1, "nccl")
-    assert memory.peak_memory_report(ctx) == ("peak 9.00 GiB allocated (10.00 GiB reserved by the caching "
+    assert device_memory.peak_memory_report(ctx) == ("peak 9.00 GiB allocated (10.00 GiB reserved by the caching "
                                                "allocator) of 80.00 GiB on cuda:3: 70.00 GiB headroom")
     assert asked == [torch.device("cuda", 3)]
 
@@ -252,12 +252,12 @@ def test_peak_memory_report_on_cuda_reads_the_allocator_and_the_device(monkeypat
     (torch.OutOfMemoryError("out of memory"), "accelerator", None),
 ], ids=["cuda", "npu", "cpu", "cpu-in-a-worker", "acl", "python", "bare"])
 def test_out_of_memory_is_recognised_with_the_size_asked_for(exc, memory, size):
-    assert memory.out_of_memory(exc) == memory.OutOfMemory(memory, size)
+    assert device_memory.out_of_memory(exc) == device_memory.OutOfMemory(memory, size)
 
 
 def test_other_errors_are_not_out_of_memory_and_collective_failures_are_told_apart():
-    assert memory.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
-    assert memory.out_of_memory(ValueError("CUDA out of memory")) is None
+    assert device_memory.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert device_memory.out_of_memory(ValueError("CUDA out of memory")) is None
     timeout = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms "
                            "for recv operation to complete")
     assert devices.collective_failure(timeout) == "timeout"
