@@ -365,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     setup_logging(ctx.rank, None, cfg.log_level)  # training.log joins once the output folder is accepted
+    devices.log_choice(ctx)  # device, backend, world size and why (auto)
     finished = False
     try:
         with StopRequest() as stop, WorkerDeaths() as deaths:

@@ -23,7 +23,8 @@ import torch
 from pfc import PartialFCError
 from pfc.kernels import row_chunks
 from pfc.storage import RowStorage
-from utils.devices import distributed as dist_utils
+from utils.devices import compat, distributed as dist_utils
+from utils.devices import device as devices
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class JointOptimizer:
         first = next((param for group in backbone_optimizer.param_groups for param in group["params"]), None)
         self.device = head.weight.device if head is not None else (first.device if first is not None else
                                                                    torch.device("cpu"))
-        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(self.device.type, enabled=False)
+        self.scaler = scaler if scaler is not None else compat.grad_scaler(self.device.type, enabled=False)
         self.clip_grad_norm = float(clip_grad_norm)
         lr = backbone_optimizer.param_groups[0]["lr"]
         self.head_group: dict[str, Any] | None = None
@@ -243,9 +244,11 @@ class JointOptimizer:
         if self.clip_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
         else:  # the norm only (it is the backbone's finite check); nothing to scale
-            grad_norm = torch.nn.utils.get_total_norm([param.grad for param in params])
+            grad_norm = compat.total_norm([param.grad for param in params])
         grad_norm = float(grad_norm)
-        local_finite = math.isfinite(grad_norm) and (head is None or head.grads_finite())
+        # An NPU in saturation mode clamps overflow to +-65504 (finite): only the scaler's float-status check sees it.
+        local_finite = (math.isfinite(grad_norm) and (head is None or head.grads_finite())
+                        and not devices.scaler_found_overflow(scaler, self.backbone_optimizer))
         # Max over ranks of "something is wrong": every rank takes the same decision.
         bad = torch.tensor([not math.isfinite(loss), not local_finite], dtype=torch.float32, device=self.device)
         dist_utils.all_reduce_(bad, "max")
