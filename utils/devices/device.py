@@ -123,13 +123,13 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
     kind, notes, loud = _choose(requested)
     rank, local_rank, world_size = launch_env(legacy_local_rank)
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE") or (1 if world_size == 1 else world_size))
-    device, name = _set_device(kind, local_rank, local_world_size)
-    backend = BACKENDS[kind]
-    network = [f"{key}={os.environ[key]}" for key in SOCKET_SETTINGS[backend] if os.environ.get(key)]
     if kind == "npu":
         ascend.check_rank_size(world_size, local_world_size)
         warning = ascend.network_note(world_size, local_world_size)[1]
         loud += [warning] if warning else []
+    device, name = _set_device(kind, local_rank, local_world_size)
+    backend = BACKENDS[kind]
+    network = [f"{key}={os.environ[key]}" for key in SOCKET_SETTINGS[backend] if os.environ.get(key)]
     if world_size > 1 and not dist.is_initialized():
         _join_process_group(backend, device, rank, world_size, timeout_minutes, network)
     chosen = (f"device {device}{f' ({name})' if name else ''}, backend {backend}, world size {world_size}"
