@@ -88,17 +88,14 @@ def check_rank_size(world_size: int, local_world_size: int) -> None:
                           f"--nproc_per_node={value} (bash test/train_full_8p.sh does) or unset RANK_SIZE")
 
 
-def network_note(world_size: int, local_world_size: int) -> tuple[str, str]:
-    """(what selects HCCL's host network interface, a warning or "") for the start-up log. HCCL picks
-    its root NIC by ``HCCL_IF_IP``, then ``HCCL_SOCKET_IFNAME``, else the first NIC by name."""
-    settings = [f"{key}={os.environ[key]}" for key in ("HCCL_IF_IP", "HCCL_SOCKET_IFNAME") if os.environ.get(key)]
-    if settings:
-        return ", ".join(settings), ""
-    if world_size > local_world_size:
-        return "", ("several nodes and neither HCCL_IF_IP nor HCCL_SOCKET_IFNAME is set: HCCL takes the first "
-                    "network interface by name, which may not reach the other nodes (set one of them, e.g. "
-                    "bash test/train_full_8p.sh --socket_ifname=eth0)")
-    return "", ""
+def interface_warning(world_size: int, local_world_size: int) -> str:
+    """A warning for several nodes without ``HCCL_IF_IP`` / ``HCCL_SOCKET_IFNAME`` (HCCL then takes its
+    root NIC by name order, per CANN's HcclGetRootInfo documentation), else ""."""
+    if world_size <= local_world_size or os.environ.get("HCCL_IF_IP") or os.environ.get("HCCL_SOCKET_IFNAME"):
+        return ""
+    return ("several nodes and neither HCCL_IF_IP nor HCCL_SOCKET_IFNAME is set: HCCL takes the first network "
+            "interface by name, which may not reach the other nodes (set one of them, e.g. "
+            "bash test/train_full_8p.sh --socket_ifname=eth0)")
 
 
 def device_name(torch_npu: ModuleType, index: int) -> str:

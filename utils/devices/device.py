@@ -125,7 +125,7 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE") or (1 if world_size == 1 else world_size))
     if kind == "npu":
         ascend.check_rank_size(world_size, local_world_size)
-        warning = ascend.network_note(world_size, local_world_size)[1]
+        warning = ascend.interface_warning(world_size, local_world_size)
         loud += [warning] if warning else []
     device, name = _set_device(kind, local_rank, local_world_size)
     backend = BACKENDS[kind]

@@ -171,9 +171,10 @@ def test_npu_count_and_modelzoo_variables_are_checked_before_joining(monkeypatch
     # RANK_SIZE as the cards of this node (4 nodes x 8) passes; the multi-node NIC warning is given.
     assert ascend.check_rank_size(32, 8) is None
     single_process(monkeypatch)
-    assert ascend.network_note(32, 8)[1].startswith("several nodes and neither HCCL_IF_IP nor HCCL_SOCKET_IFNAME")
+    assert ascend.interface_warning(32, 8).startswith("several nodes and neither HCCL_IF_IP nor HCCL_SOCKET_IFNAME")
+    assert ascend.interface_warning(8, 8) == ""
     monkeypatch.setenv("HCCL_SOCKET_IFNAME", "eth0")
-    assert ascend.network_note(32, 8) == ("HCCL_SOCKET_IFNAME=eth0", "")
+    assert ascend.interface_warning(32, 8) == ""
 
 
 def test_an_installed_torch_npu_that_fails_to_import_is_named(monkeypatch, tmp_path):
