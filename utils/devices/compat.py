@@ -9,10 +9,12 @@ torch call (same behaviour, same results).
 | ``total_norm`` | 2.6 (``torch.nn.utils.get_total_norm``) | the same norm of norms, computed here |
 | ``process_group_device_id`` | 2.3 (``init_process_group(device_id=...)``) | no argument |
 | ``onnx_export_kwargs`` | 2.5 (``torch.onnx.export(dynamo=False)``) | no argument (the TorchScript exporter was the only one) |
+| ``own_session_under_torchrun`` | torchrun starts each rank in a session of its own (2.13 does) | the rank leaves torchrun's process group itself (2.1) |
 """
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Iterable
 
 import torch
@@ -58,3 +60,17 @@ def onnx_export_kwargs() -> dict[str, bool]:
     """``{"dynamo": False}`` where torch.onnx.export has the dynamo exporter (2.5+): the TorchScript
     exporter, which needs no onnxscript; {} before (it was the only exporter)."""
     return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+
+
+def own_session_under_torchrun() -> None:
+    """Put this rank in a session of its own when torchrun did not (torch 2.1's torchrun leaves its ranks
+    in its own process group; 2.13's starts each with ``start_new_session``). A terminal's Ctrl-C goes to
+    the foreground process group: in torchrun's group it reached every rank directly *and* again through
+    torchrun's forwarding, a "second" SIGINT that stops without a checkpoint. A no-op where the rank
+    already leads its session, and outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not hasattr(os, "setsid") or os.getsid(0) == os.getpid():
+        return
+    try:
+        os.setsid()
+    except OSError:  # already a process-group leader: started deliberately that way, leave it
+        pass

@@ -120,6 +120,7 @@ SOCKET_SETTINGS = {"gloo": ("GLOO_SOCKET_IFNAME",), "nccl": ("NCCL_SOCKET_IFNAME
 def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout_minutes: float = 30.0) -> DeviceContext:
     """Pick the device, set it for this process and join the process group when launched with several
     ranks. ``ctx.chosen`` is the start-up line (device, backend, world size, why); see :func:`log_choice`."""
+    compat.own_session_under_torchrun()  # first: a Ctrl-C must reach this rank once, through torchrun
     kind, notes, loud = _choose(requested)
     rank, local_rank, world_size = launch_env(legacy_local_rank)
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE") or (1 if world_size == 1 else world_size))
