@@ -29,6 +29,7 @@ from losses import build_margin_loss
 from partial_fc import PartialFC
 from pfc.optim import JointOptimizer, build_joint_optimizer
 from utils.devices import device as devices
+from utils.devices import ddp
 from utils.config.load import load_config, to_plain
 from utils.config.rules import ConfigError
 from utils.data.errors import DatasetError
@@ -242,7 +243,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
                                                cfg.resume_data_changed)
         del resume_state
     saver = CheckpointSaver(cfg, ctx, plan, parts, data.fingerprint, resume_path, step)
-    model = devices.wrap_ddp(backbone, ctx, cfg.static_graph, plan.accumulation, cfg.fp16_grad_compression)
+    model = ddp.wrap_ddp(backbone, ctx, cfg.static_graph, plan.accumulation, cfg.fp16_grad_compression)
     verification = build_verification(cfg, source, ctx)
     writer, wandb_run = open_summary_writers(cfg, ctx)
     autocast = devices.autocast(ctx, fp16, bf16)
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     setup_logging(ctx.rank, None, cfg.log_level)  # training.log joins once the output folder is accepted
+    devices.log_choice(ctx)  # device, backend, world size and why (auto)
     finished, watch = False, StepWatch(ctx, cfg.collective_timeout_s)
     try:
         with StopRequest() as stop, WorkerDeaths() as deaths, watch:

@@ -23,6 +23,7 @@ import torch
 from pfc import PartialFCError
 from pfc.kernels import row_chunks
 from pfc.storage import RowStorage
+from utils.devices import compat
 from utils.devices import device as devices
 from utils.devices import distributed as dist_utils
 
@@ -215,7 +216,7 @@ class JointOptimizer:
         first = next((param for group in backbone_optimizer.param_groups for param in group["params"]), None)
         self.device = head.weight.device if head is not None else (first.device if first is not None else
                                                                    torch.device("cpu"))
-        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(self.device.type, enabled=False)
+        self.scaler = scaler if scaler is not None else compat.grad_scaler(self.device.type, enabled=False)
         self.clip_grad_norm = float(clip_grad_norm)
         lr = backbone_optimizer.param_groups[0]["lr"]
         self.head_group: dict[str, Any] | None = None
@@ -254,7 +255,7 @@ class JointOptimizer:
         if self.clip_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
         else:  # the norm only (it is the backbone's finite check); nothing to scale
-            grad_norm = torch.nn.utils.get_total_norm([param.grad for param in params])
+            grad_norm = compat.total_norm([param.grad for param in params])
         grad_norm = grad_norm.detach().float().to(self.device).reshape(1)
         loss = (loss.detach().float().to(self.device) if isinstance(loss, torch.Tensor)
                 else torch.full((), float(loss), device=self.device)).reshape(1)

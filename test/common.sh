@@ -4,8 +4,11 @@
 #              MASTER_PORT, PYTHON, OUTPUT_ROOT (default test/output), DRY_RUN=1 (print the training
 #              command instead of running it).
 # Arguments:   --config=FILE (same as CONFIG), --data_path=DIR (sets cfg.rec), --output=DIR (run folder),
-#              --amp_cfg=True|False and --opt_level=O0|O1|O2 (apex flags -> fp16), any other --key=value
-#              is passed to train.py as --set key=value.
+#              --amp_cfg=True|False and --opt_level=O0|O1|O2 (apex flags -> fp16), --socket_ifname=NAME
+#              (the network interface of several nodes: HCCL_SOCKET_IFNAME, NCCL_SOCKET_IFNAME and
+#              GLOO_SOCKET_IFNAME), --hccl_if_ip=IP (HCCL_IF_IP); any other --key=value is passed to
+#              train.py as --set key=value. HCCL_IF_IP, HCCL_SOCKET_IFNAME, NCCL_*/GLOO_* variables and
+#              ModelZoo's ASCEND_DEVICE_ID / RANK_SIZE already in the environment pass through to train.py.
 # Output:      $OUTPUT_ROOT/<script>/<config stem>[-RUN_NAME]/ holds train_<node rank>.log and work/ (the run
 #              folder), so runs of different configs never share a log or prune each other's checkpoints.
 set -euo pipefail
@@ -52,6 +55,13 @@ for arg in "$@"; do
                 O1|O2|O3) overrides+=(--set "fp16=True") ;;
                 *) launcher_error "--opt_level=${arg#--opt_level=}: expected O0, O1, O2 or O3" ;;
             esac ;;
+        --socket_ifname=*)
+            [ -n "${arg#--socket_ifname=}" ] || launcher_error "--socket_ifname= needs an interface name, e.g. eth0"
+            export HCCL_SOCKET_IFNAME=${arg#--socket_ifname=} NCCL_SOCKET_IFNAME=${arg#--socket_ifname=} \
+                   GLOO_SOCKET_IFNAME=${arg#--socket_ifname=} ;;
+        --hccl_if_ip=*)
+            [ -n "${arg#--hccl_if_ip=}" ] || launcher_error "--hccl_if_ip= needs this node's IP address"
+            export HCCL_IF_IP=${arg#--hccl_if_ip=} ;;
         --*=*) key=${arg%%=*}; key=${key#--}; user_keys+="$key "; overrides+=(--set "$key=${arg#*=}") ;;
         *) echo "$script_name: unknown argument '$arg' (expected --data_path=DIR or --key=value)" >&2; exit 2 ;;
     esac

@@ -18,6 +18,9 @@ def _entry(fn, rank, world_size, port, args, results):
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
+            # Together, as utils/devices/device.py's teardown does: on torch 2.1 a rank that destroys its gloo
+            # group while the other still finishes can hang in destroy_process_group.
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -185,7 +185,8 @@ def test_backbone_unknown_mode_is_a_one_line_error(monkeypatch, capsys):
 @pytest.mark.parametrize("what", ["backbone", "eval"])
 def test_an_unavailable_device_is_a_one_line_error(what):
     message = one_line_error([what, "--network", "tiny", "--device", "cuda"])
-    assert message == "error: device='cuda' requested but torch.cuda.is_available() is False (CPU build or no GPU)"
+    why = "a CPU build of torch" if torch.version.cuda is None else "no CUDA GPU visible (CUDA_VISIBLE_DEVICES, nvidia-smi)"
+    assert message == f"error: device='cuda' requested but torch.cuda.is_available() is False ({why})"
 
 
 # ---------------------------------------------------------------------------- head

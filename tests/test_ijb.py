@@ -12,6 +12,7 @@ from torch import nn
 
 from eval import ijb
 from eval.verification import read_bin
+from utils.devices import compat
 from utils.faces.align import ARCFACE_TEMPLATE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -252,7 +253,7 @@ def test_cli_with_onnx_model(tmp_path, insightface_fixtures):
     image_path = make_layout(str(tmp_path), insightface_fixtures, num_identities=2)
     onnx_path = str(tmp_path / "tiny.onnx")
     torch.onnx.export(TinyNet().eval(), torch.zeros(1, 3, 112, 112), onnx_path, input_names=["data"],
-                      output_names=["embedding"], dynamic_axes={"data": {0: "batch"}}, dynamo=False)
+                      output_names=["embedding"], dynamic_axes={"data": {0: "batch"}}, **compat.onnx_export_kwargs())
     done = subprocess.run([sys.executable, "-m", "eval.ijb", "--model", onnx_path, "--image-path", image_path,
                            "--target", "IJBC", "--result-dir", str(tmp_path / "res"), "--device", "cpu",
                            "--identification", "--no-progress", "--no-flip"],

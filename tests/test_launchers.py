@@ -12,7 +12,8 @@ from tests.conftest import REPO_ROOT, free_port
 def test_performance_script_runs_on_cpu_and_prints_fps(tmp_path):
     env = dict(os.environ, DEVICE="cpu", NPROC="2", PERF_STEPS="4", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                OUTPUT_ROOT=str(tmp_path / "output"))
-    result = subprocess.run(["bash", "test/train_performance_8p.sh", f"--synthetic.cache_dir={str(tmp_path)!r}",
+    result = subprocess.run(["bash", "test/train_performance_8p.sh", "--socket_ifname=lo",
+                             f"--synthetic.cache_dir={str(tmp_path)!r}",
                              "--synthetic.num_identities=16", "--synthetic.num_val_identities=4",
                              "--synthetic.num_val_pairs=20", "--batch_size=8"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=280)
@@ -20,7 +21,47 @@ def test_performance_script_runs_on_cpu_and_prints_fps(tmp_path):
     log_line = re.search(r"log: (\S+)", result.stdout)
     assert log_line and os.path.isfile(log_line.group(1))
     assert re.search(r"Final Performance images/sec : [0-9.]+", result.stdout)
-    assert "world size 2" in open(log_line.group(1)).read()
+    log = open(log_line.group(1)).read()
+    assert "world size 2" in log
+    # The start-up line names what the run chose, and the interface flag reached gloo (see the next test).
+    assert "device cpu, backend gloo, world size 2 (2 per node), GLOO_SOCKET_IFNAME=lo" in log
+
+
+@pytest.mark.timeout(150)
+def test_socket_ifname_reaches_the_process_group(tmp_path):
+    result = _launch("train_full_8p.sh", ["--socket_ifname=arcscale_nic0", "--max_steps=1"], tmp_path, NPROC="2")
+    assert result.returncode != 0
+    failure = re.search(r"training failed with exit code \d+: (.*)", result.stderr)
+    # gloo was asked for that interface: one line naming the rendezvous and the setting, no traceback.
+    assert failure and re.match(r"error: rank [01] of 2 could not join the gloo process group at 127\.0\.0\.1:\d+, "
+                                r"GLOO_SOCKET_IFNAME=arcscale_nic0: \w+: .*arcscale_nic0", failure.group(1)), result.stderr
+    result = _launch("train_full_8p.sh", ["--hccl_if_ip="], tmp_path, DRY_RUN="1")
+    assert result.returncode == 2 and "--hccl_if_ip= needs this node's IP address" in result.stderr
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("package", ["ascend-toolkit", "nnae"])
+def test_cann_set_env_is_sourced_despite_unset_variables(tmp_path, monkeypatch, package):
+    """CANN's set_env.sh (the toolkit's, or nnae's where only the runtime is installed) appends to unset
+    variables and may end non-zero; the launcher runs under set -eu. What it exports reaches train.py,
+    and a torch_npu that cannot load its libraries is named, not taken for "no NPU"."""
+    site = tmp_path / "cann_python"
+    (site / "torch_npu").mkdir(parents=True)
+    (site / "torch_npu" / "__init__.py").write_text(
+        "raise ImportError('libhccl.so: cannot open shared object file: No such file or directory')\n")
+    cann = tmp_path / "Ascend"
+    (cann / package).mkdir(parents=True)
+    (cann / package / "set_env.sh").write_text(f"export PYTHONPATH={site}:$PYTHONPATH\n"
+                                               "export ASCEND_OPP_PATH=$ARCSCALE_UNSET_VARIABLE/opp\n"
+                                               "[ -n \"$ARCSCALE_UNSET_VARIABLE\" ]\n")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.delenv("ARCSCALE_UNSET_VARIABLE", raising=False)
+    result = _launch("train_full_1p.sh", ["--config=configs/demo_cpu.py"], tmp_path, DEVICE="npu", CANN_HOME=str(cann))
+    assert f"env_npu.sh: sourced {cann}/{package}/set_env.sh" in result.stdout, result.stdout + result.stderr
+    failure = re.search(r"training failed with exit code \d+: (.*)", result.stderr)
+    assert failure and failure.group(1) == ("error: device='npu' requested but torch_npu is installed but failed to "
+                                            "import: ImportError: libhccl.so: cannot open shared object file: No such "
+                                            "file or directory"), result.stderr
 
 
 def test_launcher_rejects_unknown_arguments():

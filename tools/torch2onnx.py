@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from backbones.common import ARCFACE_INPUT, InputSpec, declared_input_spec, normalize  # noqa: E402
+from utils.devices import compat  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def export_onnx(model: nn.Module, output: str, network: str = "unknown", image_s
         try:
             torch.onnx.export(model, dummy, output, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              opset_version=opset, do_constant_folding=True, dynamo=False)
+                              opset_version=opset, do_constant_folding=True, **compat.onnx_export_kwargs())
         except Exception as exc:  # exporter errors are long multi-line messages
             raise ExportError(f"{output}: torch.onnx.export failed for network '{network}': "
                               f"{str(exc).strip().splitlines()[0]}") from exc

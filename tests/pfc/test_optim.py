@@ -13,6 +13,7 @@ import losses
 from partial_fc import PartialFC, PartialFCError
 from pfc.optim import JointOptimizer, RowOptimizer, build_joint_optimizer
 from tests.spawn_helpers import run_ranks
+from utils.devices import compat
 
 D, C, IN = 8, 60, 6
 
@@ -33,7 +34,9 @@ def setup(optimizer="sgd", fp16=False, clip=0.0, init_scale=2.0 ** 16):
     torch.manual_seed(0)
     backbone = torch.nn.Linear(IN, D)
     head = make_head(optimizer)
-    scaler = torch.amp.GradScaler("cpu", enabled=fp16, init_scale=init_scale)
+    if fp16 and not compat.GRAD_SCALER_DEVICE_ARG:
+        pytest.skip("an enabled GradScaler on CPU needs torch >= 2.3")
+    scaler = compat.grad_scaler("cpu", enabled=fp16, init_scale=init_scale)
     joint = build_joint_optimizer(optimizer, backbone.parameters(), head, lr=0.1, momentum=0.9, weight_decay=5e-4,
                                   clip_grad_norm=clip, scaler=scaler)
     return backbone, head, scaler, joint
@@ -164,6 +167,7 @@ def _two_rank_worker(rank, world_size):
             second.stepped, torch.equal(head.weight, weight), second.flags)
 
 
+@pytest.mark.skipif(not compat.GRAD_SCALER_DEVICE_ARG, reason="an enabled GradScaler on CPU needs torch >= 2.3")
 def test_every_rank_takes_the_same_decision(port):
     results = run_ranks(_two_rank_worker, 2, port, timeout=90)
     # Both ranks: first step skipped (rank 1's inf), scale halved; second step taken; both see both flags.
@@ -245,6 +249,8 @@ def test_without_a_partial_fc_head_it_is_the_standard_gradscaler_sequence():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(IN, D), torch.nn.Linear(D, C))
     reference_model = copy.deepcopy(model)
+    if not compat.GRAD_SCALER_DEVICE_ARG:
+        pytest.skip("an enabled GradScaler on CPU needs torch >= 2.3")
     scaler, reference_scaler = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 16) for _ in range(2))
     joint = build_joint_optimizer("adam", model.parameters(), None, lr=0.01, weight_decay=1e-3,
                                   clip_grad_norm=0.5, scaler=scaler)

@@ -1,23 +1,26 @@
 """The one place that knows device kinds: CPU, CUDA (NCCL) and Ascend NPU (HCCL via torch_npu).
 
 Everything else asks this module for the device, the process-group backend, autocast and the
-grad scaler, so that no other file calls ``.cuda()`` or imports ``torch_npu``.
+grad scaler, so that no other file calls ``.cuda()`` or imports ``torch_npu`` (whose specifics live
+in ``ascend.py``; torch-version fallbacks in ``compat.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import logging
 import os
 import re
 import resource
+import warnings
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
 
-from utils.devices import elastic
+from utils.devices import ascend, compat, elastic
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ class DeviceContext:
     backend: str
     node: int = 0        # torchrun's node rank (GROUP_RANK), for messages naming where something failed
     restarts: int = 0    # elastic restarts of this job so far, the same on every rank (0: first attempt)
+    chosen: str = ""     # the start-up line: device, backend, world size and why (see log_choice)
+    warnings: tuple[str, ...] = ()  # what the start-up log must not leave out (a GPU/NPU library that failed)
 
     @property
     def distributed(self) -> bool:
@@ -52,28 +57,52 @@ class DeviceContext:
         return self.rank == 0
 
 
-def _npu_available() -> bool:
-    try:
-        import torch_npu  # noqa: F401  (registers torch.npu)
-    except ImportError:
-        return False
-    return bool(torch.npu.is_available())
+def _cuda_status() -> tuple[bool, str, bool]:
+    """(usable, why not, whether CUDA itself failed): torch's CUDA-initialisation warning is the reason
+    when it gave one (a driver too old, a broken install), else simply no GPU visible."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if available:
+        return True, "", False
+    if torch.version.cuda is None:
+        return False, "", False  # a CPU build of torch: nothing to explain
+    reasons = [str(warning.message).strip().splitlines()[0] for warning in caught if str(warning.message).strip()]
+    if reasons:
+        return False, f"torch {torch.__version__} is a CUDA build but CUDA failed: {'; '.join(reasons)}", True
+    return False, "no CUDA GPU visible (CUDA_VISIBLE_DEVICES, nvidia-smi)", False
+
+
+def _choose(requested: str) -> tuple[str, list[str], list[str]]:
+    """(kind, notes for the start-up line, warnings). ``auto`` takes cuda, then npu, then cpu, and says
+    why it passed over a GPU/NPU library that is installed; an explicit kind must exist here."""
+    requested = (requested or "auto").lower()
+    if requested not in ("auto", "cuda", "npu", "cpu"):
+        raise DeviceError(f"config key 'device': expected auto, cuda, npu or cpu, got {requested!r}")
+    if requested == "cpu":
+        return "cpu", [], []
+    cuda_why, cuda_failed = "", False
+    if requested in ("auto", "cuda"):
+        cuda, cuda_why, cuda_failed = _cuda_status()
+        if cuda:
+            return "cuda", [], []
+        if requested == "cuda":
+            raise DeviceError(f"device='cuda' requested but torch.cuda.is_available() is False "
+                              f"({cuda_why or 'a CPU build of torch'})")
+    torch_npu, npu_why = ascend.npu_status()  # npu_why is "" only when torch_npu is not installed
+    notes = [f"cuda: {cuda_why}"] if cuda_why else []
+    if torch_npu is not None:
+        return "npu", notes, []
+    if requested == "npu":
+        raise DeviceError("device='npu' requested but "
+                          + (npu_why or "torch_npu is not installed (install the torch-npu matching torch and CANN)"))
+    failed = ([cuda_why] if cuda_failed else []) + ([npu_why] if npu_why else [])
+    return "cpu", notes + ([f"npu: {npu_why}"] if npu_why else []), [f"device=auto trains on CPU: {why}" for why in failed]
 
 
 def resolve_kind(requested: str) -> str:
     """``auto`` picks cuda, then npu, then cpu; an explicit kind must exist on this machine."""
-    requested = (requested or "auto").lower()
-    if requested not in ("auto", "cuda", "npu", "cpu"):
-        raise DeviceError(f"config key 'device': expected auto, cuda, npu or cpu, got {requested!r}")
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "npu" if _npu_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device='cuda' requested but torch.cuda.is_available() is False (CPU build or no GPU)")
-    if requested == "npu" and not _npu_available():
-        raise DeviceError("device='npu' requested but torch_npu is not installed or no NPU is visible")
-    return requested
+    return _choose(requested)[0]
 
 
 def launch_env(legacy_local_rank: int | None = None) -> tuple[int, int, int]:
@@ -94,58 +123,110 @@ def node_rank(rank: int) -> int:
     return rank // int(local_world) if local_world.isdigit() and int(local_world) > 0 else 0
 
 
-def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout_s: float = 1800.0) -> DeviceContext:
-    """Pick the device, set it for this process and join the process group when launched with several ranks.
+# Variables that choose the network interface each backend's sockets use (several nodes); logged when set.
+SOCKET_SETTINGS = {"gloo": ("GLOO_SOCKET_IFNAME",), "nccl": ("NCCL_SOCKET_IFNAME",),
+                   "hccl": ("HCCL_IF_IP", "HCCL_SOCKET_IFNAME")}
 
-    ``timeout_s`` bounds forming the group and every collective (torch's default is 30 minutes; the
-    trainer passes its ``collective_timeout_s`` plus a grace, see utils/run/watchdog.py)."""
-    kind = resolve_kind(requested)
+
+def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout_s: float = 1800.0) -> DeviceContext:
+    """Pick the device, set it for this process and join the process group when launched with several
+    ranks. ``ctx.chosen`` is the start-up line (device, backend, world size, why); see :func:`log_choice`.
+    ``timeout_s`` bounds forming the group and every collective (the trainer passes its
+    ``collective_timeout_s`` plus a grace, see utils/run/watchdog.py)."""
+    compat.own_session_under_torchrun()  # first: a Ctrl-C must reach this rank once, through torchrun
+    kind, notes, loud = _choose(requested)
     rank, local_rank, world_size = launch_env(legacy_local_rank)
-    if kind == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise DeviceError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    elif kind == "npu":
-        torch.npu.set_device(local_rank)
-        device = torch.device("npu", local_rank)
-    else:
-        device = torch.device("cpu")
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE") or (1 if world_size == 1 else world_size))
+    if kind == "npu":
+        ascend.check_rank_size(world_size, local_world_size)
+        warning = ascend.interface_warning(world_size, local_world_size)
+        loud += [warning] if warning else []
+    device, name = _set_device(kind, local_rank, local_world_size)
     backend = BACKENDS[kind]
+    network = [f"{key}={os.environ[key]}" for key in SOCKET_SETTINGS[backend] if os.environ.get(key)]
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)  # this node's count only
     if world_size > 1 and not dist.is_initialized():
-        for key in ("MASTER_ADDR", "MASTER_PORT"):
-            if key not in os.environ:
-                raise DeviceError(f"WORLD_SIZE={world_size} but {key} is not set; launch with torchrun")
-        timeout = datetime.timedelta(seconds=timeout_s)
-        try:
-            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-                # torchrun keeps its store for the whole job: each attempt's process group needs keys of its own
-                # (or the restarted ranks read the dead ranks' gloo/NCCL addresses), named by a generation that
-                # rank 0 hands out, since the per-node restart counters disagree between nodes.
-                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                      is_master=False, timeout=timeout)
-                generation = elastic.agree_on_generation(store, rank, world_size, timeout)
-                # rank 0's count of this job's process groups; the node's own count too, for a store that torchrun
-                # re-created (c10d rendezvous whose rank-0 node changed)
-                restarts = max(restarts, generation - 1)
-                dist.init_process_group(backend=backend, store=dist.PrefixStore(f"arcscale/generation_{generation}", store),
-                                        rank=rank, world_size=world_size, timeout=timeout)
-            else:
-                dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                        timeout=timeout)
-        except RuntimeError as exc:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
-            if collective_failure(exc) != "timeout":
-                raise
-            raise DeviceError(f"rank {rank}: the {world_size} ranks did not all join the process group at "
-                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_s:g} s "
-                              f"(are all ranks/nodes started? config key 'collective_timeout_s' sets the "
-                              f"wait): {str(exc).strip().splitlines()[0]}") from None
+        restarts = _join_process_group(backend, device, rank, world_size, timeout_s, network, restarts)
     if world_size > 1:  # without torchrun's store (or a counter from before it): restarted if any node says so
         agreed = torch.tensor([restarts], dtype=torch.int64, device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         restarts = int(agreed.item())
-    return DeviceContext(kind, device, rank, local_rank, world_size, backend, node_rank(rank), restarts)
+    chosen = (f"device {device}{f' ({name})' if name else ''}, backend {backend}, world size {world_size}"
+              + (f" ({local_world_size} per node)" if world_size > 1 else "")
+              + "".join(f", {setting}" for setting in network)
+              + ("; chosen by device=auto" + (f" ({'; '.join(notes)})" if notes else "")
+                 if (requested or "auto").lower() == "auto" else ""))
+    return DeviceContext(kind, device, rank, local_rank, world_size, backend, node_rank(rank), restarts, chosen,
+                         tuple(loud))
+
+
+def _set_device(kind: str, local_rank: int, local_world_size: int) -> tuple[torch.device, str]:
+    """This process's device (after checking it exists) and its name ("" on CPU)."""
+    if kind == "cuda":
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise DeviceError(f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible"
+                              + _visible("CUDA_VISIBLE_DEVICES"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), torch.cuda.get_device_name(local_rank)
+    if kind == "npu":
+        torch_npu = ascend.import_torch_npu()[0]
+        index = ascend.device_index(local_rank, local_world_size)
+        count = torch_npu.npu.device_count()
+        if index >= count:
+            source = f"LOCAL_RANK={local_rank}" if index == local_rank else f"ASCEND_DEVICE_ID={index}"
+            raise DeviceError(f"{source} but only {count} NPU(s) are visible" + _visible("ASCEND_RT_VISIBLE_DEVICES"))
+        torch_npu.npu.set_device(index)
+        return torch.device("npu", index), ascend.device_name(torch_npu, index)
+    return torch.device("cpu"), ""
+
+
+def _visible(variable: str) -> str:
+    return f" ({variable}={os.environ[variable]!r})" if variable in os.environ else ""
+
+
+def _join_process_group(backend: str, device: torch.device, rank: int, world_size: int, timeout_s: float,
+                        network: list[str], restarts: int) -> int:
+    """init_process_group from torchrun's environment; returns the restart count (see :func:`setup`). A
+    failure is one line naming the rendezvous (a timeout: which wait, and the key that sets it)."""
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise DeviceError(f"WORLD_SIZE={world_size} but {key} is not set; launch with torchrun")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    options = dict(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
+                   **compat.process_group_device_id(device))
+    try:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps its store for the whole job: each attempt's process group needs keys of its own
+            # (or the restarted ranks read the dead ranks' gloo/NCCL addresses), named by a generation that
+            # rank 0 hands out, since the per-node restart counters disagree between nodes.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=False, timeout=timeout)
+            generation = elastic.agree_on_generation(store, rank, world_size, timeout)
+            # rank 0's count of this job's process groups; the node's own count too, for a store that torchrun
+            # re-created (c10d rendezvous whose rank-0 node changed)
+            restarts = max(restarts, generation - 1)
+            dist.init_process_group(store=dist.PrefixStore(f"arcscale/generation_{generation}", store), **options)
+        else:
+            dist.init_process_group(init_method="env://", **options)
+    except Exception as exc:  # torch's messages run over many lines; the user needs which rendezvous failed
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" + "".join(f", {s}" for s in network)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if collective_failure(exc) == "timeout":
+            raise DeviceError(f"rank {rank}: the {world_size} ranks did not all join the process group at {where} "
+                              f"within {timeout_s:g} s (are all ranks/nodes started? config key "
+                              f"'collective_timeout_s' sets the wait): {lines[0] if lines else ''}") from None
+        raise DeviceError(f"rank {rank} of {world_size} could not join the {backend} process group at {where}: "
+                          f"{type(exc).__name__}: {lines[0] if lines else ''}") from exc
+    return restarts
+
+
+def log_choice(ctx: DeviceContext) -> None:
+    """Log the start-up line (rank 0) and every rank's warnings, once logging is set up."""
+    if ctx.chosen:
+        logger.info("%s", ctx.chosen)
+    for warning in ctx.warnings:
+        logger.warning("%s", warning)
 
 
 def apply_speed_settings(ctx: DeviceContext, cudnn_benchmark: bool, allow_tf32: bool) -> None:
@@ -226,11 +307,20 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(ctx: DeviceContext, fp16: bool, bf16: bool) -> tuple[bool, bool]:
-    """(fp16, bf16) to use on this device: on CPU fp16 autocast is emulated (several times slower
-    than fp32, with a loss scaler that mostly backs off), so it falls back, with one warning, to bf16
-    where the CPU computes bf16 natively and to fp32 otherwise."""
+    """(fp16, bf16) to use on this device. bf16 on a GPU/NPU without it (pre-Ampere GPUs, Ascend 910A) is
+    refused with one line. On CPU fp16 autocast is emulated (several times slower than fp32, with a loss
+    scaler that mostly backs off), so it falls back, with one warning, to bf16 where the CPU computes bf16
+    natively and to fp32 otherwise."""
     if fp16 and bf16:
         raise DeviceError("config keys 'fp16' and 'bf16' are both True; choose one")
+    if bf16 and ctx.kind != "cpu" and not bf16_supported(ctx):
+        how = ("torch.cuda.is_bf16_supported() is False: bf16 needs compute capability 8.0 (Ampere) or newer"
+               if ctx.kind == "cuda" else "torch_npu reports no bf16: Atlas training series (910A) lacks it, "
+                                          "Atlas A2/A3 (910B, 910_93) have it")
+        raise DeviceError(f"config key 'bf16' is True but {ctx.device} has no bf16 ({how}); use fp16=True")
+    if ctx.kind == "npu" and fp16 and ascend.saturation_mode(ascend.import_torch_npu()[0]):
+        logger.info("fp16 on an NPU in saturation mode (fp16 overflow clamps to +-65504, no inf/nan): torch_npu's "
+                    "GradScaler reads the float-status flags and the step is skipped on an overflow")
     if ctx.kind != "cpu" or not fp16:
         return fp16, bf16
     if cpu_has_native_bf16():
@@ -241,9 +331,18 @@ def resolve_precision(ctx: DeviceContext, fp16: bool, bf16: bool) -> tuple[bool,
     return False, False
 
 
-def grad_scaler(ctx: DeviceContext, fp16: bool) -> torch.amp.GradScaler:
-    """Loss scaling is needed for fp16 only; bf16 has fp32's exponent range."""
-    return torch.amp.GradScaler(ctx.kind, enabled=fp16)
+def grad_scaler(ctx: DeviceContext, fp16: bool) -> Any:
+    """Loss scaling is needed for fp16 only; bf16 has fp32's exponent range. On an NPU, torch_npu's own
+    GradScaler (it detects saturated overflow, which torch.amp.GradScaler cannot)."""
+    if ctx.kind == "npu" and fp16:
+        return ascend.grad_scaler(ascend.import_torch_npu()[0])
+    return compat.grad_scaler(ctx.kind, enabled=fp16)
+
+
+def scaler_found_overflow(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """After ``scaler.unscale_(optimizer)``: an overflow that finite checks cannot see (an NPU in
+    saturation mode, all ranks' verdict). False for every other device and scaler (no host sync)."""
+    return ascend.scaler_found_overflow(scaler, optimizer)
 
 
 def loss_scale(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
@@ -324,10 +423,15 @@ def restore_device_rng_state(ctx: DeviceContext, saved: dict | None) -> str:
 
 
 def bf16_supported(ctx: DeviceContext) -> bool:
-    """True where bf16 matmuls run natively (on CPU without AVX512-BF16/AMX they are emulated, slower than fp32)."""
+    """True where bf16 runs natively: CUDA compute capability 8.0+ (not counting emulation), NPUs that
+    torch_npu says have it (910B/910_93, not 910A), CPUs with AVX512-BF16/AMX."""
     if ctx.kind == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return ctx.kind == "npu" or cpu_has_native_bf16()
+        check = torch.cuda.is_bf16_supported
+        native = {"including_emulation": False} if "including_emulation" in inspect.signature(check).parameters else {}
+        return bool(check(**native))
+    if ctx.kind == "npu":
+        return ascend.bf16_supported(ascend.import_torch_npu()[0], ctx.device.index or 0)
+    return cpu_has_native_bf16()
 
 
 def reset_peak_memory(ctx: DeviceContext) -> None:
@@ -341,65 +445,3 @@ def memory_gib(ctx: DeviceContext) -> float:
     if accelerator_of(ctx) is not None:
         return accelerator_of(ctx).max_memory_allocated(ctx.device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
-
-
-def wrap_ddp(model: torch.nn.Module, ctx: DeviceContext, static_graph: bool, accumulation: int,
-             fp16_grad_compression: bool) -> torch.nn.Module:
-    """DDP with summed (not averaged) gradients (:func:`sum_allreduce_hook`); ``model`` itself without a
-    process group. ``static_graph`` (config key) is used only when every micro-step syncs (``accumulation``
-    1): torch's static graph and ``no_sync()`` do not mix (an internal assert at the first step, and once
-    past it gradients that stop being all-reduced: pytorch#143580, #187732)."""
-    if not ctx.distributed:
-        return model
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    # BatchNorm statistics stay per rank between steps (arcface_torch's broadcast_buffers=False); newer
-    # torch spells it forward_sync_buffers and warns about the old name.
-    no_buffer_sync = ({"forward_sync_buffers": False}
-                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                      else {"broadcast_buffers": False})
-    static = bool(static_graph) and int(accumulation) == 1
-    if static_graph and not static:
-        logger.info("gradient_acc=%d: DDP runs with static_graph=False (torch's static graph breaks under "
-                    "no_sync, pytorch#143580)", accumulation)
-    wrapped = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.kind != "cpu" else None,
-                                      static_graph=static, **no_buffer_sync)
-    wrapped.register_comm_hook(None, sum_allreduce_hook(fp16_compression_applies(ctx, fp16_grad_compression)))
-    return wrapped
-
-
-def sum_allreduce_hook(fp16_compress: bool):
-    """DDP communication hook that SUMS gradients (the Partial FC head returns true gradients of the
-    global-mean loss, so averaging over ranks would divide them by the world size).
-
-    ``fp16_compress``: the bucket travels as fp16, divided by the world size first and multiplied back
-    after, so the fp16 all-reduce carries the mean (whose magnitude is that of one rank's gradient)
-    instead of a sum that can pass fp16's 65504 (torch's own fp16 compress hook also divides first);
-    the result is still the SUM, in the bucket's own dtype.
-    """
-
-    def hook(state, bucket):  # no annotations: DDP inspects them and `from __future__` makes them strings
-        buffer = bucket.buffer()
-        if not fp16_compress:
-            future = dist.all_reduce(buffer, async_op=True).get_future()
-            return future.then(lambda fut: fut.value()[0])
-        world_size = dist.get_world_size()
-        compressed = buffer.div_(world_size).to(torch.float16)  # divide in the bucket's precision, then round
-        future = dist.all_reduce(compressed, async_op=True).get_future()
-
-        def decompress(fut):
-            return buffer.copy_(fut.value()[0]).mul_(world_size)
-
-        return future.then(decompress)
-
-    return hook
-
-
-def fp16_compression_applies(ctx: DeviceContext, requested: bool) -> bool:
-    """Whether ``fp16_grad_compression`` is used: on CUDA (NCCL) and Ascend (HCCL, where torch_npu documents
-    the same DDP hook); on CPU/gloo it would only cost conversions, so it is left off there with a note."""
-    if requested and ctx.kind == "cpu":
-        logger.info("fp16_grad_compression=True: not applied on CPU (gloo gains nothing from fp16 buckets)")
-    return bool(requested) and ctx.kind in ("cuda", "npu")

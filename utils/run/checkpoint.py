@@ -41,7 +41,7 @@ def describe_load_failure(exc: BaseException) -> str:
     root = exc.__cause__ or exc.__context__ or exc
     text = " ".join(str(root).split()) or type(root).__name__
     sentence = text.split(". ")[0][:200]
-    if "Unsupported global" in text:
+    if "Unsupported global" in text or "Unsupported class" in text:  # torch >= 2.4's wording, torch 2.1-2.3's
         return (f"{sentence} (the file pickles Python objects, e.g. a whole model; load it once with "
                 f"weights_only=False where you trust it and save model.state_dict() instead)")
     return f"{type(root).__name__}: {sentence}"

@@ -1,6 +1,10 @@
-"""utils/device.py: device resolution, autocast and scaler on CPU, the summing DDP hook (gloo)."""
+"""utils/devices/device.py: device resolution (and why auto passed over CUDA), autocast and scaler on CPU, the
+summing DDP hook (gloo), CUDA set-up and bf16 with patched torch.cuda, a process group that cannot be joined."""
+import inspect
 import os
 import re
+import sys
+import warnings
 
 import pytest
 import torch
@@ -8,6 +12,7 @@ import torch.distributed as dist
 
 from tests.spawn_helpers import run_ranks
 from utils.devices import device as devices
+from utils.devices import ddp
 from utils.devices import memory as device_memory
 from utils.devices import report
 
@@ -61,7 +66,7 @@ def test_cpu_memory_is_the_peak_rss_in_gib():
 
 def _hook_worker(rank: int, world_size: int) -> list:
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1, bias=False))
-    model.register_comm_hook(None, devices.sum_allreduce_hook(fp16_compress=False))
+    model.register_comm_hook(None, ddp.sum_allreduce_hook(fp16_compress=False))
     with torch.no_grad():
         model.module.weight.fill_(1.0)
     model(torch.full((1, 3), float(rank + 1))).sum().backward()
@@ -161,7 +166,7 @@ def _fp16_hook_worker(rank: int, world_size: int) -> tuple:
     plain = torch.full((3,), 40000.0, dtype=torch.float16)
     dist.all_reduce(plain)  # what an fp16 all-reduce without the divide carries
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1, bias=False))
-    model.register_comm_hook(None, devices.sum_allreduce_hook(fp16_compress=True))
+    model.register_comm_hook(None, ddp.sum_allreduce_hook(fp16_compress=True))
     with torch.no_grad():
         model.module.weight.fill_(1.0)
     model(torch.full((1, 3), 40000.0 if rank == 0 else 40001.0)).sum().backward()
@@ -181,8 +186,8 @@ def test_fp16_compression_divides_by_the_world_size_and_still_sums(port):
 def test_fp16_compression_applies_on_cuda_and_npu_only():
     for kind, expected in (("cuda", True), ("npu", True), ("cpu", False)):
         ctx = devices.DeviceContext(kind, torch.device("cpu"), 0, 0, 2, devices.BACKENDS[kind])
-        assert devices.fp16_compression_applies(ctx, True) is expected
-        assert devices.fp16_compression_applies(ctx, False) is False
+        assert ddp.fp16_compression_applies(ctx, True) is expected
+        assert ddp.fp16_compression_applies(ctx, False) is False
 
 
 def test_speed_settings_set_the_device_flags(monkeypatch):
@@ -264,3 +269,88 @@ def test_other_errors_are_not_out_of_memory_and_collective_failures_are_told_apa
     assert devices.collective_failure(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer "
                                                    "[127.0.0.1]:5050")) == "peer"
     assert devices.collective_failure(RuntimeError("something else")) is None
+
+
+def _no_torch_npu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # "not installed", whatever this machine has
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_cuda_setup_checks_the_count_and_binds_the_process_group(monkeypatch):
+    _no_torch_npu(monkeypatch)
+    joined, selected = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.append(kwargs))
+    for key, value in dict(WORLD_SIZE="4", RANK="3", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29500", NCCL_SOCKET_IFNAME="ib0").items():
+        monkeypatch.setenv(key, value)
+    ctx = devices.setup("auto")
+    assert (ctx.kind, ctx.device, ctx.backend, selected) == ("cuda", torch.device("cuda", 1), "nccl", [1])
+    assert ctx.chosen == ("device cuda:1 (NVIDIA A100-SXM4-80GB), backend nccl, world size 4 (2 per node), "
+                          "NCCL_SOCKET_IFNAME=ib0; chosen by device=auto")
+    (kwargs,) = joined
+    assert (kwargs["backend"], kwargs["rank"], kwargs["world_size"]) == ("nccl", 3, 4)
+    if "device_id" in inspect.signature(dist.init_process_group).parameters:  # torch >= 2.3
+        assert kwargs["device_id"] == torch.device("cuda", 1)
+    else:
+        assert "device_id" not in kwargs
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(devices.DeviceError, match=r"^LOCAL_RANK=2 but only 2 CUDA device\(s\) are visible$"):
+        devices.setup("cuda")
+    assert len(joined) == 1
+
+
+def test_auto_says_why_it_passed_over_cuda(monkeypatch, caplog):
+    _no_torch_npu(monkeypatch)
+    monkeypatch.setattr(torch.version, "cuda", "12.1")
+    too_old = "CUDA initialization: The NVIDIA driver on your system is too old (found version 11040)"
+
+    def failing_init():
+        warnings.warn(too_old)  # what torch.cuda.is_available() does when the driver cannot be used
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", failing_init)
+    ctx = devices.setup("auto")
+    why = f"torch {torch.__version__} is a CUDA build but CUDA failed: {too_old}"
+    assert ctx.kind == "cpu" and ctx.warnings == (f"device=auto trains on CPU: {why}",)
+    assert ctx.chosen == f"device cpu, backend gloo, world size 1; chosen by device=auto (cuda: {why})"
+    with caplog.at_level("INFO", logger="utils.devices.device"):
+        devices.log_choice(ctx)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("INFO", ctx.chosen),
+                                                                      ("WARNING", ctx.warnings[0])]
+    with pytest.raises(devices.DeviceError, match=re.escape(f"device='cuda' requested but torch.cuda.is_available() "
+                                                            f"is False ({why})")):
+        devices.setup("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CUDA build on a machine without a GPU
+    ctx = devices.setup("auto")
+    assert ctx.warnings == () and ctx.chosen.endswith("(cuda: no CUDA GPU visible (CUDA_VISIBLE_DEVICES, nvidia-smi))")
+
+
+def test_bf16_is_refused_on_a_gpu_without_it(monkeypatch):
+    cuda = devices.DeviceContext("cuda", torch.device("cpu"), 0, 0, 1, "nccl")
+    # torch >= 2.3 counts emulated bf16 (pre-Ampere) as supported unless asked not to.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not devices.bf16_supported(cuda)
+    with pytest.raises(devices.DeviceError, match=r"config key 'bf16' is True but .* has no bf16 \(torch.cuda."
+                                                  r"is_bf16_supported\(\) is False: .*Ampere.*\); use fp16=True"):
+        devices.resolve_precision(cuda, False, True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert devices.resolve_precision(cuda, False, True) == (False, True)
+
+
+@pytest.mark.timeout(60)
+def test_a_process_group_that_cannot_be_joined_is_one_line(monkeypatch, port):
+    _no_torch_npu(monkeypatch)
+    for key, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                           GLOO_SOCKET_IFNAME="lo").items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(devices.DeviceError) as caught:  # nobody listens on the port: the rendezvous times out
+        devices.setup("cpu", timeout_minutes=0.05)
+    message = str(caught.value)
+    assert re.match(rf"rank 1 of 2 could not join the gloo process group at 127\.0\.0\.1:{port}, "
+                    rf"GLOO_SOCKET_IFNAME=lo: \w+: \S", message) and "\n" not in message, message
+    assert not dist.is_initialized()
