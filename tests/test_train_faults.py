@@ -113,7 +113,7 @@ def test_out_of_memory_is_one_line_with_the_step_the_size_and_what_to_lower(tmp_
 ], ids=["cuda", "npu"])
 def test_accelerator_out_of_memory_messages_become_one_line(tmp_path, identity_cache, monkeypatch, capsys, message,
                                                             said):
-    from utils.run.steps import fetch_step
+    import train
     from backbones.tiny import TinyFaceNet
 
     def out_of_memory(self, x):
@@ -130,7 +130,7 @@ def test_accelerator_out_of_memory_messages_become_one_line(tmp_path, identity_c
 
 def test_out_of_memory_in_verification_names_val_batch_size(tmp_path, identity_cache, monkeypatch, capsys):
     import eval.verification
-    from utils.run.steps import fetch_step
+    import train
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
