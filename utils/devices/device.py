@@ -147,7 +147,7 @@ def setup(requested: str = "auto", legacy_local_rank: int | None = None, timeout
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)  # this node's count only
     if world_size > 1 and not dist.is_initialized():
         restarts = _join_process_group(backend, device, rank, world_size, timeout_s, network, restarts)
-    if world_size > 1:  # without torchrun's store (or a counter from before it): restarted if any node says so
+    if world_size > 1 and "TORCHELASTIC_RESTART_COUNT" in os.environ:  # per-node counts: restarted if any node says so
         agreed = torch.tensor([restarts], dtype=torch.int64, device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         restarts = int(agreed.item())
@@ -212,12 +212,10 @@ def _join_process_group(backend: str, device: torch.device, rank: int, world_siz
     except Exception as exc:  # torch's messages run over many lines; the user needs which rendezvous failed
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" + "".join(f", {s}" for s in network)
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        if collective_failure(exc) == "timeout":
-            raise DeviceError(f"rank {rank}: the {world_size} ranks did not all join the process group at {where} "
-                              f"within {timeout_s:g} s (are all ranks/nodes started? config key "
-                              f"'collective_timeout_s' sets the wait): {lines[0] if lines else ''}") from None
+        waited = (f" (not all ranks joined within {timeout_s:g} s: are all ranks/nodes started? config key "
+                  f"'collective_timeout_s' sets the wait)" if collective_failure(exc) == "timeout" else "")
         raise DeviceError(f"rank {rank} of {world_size} could not join the {backend} process group at {where}: "
-                          f"{type(exc).__name__}: {lines[0] if lines else ''}") from exc
+                          f"{type(exc).__name__}: {lines[0] if lines else ''}{waited}") from None
     return restarts
 
 

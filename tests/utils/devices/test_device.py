@@ -150,6 +150,9 @@ def test_environment_report_for_an_ascend_npu_uses_the_documented_api(monkeypatc
     torch_npu.distributed = types.SimpleNamespace(is_hccl_available=lambda: True)
     npu_package, npu_utils = types.ModuleType("torch_npu.npu"), types.ModuleType("torch_npu.npu.utils")
     npu_utils.get_cann_version = get_cann_version
+    for key, value in vars(npu).items():  # torch_npu.npu is the module torch.npu names
+        setattr(npu_package, key, value)
+    torch_npu.npu, npu_package.utils = npu_package, npu_utils
     for name, module in (("torch_npu", torch_npu), ("torch_npu.npu", npu_package), ("torch_npu.npu.utils", npu_utils)):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(torch, "npu", npu, raising=False)
@@ -349,7 +352,7 @@ def test_a_process_group_that_cannot_be_joined_is_one_line(monkeypatch, port):
                            GLOO_SOCKET_IFNAME="lo").items():
         monkeypatch.setenv(key, value)
     with pytest.raises(devices.DeviceError) as caught:  # nobody listens on the port: the rendezvous times out
-        devices.setup("cpu", timeout_minutes=0.05)
+        devices.setup("cpu", timeout_s=3)
     message = str(caught.value)
     assert re.match(rf"rank 1 of 2 could not join the gloo process group at 127\.0\.0\.1:{port}, "
                     rf"GLOO_SOCKET_IFNAME=lo: \w+: \S", message) and "\n" not in message, message
