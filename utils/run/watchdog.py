@@ -133,6 +133,9 @@ class StepWatch:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.silent_after + 2 * self.poll_s)
+        # Close the store client now, before the process group is torn down, not during interpreter exit
+        # (a C++ client destroyed that late can abort the process: "terminate called without an active exception").
+        self._store = None
         if exc_type is None and self._steps_seen == 1 and not self._memory_logged:
             self._log_first_step_memory(self._state[0])  # a one-step run
 
