@@ -130,7 +130,9 @@ def get_dataloader(cfg: Any, rank: int, world_size: int, pin_memory: bool = Fals
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        drop_last=True,
+        # the sampler yields whole batches only, but for an epoch resumed off the batch grid, whose short last
+        # step (utils/run/plan.py epoch_shape) must reach the trainer
+        drop_last=False,
         worker_init_fn=functools.partial(init_worker, worker_log_queue(), logging.getLogger().getEffectiveLevel())
         if num_workers > 0 else None,
         generator=generator,

@@ -195,7 +195,9 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> 
     returns the step's mean loss as a tensor, not read on the host."""
     model.train()
     loss_sum, accumulation, spec = 0.0, len(micro_batches), input_spec(model)
+    step_samples = sum(len(labels) for _, labels in micro_batches)
     for micro_step, (images, labels) in enumerate(micro_batches):
+        share = step_samples / len(labels)  # = accumulation, unless a short last step has a smaller micro-batch
         images = normalize(images.to(ctx.device, non_blocking=True), spec)
         labels = labels.to(ctx.device, non_blocking=True)
         if cfg.channels_last:
@@ -205,8 +207,8 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> 
             with autocast:
                 embeddings = model(images)
             loss = head(embeddings.float(), labels)
-            scaler.scale(loss / accumulation).backward()
-        loss_sum = loss_sum + loss.detach() / accumulation
+            scaler.scale(loss / share).backward()
+        loss_sum = loss_sum + loss.detach() / share
     sum_replicated_grads(head, ctx)
     return loss_sum
 
@@ -262,9 +264,10 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     while epoch < plan.num_epoch and step < plan.last_step and not ended:
         sampler.set_epoch(epoch)
         batches = start_logged(loader, deaths.start)  # workers start with signals blocked (utils/run/stop.py)
-        steps_this_epoch = len(loader) // plan.accumulation
+        shape = sampler.epoch_shape()  # whole global batches, and a short last step when resumed off their grid
+        steps_this_epoch = shape.steps
         steps_to_run = min(steps_this_epoch, plan.last_step - step)
-        micro_batches, fetch_error, data_wait = fetch_step(batches, plan.accumulation, deaths, watch, step + 1,
+        micro_batches, fetch_error, data_wait = fetch_step(batches, shape.micro_batches(0), deaths, watch, step + 1,
                                                           steps_to_run > 0)
         have_data, no_stop = all_ranks_min([float(micro_batches is not None), float(not stop.requested)], ctx)
         ended = "" if have_data and no_stop else "stop" if not no_stop else "data"
@@ -274,17 +277,17 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
             current_lr = schedule.lr(plan.position(epoch, sampler.consumed))
             optimizer.set_lr(current_lr)
             loss = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx)
-            micro_batches, fetch_error, next_wait = fetch_step(batches, plan.accumulation, deaths, watch, step + 2,
-                                                               index + 1 < steps_to_run)
+            micro_batches, fetch_error, next_wait = fetch_step(batches, shape.micro_batches(index + 1), deaths, watch,
+                                                               step + 2, index + 1 < steps_to_run)
             # Every rank applies this step or skips it; a stop or a dead worker anywhere ends the run after it.
             outcome = optimizer.step(loss=loss, flags=(stop.requested, micro_batches is None))
             optimizer.zero_grad(set_to_none=True)
             nonfinite_in_a_row = count_nonfinite(outcome, nonfinite_in_a_row, step, cfg)
             if outcome.stepped:
                 loss_meter.update(outcome.loss)
-            sampler.advance(plan.global_batch)
+            sampler.advance(shape.step_samples(index) * ctx.world_size)
             step += 1
-            timer.add(plan.global_batch, data_wait)
+            timer.add(shape.step_samples(index) * ctx.world_size, data_wait)
             data_wait = next_wait
             if step % cfg.frequent == 0 or step == plan.last_step:
                 check_data_health(loader, cfg, ctx)

@@ -85,6 +85,11 @@ def test_a_one_rank_run_continues_on_two_ranks(tmp_path, identity_cache, referen
     lr_points = tensorboard_scalars(output / "tensorboard", "train/lr")
     done = state["progress"]["epoch"] * NUM_IMAGES + state["progress"]["samples_in_epoch"]
     assert lr_points[0] > done and lr_points == sorted(set(lr_points)) and lr_points[-1] == TOTAL_SAMPLES, lr_points
+    # Every sample of the plan is trained (frequent=1: a point per step): the resumed epoch, off the new batch grid
+    # (step 25 leaves 88 samples), ends with a short step of 8, so every epoch ends on its last sample.
+    sizes = [after - before for before, after in zip([done] + lr_points, lr_points)]
+    assert set(sizes) <= {16, (NUM_IMAGES - done % NUM_IMAGES) % 16 or 16}, sizes
+    assert all(end * NUM_IMAGES in lr_points for end in range(done // NUM_IMAGES + 1, NUM_EPOCH + 1)), lr_points
 
 
 def tensorboard_scalars(folder: Path, tag: str) -> list[int]:

@@ -15,6 +15,7 @@ from torch.utils.data import Sampler
 
 from utils.data.datasets import RecordDataset
 from utils.data.errors import DatasetError
+from utils.run.plan import EpochShape, epoch_shape
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +25,20 @@ class ResumableDistributedSampler(Sampler[int]):
 
     Rank r yields ``rest[r::world_size]`` of ``rest = perm[consumed:]``, cut so every rank yields
     the same count. ``consumed`` counts global samples, so a checkpoint taken with one world size
-    continues exactly with another.
+    continues exactly with another. Given ``batch_size`` (per rank) and ``accumulation``, an epoch is
+    its whole global batches (drop_last), and an epoch resumed off that grid ends with a short step
+    (:meth:`epoch_shape`): the loader then needs no drop_last.
     """
 
-    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True,
+                 batch_size: int | None = None, accumulation: int = 1) -> None:
         if num_samples < 1:
             raise DatasetError(f"sampler: num_samples={num_samples}, expected at least 1 sample")
         if world_size < 1 or not 0 <= rank < world_size:
             raise DatasetError(f"sampler: rank={rank} world_size={world_size}, expected 0 <= rank < world_size")
         self.num_samples, self.rank, self.world_size = int(num_samples), int(rank), int(world_size)
         self.seed, self.shuffle = int(seed), shuffle
+        self.batch_size, self.accumulation = batch_size, int(accumulation)
         self.epoch, self.consumed = 0, 0
         self._resume_epoch: int | None = None
         self.shared_epoch: torch.Tensor | None = None  # get_dataloader links the dataset's flip epoch
@@ -51,6 +56,19 @@ class ResumableDistributedSampler(Sampler[int]):
         """Count ``num_global_samples`` more samples as consumed (all ranks together)."""
         self.consumed = min(self.consumed + int(num_global_samples), self.num_samples)
 
+    def epoch_shape(self) -> EpochShape:
+        """The optimizer steps left in this epoch from ``consumed`` (``batch_size`` must be set)."""
+        if self.batch_size is None:
+            raise DatasetError("sampler: epoch_shape() needs the sampler's batch_size")
+        global_batch = self.batch_size * self.world_size * self.accumulation
+        epoch_end = self.num_samples // global_batch * global_batch
+        return epoch_shape(epoch_end - self.consumed, self.world_size, self.batch_size, self.accumulation)
+
+    def _per_rank(self) -> int:
+        if self.batch_size is None:
+            return (self.num_samples - self.consumed) // self.world_size
+        return self.epoch_shape().samples_per_rank
+
     def _indices(self) -> torch.Tensor:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -58,14 +76,13 @@ class ResumableDistributedSampler(Sampler[int]):
         else:
             order = torch.arange(self.num_samples)
         rest = order[self.consumed:]
-        per_rank = len(rest) // self.world_size
-        return rest[self.rank::self.world_size][:per_rank]
+        return rest[self.rank::self.world_size][:self._per_rank()]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices().tolist())
 
     def __len__(self) -> int:
-        return (self.num_samples - self.consumed) // self.world_size
+        return self._per_rank()
 
     def state_dict(self) -> dict[str, int]:
         """Epoch, seed and samples consumed: enough to continue on any world size."""
@@ -196,6 +213,11 @@ class PKSampler(ResumableDistributedSampler):
     def __len__(self) -> int:
         return max(0, self.epoch_samples - self.consumed) // self.global_batch * self.batch_size
 
+    def epoch_shape(self) -> EpochShape:
+        """Whole P x K global batches only (a short step would break the identity groups)."""
+        micro_batches = len(self) // self.batch_size
+        return EpochShape(micro_batches // self.accumulation, self.batch_size, self.accumulation)
+
     def state_dict(self) -> dict[str, int]:
         """epoch/seed/consumed like the random sampler, plus K (a different K changes the stream)."""
         return {**super().state_dict(), "images_per_identity": self.k}
@@ -215,8 +237,11 @@ def build_sampler(cfg: Any, dataset: Any, rank: int, world_size: int) -> Resumab
     """The sampler ``cfg.sampler`` names: "random" (seeded shuffle) or "pk" (P identities x K images)."""
     kind = cfg.get("sampler", "random")
     if kind == "random":
-        return ResumableDistributedSampler(len(dataset), rank, world_size, cfg.seed)
+        return ResumableDistributedSampler(len(dataset), rank, world_size, cfg.seed, batch_size=int(cfg.batch_size),
+                                           accumulation=int(cfg.get("gradient_acc", 1)))
     if kind == "pk":
-        return PKSampler(dataset_labels(dataset), cfg.get("images_per_identity", 0), int(cfg.batch_size), rank,
-                         world_size, int(cfg.seed))
+        sampler = PKSampler(dataset_labels(dataset), cfg.get("images_per_identity", 0), int(cfg.batch_size), rank,
+                            world_size, int(cfg.seed))
+        sampler.accumulation = int(cfg.get("gradient_acc", 1))
+        return sampler
     raise DatasetError(f"config key 'sampler'={kind!r}: expected one of {', '.join(SAMPLERS)}")

@@ -17,6 +17,50 @@ logger = logging.getLogger(__name__)
 
 MIN_STEPS_PER_EPOCH = 10     # fewer optimizer steps per epoch: warn (epoch-based schedules get coarse)
 MAX_DROPPED_FRACTION = 0.05  # more of the data left out of every epoch by drop_last: warn
+MIN_MICRO_BATCH = 2          # a micro-batch of one sample cannot train BatchNorm layers (no batch statistics)
+
+
+@dataclass(frozen=True)
+class EpochShape:
+    """The optimizer steps left in an epoch on one rank: ``full_steps`` of ``accumulation`` micro-batches of
+    ``batch_size`` samples, then a short last step of ``short_step`` micro-batch sizes (empty: none)."""
+
+    full_steps: int
+    batch_size: int
+    accumulation: int
+    short_step: tuple[int, ...] = ()
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps, the short one included."""
+        return self.full_steps + bool(self.short_step)
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples this rank trains in these steps."""
+        return self.full_steps * self.batch_size * self.accumulation + sum(self.short_step)
+
+    def micro_batches(self, index: int) -> int:
+        """How many micro-batches step ``index`` (0-based, in this shape) takes from the loader."""
+        return len(self.short_step) if index == self.full_steps and self.short_step else self.accumulation
+
+    def step_samples(self, index: int) -> int:
+        """Samples of step ``index`` on one rank."""
+        return sum(self.short_step) if index == self.full_steps and self.short_step else \
+            self.batch_size * self.accumulation
+
+
+def epoch_shape(samples_left: int, world_size: int, batch_size: int, accumulation: int) -> EpochShape:
+    """How ``samples_left`` global samples of an epoch are trained: whole global batches, then what is left
+    (an epoch resumed from a checkpoint of another global batch ends off the grid) as one short step, so the
+    epoch ends where an uninterrupted one does and the LR schedule reaches its end. Dropped: fewer samples
+    than ranks (every rank trains as many), and a last micro-batch of one sample (BatchNorm needs two)."""
+    per_rank = max(0, samples_left) // world_size
+    full_steps, rest = divmod(per_rank, batch_size * accumulation)
+    if rest % batch_size < MIN_MICRO_BATCH:
+        rest -= rest % batch_size
+    short = [batch_size] * (rest // batch_size) + ([rest % batch_size] if rest % batch_size else [])
+    return EpochShape(full_steps, batch_size, accumulation, tuple(short))
 
 
 @dataclass(frozen=True)
@@ -54,13 +98,13 @@ class RunPlan:
 
     def resumed_at(self, step: int, epoch: int, samples_in_epoch: int) -> "RunPlan":
         """This plan for a run continuing at ``step`` (epoch, samples into it): the steps the loader will
-        really give (each rank drops its partial last batch of the epoch) end it, so the log's
-        ``step N/N`` is reached; the LR schedule stays on ``total_steps`` (a function of progress)."""
+        really give end it (:func:`epoch_shape`: an epoch resumed off this plan's batch grid ends with a short
+        step), so the log's ``step N/N`` is reached; the LR schedule stays on ``total_steps``."""
         if epoch >= self.num_epoch:
             end = step
         else:
-            left_in_epoch = ((self.num_images - samples_in_epoch) // (self.batch_size * self.world_size)
-                             // self.accumulation) if samples_in_epoch else self.steps_per_epoch
+            left_in_epoch = epoch_shape(self.steps_per_epoch * self.global_batch - samples_in_epoch, self.world_size,
+                                        self.batch_size, self.accumulation).steps
             end = step + left_in_epoch + (self.num_epoch - epoch - 1) * self.steps_per_epoch
         if self.max_steps:
             end = min(end, int(self.max_steps))

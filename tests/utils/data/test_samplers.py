@@ -160,3 +160,23 @@ def test_any_window_of_half_the_identities_is_distinct():
             half = identities // 2
             windows = np.lib.stride_tricks.sliding_window_view(groups[:, 0], half)
             assert all(len(set(window.tolist())) == half for window in windows)
+
+
+def test_a_random_sampler_resumed_off_the_batch_grid_yields_the_short_step():
+    # 96 samples, 1 rank at 8 consumed 200 - 192 = 8 of epoch 2; on 2 ranks of 8 the epoch's 88 samples left are
+    # 5 steps of 16 and a short one of 2 x 4: every sample of the epoch is trained exactly once.
+    from utils.data.samplers import ResumableDistributedSampler
+
+    runners = [ResumableDistributedSampler(96, rank, 2, seed=3, batch_size=8) for rank in range(2)]
+    for sampler in runners:
+        sampler.load_state_dict({"epoch": 2, "seed": 3, "consumed": 8})
+        sampler.set_epoch(2)
+    yielded = [list(sampler) for sampler in runners]
+    assert [len(part) for part in yielded] == [44, 44] and runners[0].epoch_shape().short_step == (4,)
+    whole = ResumableDistributedSampler(96, 0, 1, seed=3)
+    whole.set_epoch(2)
+    assert sorted(yielded[0] + yielded[1]) == sorted(list(whole)[8:])
+    # an epoch from its start is whole global batches only (what drop_last gave)
+    fresh = ResumableDistributedSampler(100, 0, 2, seed=3, batch_size=8)
+    fresh.set_epoch(0)
+    assert len(list(fresh)) == 48 and fresh.epoch_shape().short_step == ()

@@ -8,8 +8,8 @@ import math
 import pytest
 from easydict import EasyDict
 
-from utils.run.plan import (MAX_DROPPED_FRACTION, MIN_STEPS_PER_EPOCH, RunPlan, make_plan, make_schedule,
-                            small_data_warnings)
+from utils.run.plan import (MAX_DROPPED_FRACTION, MIN_STEPS_PER_EPOCH, RunPlan, epoch_shape, make_plan,
+                            make_schedule, small_data_warnings)
 
 BASE = dict(lr=0.1, lr_per_512=0, lr_power=2.0, lr_gamma=0.1, lr_steps=(), warmup_epoch=0, lr_schedule="poly")
 
@@ -94,3 +94,43 @@ def test_make_plan_logs_them_only_when_asked(caplog):
     plan = make_plan(cfg, 192, 1, warn=True)  # rank 0
     assert [record.getMessage() for record in caplog.records] == small_data_warnings(plan)
     assert all(record.levelno == logging.WARNING for record in caplog.records)
+
+
+# ---------------------------------------------------------------- an epoch resumed off the batch grid
+
+def test_an_aligned_epoch_is_whole_steps_only():
+    shape = epoch_shape(96, world_size=2, batch_size=8, accumulation=1)
+    assert (shape.full_steps, shape.short_step, shape.steps) == (6, (), 6)
+    assert [shape.micro_batches(i) for i in range(6)] == [1] * 6
+
+
+def test_a_resumed_epoch_ends_with_a_short_step_that_completes_it():
+    # 8 of 96 samples done at global batch 8 (1 rank), continued on 2 ranks of 8: 88 left = 5 x 16 + 8.
+    shape = epoch_shape(96 - 8, world_size=2, batch_size=8, accumulation=1)
+    assert (shape.full_steps, shape.short_step) == (5, (4,))
+    assert shape.samples_per_rank * 2 == 88 and shape.step_samples(5) == 4 and shape.micro_batches(5) == 1
+
+
+def test_a_short_step_under_accumulation_takes_fewer_micro_batches():
+    # per rank 27 left with batch 4 x 3 micro-batches: 2 full steps (24), then micro-batches of 3 -> one of 3
+    shape = epoch_shape(54, world_size=2, batch_size=4, accumulation=3)
+    assert (shape.full_steps, shape.short_step) == (2, (3,))
+    # per rank 31: 2 full steps, then 7 = a whole micro-batch of 4 and one of 3
+    shape = epoch_shape(62, world_size=2, batch_size=4, accumulation=3)
+    assert (shape.full_steps, shape.short_step, shape.micro_batches(2)) == (2, (4, 3), 2)
+
+
+def test_samples_that_cannot_make_a_micro_batch_are_dropped():
+    # one sample per rank cannot train BatchNorm; an odd sample cannot be split over two ranks
+    assert epoch_shape(2 * 16 + 2, 2, 8, 1).short_step == ()
+    assert epoch_shape(2 * 16 + 5, 2, 8, 1).short_step == (2,)
+    # 25 per rank at 8 x 2 micro-batches: one full step, then 9 = a micro-batch of 8, the lone sample dropped
+    assert epoch_shape(2 * 25, 2, 8, 2).short_step == (8,)
+    assert epoch_shape(-4, 2, 8, 1).steps == 0
+
+
+def test_a_resumed_plan_ends_at_the_uninterrupted_plan_total():
+    # 1 rank at batch 8 stopped at step 25 of 48 (epoch 2, 8 samples in), resumed on 2 ranks: 24 steps in all
+    plan = RunPlan(num_images=96, batch_size=8, world_size=2, accumulation=1, num_epoch=4)
+    resumed = plan.resumed_at(int(plan.position(2, 8)), 2, 8)
+    assert resumed.last_step == plan.total_steps == 24
