@@ -1,4 +1,5 @@
 """test/*.sh (Ascend ModelZoo-style launchers) on CPU with 2 processes, a few steps."""
+import datetime
 import os
 import re
 import subprocess
@@ -258,3 +259,29 @@ def test_launchers_run_the_python_named_by_PYTHON(tmp_path):
                           env={**env, "DEVICE": "cpu", "NPROC": "1", "PATH": path})
     assert bare.returncode == 3
     assert "training failed with exit code 3: not the python running the tests" in bare.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_name_already_taken_gets_the_next_suffix(tmp_path):
+    """Two launches in the same second: the later one's log (and performance folder) gets -2, and what the
+    earlier one wrote under that name is left as it was."""
+    now = datetime.datetime.now()
+    stamps = [(now + datetime.timedelta(seconds=s)).strftime("%Y%m%d-%H%M%S") for s in range(30)]
+    run, perf_root = tmp_path / "run", tmp_path / "output" / "train_performance_8p"
+    (run / "logs").mkdir(parents=True)
+    for stamp in stamps:  # whatever second the launches start in, its name is taken
+        (run / "logs" / f"train_0_{stamp}.log").write_text("earlier\n")
+        (perf_root / f"tiny-{stamp}").mkdir(parents=True)
+    bad_key = "--no_such_key=1"  # train.py refuses it at once: the log is written, nothing trained
+    result = _launch("train_full_1p.sh", [f"--config={_tiny_config(tmp_path)}", f"--output={run}", bad_key],
+                     tmp_path, timeout=100)
+    assert result.returncode != 0
+    log = _printed_log(result)
+    assert re.fullmatch(rf"{re.escape(str(run))}/logs/train_0_(\d{{8}}-\d{{6}})-2\.log", log), log
+    assert "no_such_key" in open(log).read()
+    perf = _launch("train_performance_8p.sh", [f"--config={_tiny_config(tmp_path)}", bad_key], tmp_path, timeout=100)
+    assert perf.returncode != 0
+    assert re.fullmatch(rf"{re.escape(str(perf_root))}/tiny-\d{{8}}-\d{{6}}-2/work/logs/train_0_\d{{8}}-\d{{6}}\.log",
+                        _printed_log(perf)), perf.stdout
+    assert all((run / "logs" / f"train_0_{stamp}.log").read_text() == "earlier\n" for stamp in stamps)
+    assert all(not any((perf_root / f"tiny-{stamp}").iterdir()) for stamp in stamps)
