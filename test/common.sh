@@ -4,13 +4,16 @@
 #              MASTER_PORT, PYTHON, OUTPUT_ROOT (default test/output), DRY_RUN=1 (print the training
 #              command instead of running it).
 # Arguments:   --config=FILE (same as CONFIG), --data_path=DIR (sets cfg.rec), --output=DIR (run folder),
-#              --amp_cfg=True|False and --opt_level=O0|O1|O2 (apex flags -> fp16), --socket_ifname=NAME
-#              (the network interface of several nodes: HCCL_SOCKET_IFNAME, NCCL_SOCKET_IFNAME and
-#              GLOO_SOCKET_IFNAME), --hccl_if_ip=IP (HCCL_IF_IP); any other --key=value is passed to
-#              train.py as --set key=value. HCCL_IF_IP, HCCL_SOCKET_IFNAME, NCCL_*/GLOO_* variables and
-#              ModelZoo's ASCEND_DEVICE_ID / RANK_SIZE already in the environment pass through to train.py.
-# Output:      $OUTPUT_ROOT/<script>/<config stem>[-RUN_NAME]/ holds train_<node rank>.log and work/ (the run
-#              folder), so runs of different configs never share a log or prune each other's checkpoints.
+#              --amp_cfg=True|False and --opt_level=O0|O1|O2|O3 (apex flags -> one fp16 setting),
+#              --socket_ifname=NAME (the network interface of several nodes: HCCL_SOCKET_IFNAME,
+#              NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME), --hccl_if_ip=IP (HCCL_IF_IP); any other --key=value
+#              is passed to train.py as --set key=value. HCCL_IF_IP, HCCL_SOCKET_IFNAME, NCCL_*/GLOO_* variables
+#              and ModelZoo's ASCEND_DEVICE_ID / RANK_SIZE already in the environment pass through to train.py.
+# Output:      the run folder is $OUTPUT_ROOT/<script>/<config stem>[-RUN_NAME]/work/ (or --output=DIR), so runs
+#              of different configs never prune each other's checkpoints; each launch logs to
+#              <run folder>/logs/train_<node rank>_<YYYYmmdd-HHMMSS>.log, a new file every time (-2, -3... when
+#              the name is taken), so a re-run, even a refused one, never overwrites an earlier run's log.
+#              The performance script gives each one-node run a folder of its own (run_training below).
 set -euo pipefail
 caller_dir=$PWD  # relative paths in arguments are the caller's, not the repository root's
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,6 +40,9 @@ data_path=""
 output=""
 overrides=(--set "device='$DEVICE'")
 user_keys=" "
+amp_cfg=""
+opt_level=""
+amp_at=""  # where the first apex flag stood among the overrides: fp16 goes there, so a later --fp16= still wins
 for arg in "$@"; do
     case "$arg" in
         --config=*) CONFIG=${arg#--config=} ;;
@@ -44,17 +50,17 @@ for arg in "$@"; do
         --output=*) output=$(from_caller "${arg#--output=}") ;;
         --amp_cfg=*)
             case "${arg#--amp_cfg=}" in
-                True|true|1) overrides+=(--set "fp16=True") ;;
-                False|false|0) overrides+=(--set "fp16=False") ;;
+                True|true|1) amp_cfg=True ;;
+                False|false|0) amp_cfg=False ;;
                 *) launcher_error "--amp_cfg=${arg#--amp_cfg=}: expected True or False" ;;
-            esac ;;
+            esac
+            amp_at=${amp_at:-${#overrides[@]}} ;;
         --opt_level=*)
-            # apex O1/O2 both mean "fp16 autocast + loss scaling" here (docs/training.md, Mixed precision).
             case "${arg#--opt_level=}" in
-                O0) overrides+=(--set "fp16=False") ;;
-                O1|O2|O3) overrides+=(--set "fp16=True") ;;
+                O0|O1|O2|O3) opt_level=${arg#--opt_level=} ;;
                 *) launcher_error "--opt_level=${arg#--opt_level=}: expected O0, O1, O2 or O3" ;;
-            esac ;;
+            esac
+            amp_at=${amp_at:-${#overrides[@]}} ;;
         --socket_ifname=*)
             [ -n "${arg#--socket_ifname=}" ] || launcher_error "--socket_ifname= needs an interface name, e.g. eth0"
             export HCCL_SOCKET_IFNAME=${arg#--socket_ifname=} NCCL_SOCKET_IFNAME=${arg#--socket_ifname=} \
@@ -66,6 +72,13 @@ for arg in "$@"; do
         *) echo "$script_name: unknown argument '$arg' (expected --data_path=DIR or --key=value)" >&2; exit 2 ;;
     esac
 done
+if [ -n "$amp_at" ]; then
+    # apex's two flags are one setting here, fp16 autocast + loss scaling (docs/training.md, Mixed precision):
+    # on unless --amp_cfg=False or --opt_level=O0; a missing flag is apex's "on" (amp_cfg) or "O1".
+    fp16=True
+    if [ "$amp_cfg" = False ] || [ "$opt_level" = O0 ]; then fp16=False; fi
+    overrides=("${overrides[@]:0:amp_at}" --set "fp16=$fp16" "${overrides[@]:amp_at}")
+fi
 
 if [ -z "${CONFIG:-}" ]; then
     if [ "$DEVICE" = cpu ]; then CONFIG=configs/demo_cpu.py; else CONFIG=configs/ms1mv3_r50.py; fi
@@ -102,13 +115,53 @@ first_error_line() {  # the most telling line of a failed run's log
     echo "${line:-(the log is empty)}"
 }
 
-run_training() {  # $1 = job name; remaining: extra --set arguments
+claim_new() {  # $1 = path without suffix, $2 = suffix, $3 = dir|file: prints the first of $1$2, $1-2$2,
+    # $1-3$2... that does not exist and creates it (mkdir / noclobber: atomic, so two launches in the same
+    # second get two names). Under DRY_RUN it only prints the name.
+    local base=$1 suffix=$2 kind=$3 n=1 path
+    while :; do
+        path=$base$suffix
+        [ $n -eq 1 ] || path=$base-$n$suffix
+        if [ -n "${DRY_RUN:-}" ]; then
+            [ -e "$path" ] || break
+        elif [ "$kind" = dir ]; then
+            mkdir "$path" 2>/dev/null && break
+        else
+            (set -C; : > "$path") 2>/dev/null && break
+        fi
+        [ -e "$path" ] || launcher_error "cannot create $path"
+        n=$((n + 1))
+    done
+    echo "$path"
+}
+
+run_training() {  # $1 = job name; then --folder-per-run (the performance script); remaining: extra --set arguments
     local name=$1; shift
-    local run_name
+    local folder_per_run=""
+    if [ "${1:-}" = --folder-per-run ]; then folder_per_run=1; shift; fi
+    local run_name stamp error
     run_name=$(basename "$CONFIG" .py)${RUN_NAME:+-$RUN_NAME}
+    stamp=$(date +%Y%m%d-%H%M%S)
     local out_dir="$OUTPUT_ROOT/$name/$run_name"
+    if [ -n "$folder_per_run" ] && [ -z "$output" ]; then
+        if [ "$NNODES" = 1 ]; then  # re-running a throughput script is the normal case: a new folder each time
+            if [ -z "${DRY_RUN:-}" ]; then
+                error=$(mkdir -p "$OUTPUT_ROOT/$name" 2>&1) || launcher_error "cannot create $OUTPUT_ROOT/$name: ${error##*: }"
+            fi
+            out_dir=$(claim_new "$out_dir-$stamp" "" dir) || exit 2
+        elif [[ "$user_keys" != *" overwrite "* ]]; then  # every node must name the same folder (clocks differ)
+            echo "$name: $NNODES nodes: reusing $out_dir/work with overwrite=True (the previous performance run's" \
+                 "checkpoints there are deleted; set RUN_NAME=... to keep runs apart)"
+            overrides=("${overrides[@]:0:2}" --set "overwrite=True" "${overrides[@]:2}")  # after device, before the user's
+        fi
+    fi
     local work_dir=${output:-$out_dir/work}
-    local log="$out_dir/train_${NODE_RANK}.log"
+    local log_dir="$work_dir/logs"
+    if [ -z "${DRY_RUN:-}" ]; then
+        error=$(mkdir -p "$log_dir" 2>&1) || launcher_error "cannot create $log_dir: ${error##*: }"
+    fi
+    local log
+    log=$(claim_new "$log_dir/train_${NODE_RANK}_$stamp" .log file) || exit 2
     local command=("$PYTHON" -m torch.distributed.run --nproc_per_node="$NPROC" --nnodes="$NNODES"
                    --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT"
                    train.py "$CONFIG" "${overrides[@]}" --set "output='$work_dir'" "$@")
@@ -118,7 +171,6 @@ run_training() {  # $1 = job name; remaining: extra --set arguments
         printf '%q ' "${command[@]}"; echo
         return 0
     fi
-    mkdir -p "$out_dir" || launcher_error "cannot create $out_dir"
     local start end status fps
     start=$(date +%s)
     set +e
