@@ -193,11 +193,20 @@ def test_fp16_compression_applies_on_cuda_and_npu_only():
         assert ddp.fp16_compression_applies(ctx, False) is False
 
 
-def test_speed_settings_set_the_device_flags(monkeypatch):
+@pytest.fixture
+def torch_speed_flags():
+    """torch's global cuDNN/cuBLAS flags, restored after the test. Not monkeypatch: cuBLAS's flags live behind
+    the module object's own __getattr__/__setattr__, which pytest >= 9.2's undo takes for instance attributes
+    and deletes (AttributeError: 'cuBLASModule' object has no attribute 'allow_tf32')."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = False, False
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_speed_settings_set_the_device_flags(monkeypatch, torch_speed_flags):
     import types
 
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     npu = types.SimpleNamespace(matmul=types.SimpleNamespace(allow_hf32=False))
     monkeypatch.setattr(torch, "npu", npu, raising=False)
     cpu = devices.DeviceContext("cpu", torch.device("cpu"), 0, 0, 1, "gloo")
