@@ -46,7 +46,7 @@ from utils.run.failures import failure_line
 from utils.run.stop import StopRequest, WorkerDeaths
 from utils.run.watchdog import StepWatch, process_group_timeout_s
 from utils.weights.load import load_backbone
-from utils.weights.resolve import resolve_weights
+from utils.weights.resolve import resolve_init_backbone, resolve_weights
 
 logger = logging.getLogger("arcscale.train")
 
@@ -90,8 +90,9 @@ def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> tuple[torch.nn.Modul
                           f"{spec.describe()}; set image_size={tuple(spec.image_size)}")
     classifier = None
     if cfg.init_backbone:
-        _, classifier = load_backbone(resolve_weights(cfg.init_backbone), model=backbone, return_classifier=True)
-        logger.info("initialised backbone from %s", cfg.init_backbone)
+        path = resolve_weights(cfg.init_backbone)
+        _, classifier = load_backbone(path, model=backbone, return_classifier=True)
+        logger.info("initialised backbone from %s%s", cfg.init_backbone, "" if path == cfg.init_backbone else f" ({path})")
     backbone = backbone.to(ctx.device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, known_values={"network": MODEL_NAMES})  # typos before any data
         if cfg.init_backbone:
-            resolve_weights(cfg.init_backbone)  # a missing file before any data, naming the key
+            resolve_init_backbone(cfg.init_backbone, cfg.network)  # fetched, or a missing file said, before any data
         ctx = devices.setup(cfg.device, args.local_rank, process_group_timeout_s(cfg.collective_timeout_s))
         devices.apply_speed_settings(ctx, cfg.cudnn_benchmark, cfg.allow_tf32)
     except Exception as exc:

@@ -15,7 +15,7 @@ config.device = "auto"          # auto | cuda | npu | cpu
 config.resume = False           # False | True (continue from the newest checkpoint; error if none) | "auto" (resume when one exists: elastic restarts)
 config.overwrite = False        # allow a fresh run into an `output` holding checkpoints/model.pt (they are deleted first)
 config.resume_data_changed = False  # resume although the data differs from the checkpoint's (its images, classes or index hash): logged; False refuses with one line. Another class count is always refused (the head has a row per class)
-config.init_backbone = None     # path to a backbone/model.pt to start from (fine-tuning); a missing file is refused before any data, naming this key and the path looked at
+config.init_backbone = None     # a backbone/model.pt path, or a released name ("facenet:vggface2", "insightface:ms1mv3_r50": python tools/weights.py list, docs/weights.md) to start from (fine-tuning); names are fetched into $ARCSCALE_CACHE (default ~/.cache/arcscale). A missing file is refused before any data, naming this key and the path looked at
 config.log_level = "INFO"
 
 # ---------------------------------------------------------------- data

@@ -10,6 +10,7 @@ from backbones import get_model
 from tests.test_train import training_log, write_config
 from utils.data.synthetic import make_identity_set
 from utils.run.checkpoint import list_checkpoints
+from tests.utils.weights.test_fetch import served  # noqa: F401  (the local HTTP server fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +36,8 @@ def test_a_missing_init_backbone_names_the_key_the_path_and_the_way_out(tmp_path
     line = error_line(capsys)
     assert line.startswith(f"error: config key 'init_backbone': weights file 'vggface2.pt' not found (looked for "
                            f"{tmp_path / 'vggface2.pt'}); ")
-    assert "docs/weights.md" in line and line.endswith("or set init_backbone=None to train from scratch")
+    assert "facenet:vggface2" in line and "docs/weights.md" in line
+    assert line.endswith("or set init_backbone=None to train from scratch")
     assert not os.path.exists(tmp_path / "out_job")  # refused before the output folder or any data
 
 
@@ -66,3 +68,19 @@ def test_arcface_torch_keys_warn_once_and_a_resume_into_another_network_names_th
     assert line.startswith(f"error: {checkpoint}: backbone does not match the config's network (MobileFaceNet: ")
     assert ("the checkpoint holds network 'tiny' with embedding size 32: resume with --set network=tiny "
             "--set embedding_size=32, or start a new `output` from its backbone with init_backbone=") in line
+
+
+def test_init_backbone_by_registered_name_downloads_once_and_trains_from_it(tmp_path, identity_set, served):
+    from tests.test_train import backbone_state
+
+    config = write_config(tmp_path, rec=identity_set, embedding_size=16, init_backbone="facenet:test", lr=1e-9,
+                          weight_decay=0.0, max_steps=1)
+    assert train.main([config]) == 0
+    cached = served["cache"] / "facenet" / "test" / "test.pt"
+    assert cached.is_file() and (served["cache"] / "facenet" / "test" / "test.pt.sha256").is_file()
+    start = torch.load(cached, weights_only=True)
+    trained = backbone_state(str(tmp_path / "out_job"))
+    # lr 1e-9 for one step: every weight is still the file's (BatchNorm statistics move with the batch).
+    weights = [key for key in start if key.endswith("weight")]
+    assert weights and all(torch.allclose(trained[key], start[key], atol=1e-6) for key in weights)
+    assert "initialised backbone from facenet:test" in training_log(str(tmp_path / "out_job"))

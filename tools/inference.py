@@ -167,7 +167,8 @@ def untrained_reasons(model, state: dict | None, image_size: tuple[int, int], de
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``tools/inference.py``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model.pt, a training checkpoint, or an .onnx file")
+    parser.add_argument("--model", required=True,
+                        help="model.pt, a training checkpoint, an .onnx file, or a released name (facenet:vggface2)")
     parser.add_argument("--network", default=None,
                         help="backbone name; default: read from the file (not needed for .onnx)")
     parser.add_argument("--embedding-size", type=int, default=None, help="default: read from the file")
@@ -187,7 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_for_inference(args: argparse.Namespace, device: torch.device) -> tuple[object, dict | None, str]:
-    """(model on ``device``, its backbone state_dict or None for .onnx, the 'model:' line)."""
+    """(model on ``device``, its backbone state_dict or None for .onnx, the 'model:' line). ``--model`` may be
+    a released weights name (``facenet:vggface2``), fetched into the cache when needed."""
+    from utils.weights.registry import is_registry_name
+    shown = args.model
+    if is_registry_name(args.model):
+        from utils.weights.resolve import resolve_weights
+        args.model = resolve_weights(args.model, "--model")
+        shown = f"{shown} = {args.model}"
     if not os.path.isfile(args.model):
         raise InferenceError(f"{args.model}: model file not found")
     if args.model.endswith(".onnx"):
@@ -195,7 +203,7 @@ def load_for_inference(args: argparse.Namespace, device: torch.device) -> tuple[
 
         model = OnnxEmbedder(args.model, device)
         spec = model.input_spec
-        return model, None, f"model: {args.model} (ONNX), input {spec.image_size[0]}x{spec.image_size[1]}"
+        return model, None, f"model: {shown} (ONNX), input {spec.image_size[0]}x{spec.image_size[1]}"
     from backbones.common import input_spec
     from utils.weights.load import load_backbone_file
 
@@ -203,7 +211,7 @@ def load_for_inference(args: argparse.Namespace, device: torch.device) -> tuple[
     state = model.state_dict()  # read for its BatchNorm statistics (untrained_reasons), before any move
     spec = input_spec(model)
     named = "--network" if args.network else "read from the file"
-    line = (f"model: {args.model}: network '{network}' ({named}), embedding size {embedding_size}, input "
+    line = (f"model: {shown}: network '{network}' ({named}), embedding size {embedding_size}, input "
             f"{spec.image_size[0]}x{spec.image_size[1]} RGB, pixels (x - {spec.mean:g}) / {spec.std:g}")
     return model.to(device).eval(), state, line
 
