@@ -31,7 +31,7 @@ from pfc.optim import JointOptimizer, build_joint_optimizer
 from utils.devices import device as devices
 from utils.devices import ddp
 from utils.config.load import load_config, to_plain
-from utils.config.rules import ConfigError
+from utils.config.rules import ConfigError, ignored_keys_warning
 from utils.data.errors import DatasetError
 from utils.data.workers import start_logged
 from utils.run.lock import release_output
@@ -46,6 +46,7 @@ from utils.run.failures import failure_line
 from utils.run.stop import StopRequest, WorkerDeaths
 from utils.run.watchdog import StepWatch, process_group_timeout_s
 from utils.weights.load import load_backbone
+from utils.weights.resolve import resolve_init_backbone, resolve_weights
 
 logger = logging.getLogger("arcscale.train")
 
@@ -89,8 +90,9 @@ def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> tuple[torch.nn.Modul
                           f"{spec.describe()}; set image_size={tuple(spec.image_size)}")
     classifier = None
     if cfg.init_backbone:
-        _, classifier = load_backbone(cfg.init_backbone, model=backbone, return_classifier=True)
-        logger.info("initialised backbone from %s", cfg.init_backbone)
+        path = resolve_weights(cfg.init_backbone)
+        _, classifier = load_backbone(path, model=backbone, return_classifier=True)
+        logger.info("initialised backbone from %s%s", cfg.init_backbone, "" if path == cfg.init_backbone else f" ({path})")
     backbone = backbone.to(ctx.device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -348,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, known_values={"network": MODEL_NAMES})  # typos before any data
+        if cfg.init_backbone:
+            resolve_init_backbone(cfg.init_backbone, cfg.network)  # fetched, or a missing file said, before any data
         ctx = devices.setup(cfg.device, args.local_rank, process_group_timeout_s(cfg.collective_timeout_s))
         devices.apply_speed_settings(ctx, cfg.cudnn_benchmark, cfg.allow_tf32)
     except Exception as exc:
@@ -356,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     setup_logging(ctx.rank, None, cfg.log_level)  # training.log joins once the output folder is accepted
+    ignored = ignored_keys_warning(cfg.ignored_keys, cfg.config_path)
+    if ignored and ctx.is_main:
+        logger.warning(ignored)
     devices.log_choice(ctx)  # device, backend, world size and why (auto)
     finished, watch = False, StepWatch(ctx, cfg.collective_timeout_s)
     try:

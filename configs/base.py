@@ -15,7 +15,7 @@ config.device = "auto"          # auto | cuda | npu | cpu
 config.resume = False           # False | True (continue from the newest checkpoint; error if none) | "auto" (resume when one exists: elastic restarts)
 config.overwrite = False        # allow a fresh run into an `output` holding checkpoints/model.pt (they are deleted first)
 config.resume_data_changed = False  # resume although the data differs from the checkpoint's (its images, classes or index hash): logged; False refuses with one line. Another class count is always refused (the head has a row per class)
-config.init_backbone = None     # path to a backbone/model.pt to start from (fine-tuning)
+config.init_backbone = None     # a backbone/model.pt path, or a released name ("facenet:vggface2", "insightface:ms1mv3_r50": python tools/weights.py list, docs/weights.md) to start from (fine-tuning); names are fetched into $ARCSCALE_CACHE (default ~/.cache/arcscale). A missing file is refused before any data, naming this key and the path looked at
 config.log_level = "INFO"
 
 # ---------------------------------------------------------------- data
@@ -106,6 +106,8 @@ config.save_every_steps = 0     # also checkpoint every N optimizer steps (0 = p
 config.keep_checkpoints = 3     # newest checkpoints kept in `output` (the one just written is never pruned)
 config.on_save_error = "stop"   # a checkpoint or model.pt write that fails (full disk, quota, permissions): stop (one-line error) | warn (one warning, train on). Either way a run whose final save fails exits 2 saying what is on disk
 config.save_all_states = True   # accepted for arcface_torch configs, not read: checkpoints always hold all states
+# arcface_torch's wandb_key, suffix_run_name, wandb_log_all, save_artifacts and wandb_resume are not keys here:
+# a config that sets them loads, with one warning naming them (utils/config/rules.py ARCFACE_ONLY_KEYS)
 
 # ---------------------------------------------------------------- metric learning (metric_losses.py, FaceNet)
 config.loss = "margin"          # margin (the head above: Partial FC margins / softmax) | triplet (TripletLoss, no classifier)

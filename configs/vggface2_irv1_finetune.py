@@ -1,5 +1,5 @@
 """facenet-pytorch's fine-tuning recipe: start from its VGGFace2-trained inception_resnet_v1
-(``vggface2.pt``, 160x160 input, 512-d embeddings) and train a plain softmax classifier (linear layer
+(``facenet:vggface2``: downloaded once into the cache, docs/weights.md; 160x160 input, 512-d embeddings) and train a plain softmax classifier (linear layer
 with bias + cross-entropy, ``head="softmax"``) on your identities: Adam, lr 1e-3, MultiStepLR at
 epochs 5 and 10 (x0.1), 8 epochs, batch 32.
 
@@ -15,7 +15,7 @@ config.network = "inception_resnet_v1"
 config.image_size = (160, 160)
 config.embedding_size = 512
 config.dropout = 0.6                        # facenet-pytorch InceptionResnetV1(dropout_prob=0.6)
-config.init_backbone = "vggface2.pt"        # facenet-pytorch's 20180402-114759-vggface2 weights
+config.init_backbone = "facenet:vggface2"   # facenet-pytorch's 20180402-114759-vggface2.pt (docs/weights.md)
 config.rec = "/data/my_faces_mtcnn160"      # tools/detect_faces.py --mode facenet output
 config.head = "softmax"
 config.optimizer = "adam"

@@ -323,7 +323,12 @@ def load_model(path: str, network: str | None, device: torch.device, embedding_s
     """A torch backbone (model.pt or training checkpoint, via utils.weights.load) or an .onnx model.
 
     ``network`` and ``embedding_size`` default to what the file says (a training checkpoint's config,
-    else the registered network whose keys and shapes the state_dict has)."""
+    else the registered network whose keys and shapes the state_dict has). ``path`` may be a released
+    weights name (``facenet:vggface2``; utils.weights.registry), fetched into the cache when needed."""
+    from utils.weights.registry import is_registry_name
+    if is_registry_name(path):
+        from utils.weights.resolve import resolve_weights
+        path = resolve_weights(path, "--model")
     if not os.path.isfile(path):
         raise VerificationError(f"{path}: model file not found")
     if path.endswith(".onnx"):
@@ -352,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m eval.verification``."""
     parser = argparse.ArgumentParser(prog="python -m eval.verification",
                                      description="Evaluate a model on insightface verification .bin files.")
-    parser.add_argument("--model", required=True, help="model.pt, a training checkpoint, or an .onnx file")
+    parser.add_argument("--model", required=True,
+                        help="model.pt, a training checkpoint, an .onnx file, or a released name (facenet:vggface2)")
     parser.add_argument("--network", default=None,
                         help="backbone name (r18..r200, mbf, vit_*); default: read from the file; not for .onnx")
     parser.add_argument("--embedding-size", type=int, default=None, help="default: read from the file")

@@ -71,10 +71,10 @@ def test_cli(workdir, capsys):
     image0, image1 = read_face(str(directory / "face0.jpg")), read_face(str(directory / "face1.jpg"))
     expected = cosine(embed(model, image0, torch.device("cpu")), embed(model, image1, torch.device("cpu")))
     assert f"cosine similarity: {expected:.5f}" in out
-    assert "verdict at threshold -1: same person" in out
+    assert "verdict at threshold -1 (--threshold): same person" in out
     assert main([*common, "--img", str(directory / "face0.jpg"), "--img2", str(directory / "face2.jpg"),
                  "--threshold", "1"]) == 0
-    assert "verdict at threshold 1: different people" in capsys.readouterr().out
+    assert "verdict at threshold 1 (--threshold): different people" in capsys.readouterr().out
     assert main([*common, "--img", str(directory / "missing.jpg")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {directory / 'missing.jpg'}: image not found"
     assert main([*common, "--img", str(directory / "face0.jpg"), "--threshold", "3"]) == 2

@@ -13,6 +13,11 @@ resized, as arcface_torch's inference.py does. The size and pixel normalisation 
 ``--network`` and ``--embedding-size`` default to what the file says (utils.weights.load.load_backbone_file).
 The verdict compares the cosine similarity of the L2-normalised embeddings with ``--threshold``;
 pick the threshold on your own validation pairs (0.3 is a common starting point for ArcFace models).
+
+Every answer says what it used: the weights file, the network (and whether it was named or read from
+the file), the embedding and input size, and per image the detected face (box, probability, how many
+faces, which one was taken) or the whole frame. Warnings (stderr) for the demo's ``tiny`` network, for
+weights that look untrained (``untrained_reasons``) and for whole photos of another size than the crop.
 """
 from __future__ import annotations
 
@@ -26,12 +31,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+DEFAULT_THRESHOLD = 0.3  # a common starting point for ArcFace models; not fitted to any one model
+# Six probe inputs with nothing in common (noise, a colour gradient, black, white, a checkerboard, a half-white
+# frame): a model whose embeddings of every pair of them have at least this cosine similarity gives (almost)
+# the same answer for every input. Measured lowest pair: a freshly initialised inception_resnet_v1 0.9976
+# (flagged); tiny after 8 training steps 0.78, fresh tiny 0.66, fresh mbf 0.64 (not flagged: fresh networks
+# other than inception_resnet_v1 are caught by their BatchNorm statistics, utils.weights.inspect).
+COLLAPSED_COSINE = 0.99
+
+
 class InferenceError(ValueError):
     """An unreadable image or bad option; the message is one line."""
 
 
-def read_face(path: str, image_size: tuple[int, int] = (112, 112)) -> torch.Tensor:
-    """uint8 RGB [1, 3, H, W] of an image file, resized to ``image_size`` when needed."""
+def _read_bgr(path: str) -> np.ndarray:
     import cv2
 
     if not os.path.isfile(path):
@@ -39,38 +52,62 @@ def read_face(path: str, image_size: tuple[int, int] = (112, 112)) -> torch.Tens
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         raise InferenceError(f"{path}: not a readable image")
-    if image.shape[:2] != tuple(image_size):
+    return image
+
+
+def _as_tensor(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
+
+
+def read_frame(path: str, image_size: tuple[int, int] = (112, 112)) -> tuple[torch.Tensor, str, bool]:
+    """(uint8 RGB [1, 3, H, W] of the whole image resized to ``image_size``, what was done in words,
+    whether it had to be resized)."""
+    import cv2
+
+    image = _read_bgr(path)
+    height, width = image.shape[:2]
+    resized = (height, width) != tuple(image_size)
+    if resized:
         image = cv2.resize(image, (image_size[1], image_size[0]))
-    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+    words = (f"whole frame {height}x{width} resized to {image_size[0]}x{image_size[1]} (no face detection)"
+             if resized else f"whole frame {height}x{width} (the model's crop size; no face detection)")
+    return _as_tensor(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)), words, resized
 
 
-def read_detected_face(path: str, image_size: tuple[int, int], detector, margin: int = 0) -> torch.Tensor:
-    """uint8 RGB [1, 3, H, W] of the largest face MTCNN finds in a raw photo, prepared by the model's convention:
-    a square input whose side is a multiple of 112 or 128 is aligned onto the ArcFace template (5 landmarks);
-    any other size (160 for facenet models) is the box plus ``margin`` output pixels, as facenet-pytorch crops."""
+def read_face(path: str, image_size: tuple[int, int] = (112, 112)) -> torch.Tensor:
+    """uint8 RGB [1, 3, H, W] of an image file, resized to ``image_size`` when needed."""
+    return read_frame(path, image_size)[0]
+
+
+def detect_face(path: str, image_size: tuple[int, int], detector, margin: int = 0) -> tuple[torch.Tensor, str]:
+    """(uint8 RGB [1, 3, H, W] of the largest face MTCNN finds in a raw photo, what was found and taken in
+    words), prepared by the model's convention: a square input whose side is a multiple of 112 or 128 is
+    aligned onto the ArcFace template (5 landmarks); any other size (160 for facenet models) is the box
+    plus ``margin`` output pixels, as facenet-pytorch crops."""
     import cv2
 
     from utils.faces.align import norm_crop
 
-    if not os.path.isfile(path):
-        raise InferenceError(f"{path}: image not found")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise InferenceError(f"{path}: not a readable image")
-    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    boxes, _, landmarks = detector.detect(rgb)
+    rgb = cv2.cvtColor(_read_bgr(path), cv2.COLOR_BGR2RGB)
+    boxes, probs, landmarks = detector.detect(rgb)
     if len(boxes) == 0:
         raise InferenceError(f"{path}: MTCNN found no face (faces from {detector.min_face_size:g} px are searched)")
     height, width = image_size
     if height == width and (height % 112 == 0 or height % 128 == 0):
-        face = norm_crop(rgb, landmarks[0], height)
+        face, how = norm_crop(rgb, landmarks[0], height), f"aligned onto the ArcFace template at {height}x{width}"
     elif height == width:
-        face = detector.crop(rgb, boxes[0], height, margin)
+        face, how = detector.crop(rgb, boxes[0], height, margin), f"box + margin {margin} cut at {height}x{width}"
     else:
         raise InferenceError(f"--detect: the model takes {height}x{width} images; only square inputs can be cut "
                              f"from a detected face")
-    return torch.from_numpy(np.ascontiguousarray(face.transpose(2, 0, 1)))[None]
+    box = ", ".join(f"{value:.0f}" for value in boxes[0])
+    found = f"{len(boxes)} faces found, took the largest" if len(boxes) > 1 else "1 face found"
+    return _as_tensor(face), f"detected face: {found}: box [{box}], probability {float(probs[0]):.4f}, {how}"
+
+
+def read_detected_face(path: str, image_size: tuple[int, int], detector, margin: int = 0) -> torch.Tensor:
+    """uint8 RGB [1, 3, H, W] of the largest face MTCNN finds in a raw photo (see :func:`detect_face`)."""
+    return detect_face(path, image_size, detector, margin)[0]
 
 
 @torch.no_grad()
@@ -87,16 +124,59 @@ def cosine(first: np.ndarray, second: np.ndarray) -> float:
     return float(np.dot(first, second) / (np.linalg.norm(first) * np.linalg.norm(second)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Embed one image (or compare two) from the command line; returns the exit code."""
+PROBES = ("noise", "a colour gradient", "black", "white", "a checkerboard", "a half-white frame")
+
+
+def probe_images(image_size: tuple[int, int]) -> list[torch.Tensor]:
+    """The ``PROBES``: uint8 RGB [1, 3, H, W] inputs with nothing in common."""
+    height, width = image_size
+    noise = torch.randint(0, 256, (3, height, width), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    rows = torch.linspace(0, 255, height)[:, None].expand(height, width)
+    cols = torch.linspace(0, 255, width)[None, :].expand(height, width)
+    gradient = torch.stack([rows, cols, 255 - rows]).round().to(torch.uint8)
+    black = torch.zeros(3, height, width, dtype=torch.uint8)
+    squares = (torch.arange(height)[:, None] * 8 // height + torch.arange(width)[None, :] * 8 // width) % 2
+    half = black.clone()
+    half[:, :, : width // 2] = 255
+    images = [noise, gradient, black, black + 255, (squares * 255).to(torch.uint8).expand(3, height, width), half]
+    return [image[None].contiguous() for image in images]
+
+
+def untrained_reasons(model, state: dict | None, image_size: tuple[int, int], device: torch.device) -> list[str]:
+    """Why the weights look untrained (empty when they do not): every BatchNorm still at its initial
+    statistics, or every pair of the unrelated ``PROBES`` embedded (almost) identically (``COLLAPSED_COSINE``)."""
+    from utils.weights.inspect import batchnorm_at_init
+
+    reasons = []
+    at_init, total = batchnorm_at_init(state) if state is not None else (0, 0)
+    if total and at_init == total:
+        reasons.append(f"all {total} BatchNorm layers still hold their initial statistics (mean 0, variance 1): "
+                       f"the weights never saw training data")
+    features = [embed(model, image, device) for image in probe_images(image_size)]
+    if not all(np.linalg.norm(feature) for feature in features):
+        reasons.append("the embedding of a probe input is all zeros")
+        return reasons
+    lowest = min(cosine(a, b) for i, a in enumerate(features) for b in features[i + 1:])
+    if lowest >= COLLAPSED_COSINE:
+        reasons.append(f"{len(PROBES)} unrelated inputs ({', '.join(PROBES)}) get embeddings whose pairwise cosine "
+                       f"similarities are all >= {lowest:.4f} (rule: >= {COLLAPSED_COSINE}): the embedding hardly "
+                       f"depends on the input")
+    return reasons
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``tools/inference.py``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model.pt, a training checkpoint, or an .onnx file")
+    parser.add_argument("--model", required=True,
+                        help="model.pt, a training checkpoint, an .onnx file, or a released name (facenet:vggface2)")
     parser.add_argument("--network", default=None,
                         help="backbone name; default: read from the file (not needed for .onnx)")
     parser.add_argument("--embedding-size", type=int, default=None, help="default: read from the file")
     parser.add_argument("--img", required=True, help="aligned face image")
     parser.add_argument("--img2", default=None, help="second image: print cosine similarity and verdict")
-    parser.add_argument("--threshold", type=float, default=0.3, help="cosine threshold for 'same person'")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help=f"cosine threshold for 'same person' (default {DEFAULT_THRESHOLD}: a common starting "
+                             f"point for ArcFace models, not fitted to this one)")
     parser.add_argument("--flip", action="store_true", help="add the mirror image's embedding (flip test)")
     parser.add_argument("--save", default=None, help="save the (first) embedding to this .npy file")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | npu | auto")
@@ -104,30 +184,83 @@ def main(argv: list[str] | None = None) -> int:
                         help="raw photos: detect the largest face (MTCNN), then align it (112-style models) or "
                              "crop box + --margin (160x160 facenet models)")
     parser.add_argument("--margin", type=int, default=0, help="--detect crops: margin in output pixels")
-    args = parser.parse_args(argv)
-    from eval.verification import load_model
+    return parser
+
+
+def load_for_inference(args: argparse.Namespace, device: torch.device) -> tuple[object, dict | None, str]:
+    """(model on ``device``, its backbone state_dict or None for .onnx, the 'model:' line). ``--model`` may be
+    a released weights name (``facenet:vggface2``), fetched into the cache when needed."""
+    from utils.weights.registry import is_registry_name
+    shown = args.model
+    if is_registry_name(args.model):
+        from utils.weights.resolve import resolve_weights
+        args.model = resolve_weights(args.model, "--model")
+        shown = f"{shown} = {args.model}"
+    if not os.path.isfile(args.model):
+        raise InferenceError(f"{args.model}: model file not found")
+    if args.model.endswith(".onnx"):
+        from eval.embed import OnnxEmbedder
+
+        model = OnnxEmbedder(args.model, device)
+        spec = model.input_spec
+        return model, None, f"model: {shown} (ONNX), input {spec.image_size[0]}x{spec.image_size[1]}"
+    from backbones.common import input_spec
+    from utils.weights.load import load_backbone_file
+
+    model, network, embedding_size = load_backbone_file(args.model, args.network or None, args.embedding_size)
+    state = model.state_dict()  # read for its BatchNorm statistics (untrained_reasons), before any move
+    spec = input_spec(model)
+    named = "--network" if args.network else "read from the file"
+    line = (f"model: {shown}: network '{network}' ({named}), embedding size {embedding_size}, input "
+            f"{spec.image_size[0]}x{spec.image_size[1]} RGB, pixels (x - {spec.mean:g}) / {spec.std:g}")
+    return model.to(device).eval(), state, line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Embed one image (or compare two) from the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
     from utils.devices import device as devices
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     try:
-        if not -1.0 <= args.threshold <= 1.0:
-            raise InferenceError(f"--threshold must be a cosine similarity in [-1, 1], got {args.threshold}")
+        if not -1.0 <= threshold <= 1.0:
+            raise InferenceError(f"--threshold must be a cosine similarity in [-1, 1], got {threshold}")
         if args.save:
             from utils.config.paths import ensure_output_file
             ensure_output_file(args.save, "--save")  # checked before the model loads
         device = devices.setup(args.device).device
-        model = load_model(args.model, args.network, device, args.embedding_size)
+        model, state, model_line = load_for_inference(args, device)
         from backbones.common import input_spec
         size = input_spec(model).image_size  # crops are read at the size the model takes
         paths = [args.img] + ([args.img2] if args.img2 else [])
+        warnings, lines = [], []
         if args.detect:
             from utils.faces.mtcnn import MTCNN
             detector = MTCNN()
-            images = [read_detected_face(path, size, detector, args.margin) for path in paths]
+            read = [detect_face(path, size, detector, args.margin) for path in paths]
         else:
-            images = [read_face(path, size) for path in paths]
-        features = [embed(model, image, device, args.flip) for image in images]
+            read = []
+            for path in paths:
+                image, words, resized = read_frame(path, size)
+                read.append((image, words))
+                if resized:
+                    warnings.append(f"{path} is not a {size[0]}x{size[1]} face crop: the whole photo was resized, "
+                                    f"no face was found or aligned; pass --detect for raw photos (or align crops "
+                                    f"with tools/align_faces.py)")
+        features = [embed(model, image, device, args.flip) for image, _ in read]
+        lines = [f"image {index + 1}: {path}: {words}" for index, (path, (_, words)) in enumerate(zip(paths, read))]
+        if "network 'tiny'" in model_line:
+            warnings.insert(0, "network 'tiny' is ArcScale's small CPU demo network, trained on generated faces: "
+                               "its answers on real photos mean little")
+        reasons = untrained_reasons(model, state, size, device)
+        if reasons:
+            warnings.insert(0, f"the weights look untrained: {'; '.join(reasons)}")
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(model_line)
+    print("\n".join(lines))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     first = features[0]
     if args.save:
         # np.save appends .npy to other names; the temp file + os.replace keeps the write atomic.
@@ -141,9 +274,12 @@ def main(argv: list[str] | None = None) -> int:
               + " ".join(f"{value:.5f}" for value in first[:8]))
         return 0
     similarity = cosine(first, features[1])
-    verdict = "same person" if similarity >= args.threshold else "different people"
+    verdict = "same person" if similarity >= threshold else "different people"
+    source = ("--threshold" if args.threshold is not None else
+              "the default of --threshold, a common starting point for ArcFace models, not fitted to this model: "
+              "fit one on your own pairs (python -m eval.verification)")
     print(f"cosine similarity: {similarity:.5f}")
-    print(f"verdict at threshold {args.threshold:g}: {verdict}")
+    print(f"verdict at threshold {threshold:g} ({source}): {verdict}")
     return 0
 
 

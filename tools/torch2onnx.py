@@ -147,7 +147,8 @@ def verify_onnx(model: nn.Module, output: str, image_size: tuple[int, int] | Non
 def main(argv: list[str] | None = None) -> int:
     """Export a backbone to ONNX and check it against torch; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="model.pt (bare backbone state_dict) or a training checkpoint")
+    parser.add_argument("checkpoint", help="model.pt (bare backbone state_dict), a training checkpoint, or a "
+                                           "released name (facenet:vggface2)")
     parser.add_argument("--network", default=None,
                         help="backbone name, e.g. r50, r100, mbf, vit_t; default: read from the file")
     parser.add_argument("--output", default=None, help="output .onnx (default: next to the checkpoint)")
@@ -158,9 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (default 1e-4)")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     args = parser.parse_args(argv)
-    output = args.output or os.path.splitext(args.checkpoint)[0] + ".onnx"
     from utils.weights.load import load_backbone_file
+    from utils.weights.registry import is_registry_name, lookup
+    released = lookup(args.checkpoint)  # a released name: the .onnx goes to the working folder
+    output = args.output or (os.path.splitext(released.file_name if released else args.checkpoint)[0] + ".onnx")
     try:
+        if is_registry_name(args.checkpoint):
+            from utils.weights.resolve import resolve_weights
+            args.checkpoint = resolve_weights(args.checkpoint, "checkpoint")
         if args.checkpoint.endswith(".onnx"):
             raise ExportError(f"{args.checkpoint}: already an ONNX model; pass a PyTorch checkpoint")
         from utils.config.paths import ensure_output_file

@@ -1,8 +1,10 @@
 """Experiment configs: ``configs/base.py`` defaults, a job config on top, then ``--set`` overrides.
 
 A job config is any Python file that defines ``config`` (an EasyDict or dict), exactly as
-arcface_torch's ``configs/*.py``. Keys that base.py does not define are rejected with a
-"did you mean" hint so that a typo never silently trains with a default. What each key accepts, and
+arcface_torch's ``configs/*.py``. Keys that base.py does not define are rejected, all of them in one
+message, each with a "did you mean" hint, so that a typo never silently trains with a default; the
+arcface_torch keys that mean nothing here (``rules.ARCFACE_ONLY_KEYS``) are dropped and listed in
+``cfg.ignored_keys`` for one warning. What each key accepts, and
 ConfigError, live in ``utils.config.rules`` (re-exported here).
 """
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import Any, Iterable, Mapping
 
 from easydict import EasyDict
 
-from utils.config.rules import BASE_CONFIG, ConfigError, one_line, validate_config
+from utils.config.rules import ARCFACE_ONLY_KEYS, BASE_CONFIG, ConfigError, one_line, validate_config
+from utils.config.rules import ignored_keys_warning  # noqa: F401
 from utils.config.rules import RULES, Rule, check_value, describe, documented_choices  # noqa: F401
 from utils.config.paths import OutputPathError, ensure_output_dir
 
 __all__ = ["BASE_CONFIG", "RULES", "ConfigError", "Rule", "apply_override", "check_known_values", "check_value",
-           "describe", "documented_choices", "load_config", "parse_override", "suggest_keys", "suggest_values",
-           "to_plain", "validate_config"]
+           "describe", "documented_choices", "ignored_keys_warning", "load_config", "parse_override",
+           "suggest_keys", "suggest_values", "to_plain", "unknown_keys_error", "validate_config"]
 
 
 def _failing_line(exc: BaseException, path: str) -> int | None:
@@ -90,14 +93,46 @@ def suggest_keys(name: str, known: Iterable[str], limit: int = 2) -> list[str]:
     return (same_word + close)[:limit]
 
 
-def _unknown_key_error(source: str, key: str, known: Iterable[str]) -> ConfigError:
+def _suggestions(key: str, known: Iterable[str]) -> list[str]:
+    """Did-you-mean candidates for dotted ``key``, by edit distance over all known keys: keys at another
+    nesting level whose last part is closer than any sibling's (``num_identities`` ->
+    ``synthetic.num_identities``; the same name elsewhere is the only candidate), then its siblings at the
+    same level (``suggest_keys``)."""
+    known = list(known)
     leaf = key.rsplit(".", 1)[-1]
     prefix = key[: len(key) - len(leaf)]
-    # Only siblings at the same nesting level are candidates ("synthetic.x" suggests synthetic.*).
     siblings = [k[len(prefix):] for k in known if k.startswith(prefix) and "." not in k[len(prefix):]]
-    close = [f"'{prefix}{name}'" for name in suggest_keys(leaf, siblings)]
-    hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    close = [prefix + name for name in suggest_keys(leaf, siblings)]
+    best_sibling = min((_edit_distance(key, name) for name in close), default=max(2, len(leaf) // 3) + 1)
+    elsewhere = {k: _edit_distance(leaf, k.rsplit(".", 1)[-1]) for k in known
+                 if k.rsplit(".", 1)[0] + "." != prefix and "." in k + prefix}
+    nearer = sorted((k for k, d in elsewhere.items() if d < best_sibling), key=lambda k: (elsewhere[k], k))
+    if nearer and elsewhere[nearer[0]] == 0:
+        return nearer[:1]
+    return (nearer + close)[:2]
+
+
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    close = " or ".join(f"'{name}'" for name in _suggestions(key, known))
+    return f"did you mean {close}?" if close else ""
+
+
+def unknown_keys_error(unknown: list[tuple[str, str]], known: Iterable[str]) -> ConfigError:
+    """One ConfigError naming every unknown ``(source, key)``, each with its did-you-mean."""
+    known = list(known)
+    parts = []
+    for source in dict.fromkeys(source for source, _ in unknown):  # sources in order of appearance
+        keys = [key for where, key in unknown if where == source]
+        if len(keys) == 1:
+            hint = _did_you_mean(keys[0], known)
+            parts.append(f"{source}: unknown config key '{keys[0]}'" + (f"; {hint}" if hint else ""))
+            continue
+        listed = []
+        for key in keys:
+            hint = _did_you_mean(key, known)
+            listed.append(f"'{key}'" + (f" ({hint})" if hint else ""))
+        parts.append(f"{source}: {len(keys)} unknown config keys: {', '.join(listed)}")
+    return ConfigError("; ".join(parts))
 
 
 def _flat_keys(cfg: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -109,13 +144,13 @@ def _flat_keys(cfg: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def _merge(base: EasyDict, update: Mapping[str, Any], source: str, known: list[str], prefix: str = "",
-           sources: dict[str, str] | None = None) -> None:
+def _merge(base: EasyDict, update: Mapping[str, Any], source: str, unknown: list[tuple[str, str]],
+           prefix: str = "", sources: dict[str, str] | None = None) -> None:
     for key, value in update.items():
         if key not in base:
-            raise _unknown_key_error(source, prefix + key, known)
-        if isinstance(base[key], Mapping) and isinstance(value, Mapping):
-            _merge(base[key], value, source, known, prefix + key + ".", sources)
+            unknown.append((source, prefix + key))
+        elif isinstance(base[key], Mapping) and isinstance(value, Mapping):
+            _merge(base[key], value, source, unknown, prefix + key + ".", sources)
         else:
             base[key] = value
             if sources is not None:
@@ -135,17 +170,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _is_known(cfg: Mapping[str, Any], key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def apply_override(cfg: EasyDict, key: str, value: Any) -> None:
     """Set dotted ``key`` in ``cfg``; an unknown key is a ConfigError with a suggestion."""
-    node = cfg
+    if not _is_known(cfg, key):
+        raise unknown_keys_error([("--set", key)], _flat_keys(cfg))
     parts = key.split(".")
-    for depth, part in enumerate(parts):
-        if not isinstance(node, Mapping) or part not in node:
-            raise _unknown_key_error("--set", key, _flat_keys(cfg))
-        if depth == len(parts) - 1:
-            node[part] = EasyDict(value) if isinstance(value, dict) else value
-        else:
-            node = node[part]
+    node = cfg
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = EasyDict(value) if isinstance(value, dict) else value
 
 
 def suggest_values(value: str, known: Iterable[str], limit: int = 2) -> list[str]:
@@ -187,16 +229,28 @@ def load_config(path: str, overrides: Iterable[str] = (), base_path: str = BASE_
     """
     defaults = _load_module_config(base_path)
     cfg = EasyDict(copy.deepcopy(dict(defaults)))
-    job = _load_module_config(path)
+    job = dict(_load_module_config(path))
+    ignored = [key for key in ARCFACE_ONLY_KEYS if key in job and key not in cfg]
+    for key in ignored:
+        del job[key]
     sources: dict[str, str] = {}
-    _merge(cfg, job, path, _flat_keys(cfg), sources=sources)
+    unknown: list[tuple[str, str]] = []
+    _merge(cfg, job, path, unknown, sources=sources)
     for text in overrides:
         key, value = parse_override(text)
-        apply_override(cfg, key, value)
-        sources[key] = "--set"
+        if key in ARCFACE_ONLY_KEYS and key not in cfg:
+            ignored.append(key)
+        elif not _is_known(cfg, key):
+            unknown.append(("--set", key))
+        else:
+            apply_override(cfg, key, value)
+            sources[key] = "--set"
+    if unknown:  # every one of them, in one message: a copied config is fixed in one edit
+        raise unknown_keys_error(unknown, _flat_keys(cfg))
     validate_config(cfg, defaults, sources, base_path=base_path)
     check_known_values(cfg, known_values or {}, {key: sources.get(key, path) for key in (known_values or {})})
     stem = os.path.splitext(os.path.basename(path))[0]
+    cfg.ignored_keys = list(dict.fromkeys(ignored))  # said once by the caller: ignored_keys_warning
     cfg.config_name = stem
     cfg.config_path = os.path.abspath(path)
     if not cfg.output:

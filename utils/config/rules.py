@@ -87,6 +87,28 @@ RULES: dict[str, Rule] = {
     "collective_timeout_s": _num(0, low_open=True),
 }
 
+# Keys of arcface_torch's configs/base.py that mean nothing here (W&B details ArcScale does not use: its
+# W&B key comes from WANDB_API_KEY, runs are named by wandb_run_name). A copied arcface_torch config is
+# accepted with one warning naming those it set; every other arcface_torch key is a key of base.py.
+ARCFACE_ONLY_KEYS: dict[str, str] = {
+    "wandb_key": "the W&B API key (ArcScale reads WANDB_API_KEY from the environment)",
+    "suffix_run_name": "a W&B run-name suffix (ArcScale: wandb_run_name)",
+    "wandb_log_all": "W&B gradient/parameter logging",
+    "save_artifacts": "W&B model artifacts",
+    "wandb_resume": "resuming a W&B run",
+}
+
+
+def ignored_keys_warning(keys: list[str] | tuple[str, ...], source: str = "") -> str | None:
+    """The one warning for arcface_torch-only keys a config set (None when it set none)."""
+    if not keys:
+        return None
+    where = f"{source}: " if source else ""
+    return (f"{where}ignored arcface_torch config key{'s' if len(keys) > 1 else ''} "
+            f"{', '.join(repr(key) for key in keys)}: no meaning in ArcScale (W&B details it does not use; "
+            f"its W&B key comes from WANDB_API_KEY)")
+
+
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
                "size": "an integer", "seq": "a list or tuple",
                "limit": "a fraction of the data below 1 (e.g. 0.001) or a whole number of records (e.g. 10)"}

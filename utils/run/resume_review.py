@@ -18,7 +18,7 @@ from utils.run.plan import RunPlan, make_plan, make_schedule
 logger = logging.getLogger("arcscale.train")
 
 # Keys that name the run or its bookkeeping, not what it trains: never reported as changes.
-BOOKKEEPING = frozenset({"resume", "config_path", "config_name", "overwrite", "output"})  # a copied folder is fine
+BOOKKEEPING = frozenset({"resume", "config_path", "config_name", "overwrite", "output", "ignored_keys"})  # a copied folder is fine
 # Keys the LR curve or the run's length depend on.
 SCHEDULE_KEYS = frozenset({"lr", "lr_per_512", "num_epoch", "max_steps", "warmup_epoch", "lr_schedule", "lr_steps",
                            "lr_gamma", "lr_power", "batch_size", "gradient_acc"})

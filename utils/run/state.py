@@ -236,6 +236,24 @@ def check_resume_data(path: str, state: dict, data: dict, changed_ok: bool = Fal
     sampler["consumed"] = min(int(sampler.get("consumed", 0)), int(data["num_images"]))
 
 
+def backbone_mismatch(path: str, state: dict, backbone: torch.nn.Module) -> str:
+    """One line for a checkpoint whose backbone does not load into this run's: which network (and
+    embedding size) the checkpoint holds, what differs, and the two ways on."""
+    saved = state.get("config") or {}
+    ours, theirs = backbone.state_dict(), state["backbone"]
+    counts = {"missing keys": sum(key not in theirs for key in ours),
+              "unexpected keys": sum(key not in ours for key in theirs),
+              "shape mismatches": sum(key in theirs and tuple(theirs[key].shape) != tuple(value.shape)
+                                      for key, value in ours.items())}
+    differs = ", ".join(f"{count} {what}" for what, count in counts.items() if count)
+    holds = (f"the checkpoint holds network '{saved['network']}' with embedding size {saved.get('embedding_size')}"
+             if saved.get("network") else "the checkpoint's config does not name its network")
+    again = (f"resume with --set network={saved['network']} --set embedding_size={saved.get('embedding_size')}"
+             if saved.get("network") else "resume with the network it was trained with")
+    return (f"{path}: backbone does not match the config's network ({type(backbone).__name__}: {differs}); "
+            f"{holds}: {again}, or start a new `output` from its backbone with init_backbone={path!r}")
+
+
 def restore_checkpoint(path, state, ctx, plan, parts, data: dict | None = None,
                        data_changed_ok: bool = False) -> tuple[int, int, Any]:
     """Load every part of a training checkpoint, after checking it was trained on ``data`` (the run's data
@@ -246,9 +264,8 @@ def restore_checkpoint(path, state, ctx, plan, parts, data: dict | None = None,
     backbone, head, optimizer, scaler, sampler = parts
     try:
         backbone.load_state_dict(state["backbone"])
-    except RuntimeError as exc:
-        raise TrainingError(f"{path}: backbone does not match the config's network "
-                            f"({str(exc).splitlines()[0]})") from None
+    except RuntimeError:
+        raise TrainingError(backbone_mismatch(path, state, backbone)) from None
     load_head_state(head, state["head"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])

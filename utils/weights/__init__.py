@@ -1,4 +1,5 @@
-"""Backbone weights: reading any file users have (load.py). May import backbones and utils.run.checkpoint.
+"""Backbone weights: reading any file users have (load.py), released weights by name (registry.py, fetch.py,
+resolve.py), whether a file was trained (inspect.py). May import backbones and utils.run.checkpoint.
 
 Re-export for one release (deprecated path): ``from utils.weights import load_backbone`` was the
 module utils/weights.py; new code imports ``utils.weights.load``.

@@ -97,6 +97,16 @@ def _embedding_hint(file_state: Mapping[str, torch.Tensor], model: nn.Module) ->
     return ""
 
 
+def _holder_hint(file_state: Mapping[str, torch.Tensor], config: Mapping | None, label: str, model: nn.Module) -> str:
+    """What a file that does not fit ``label`` holds: its network (the training config's, else the
+    registered network with its keys and shapes) and embedding size; else the embedding-size hint."""
+    holders = [str(config["network"])] if config and config.get("network") else matching_networks(file_state)
+    if holders and label not in holders:
+        size = (config or {}).get("embedding_size") or embedding_size_of(file_state)
+        return f"; the file looks like network '{holders[0]}' with embedding size {size}"
+    return _embedding_hint(file_state, model)
+
+
 def split_classifier(file_state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor]
                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(embedding-network state, ``{"weight", "bias"}`` of a ``logits.*`` classifier the model lacks, or None)."""
@@ -149,7 +159,7 @@ def load_backbone(path: str, name: str | None = None, model: nn.Module | None = 
         logger.info("%s: dropped the file's classifier (%s): not part of the embedding network", path, shapes)
     report = compare_state_dicts(file_state, model_state)
     if report and strict:
-        raise CheckpointError(f"{path}: {report} for network '{label}'{_embedding_hint(file_state, model)}")
+        raise CheckpointError(f"{path}: {report} for network '{label}'{_holder_hint(file_state, config, label, model)}")
     if report:
         logger.warning("%s: loading non-strictly, skipped %s for network '%s'", path, report, label)
     fitting = {key: value for key, value in file_state.items()
@@ -301,17 +311,7 @@ def load_backbone_file(path: str, network: str | None = None, embedding_size: in
         network = file_network
     embedding_size = int(embedding_size or file_embedding)
     del state  # memory-mapped; load_backbone reads the file again in full
-    try:
-        model = load_backbone(path, name=network, map_location=map_location, num_features=embedding_size)
-    except CheckpointError as exc:
-        if file_network is None and not config:
-            file_network = guess_network(read_backbone_state(path)[0])
-        if file_network and file_network != network:
-            raise CheckpointError(f"{exc}; the file looks like network '{file_network}' with embedding size "
-                                  f"{file_embedding}") from None
-        if file_network and file_embedding != embedding_size:
-            raise CheckpointError(f"{exc}; the file's network '{file_network}' has embedding size "
-                                  f"{file_embedding}") from None
-        raise
+    # A file of another network, or another embedding size, says what it holds (load_backbone).
+    model = load_backbone(path, name=network, map_location=map_location, num_features=embedding_size)
     logger.info("%s: network '%s', embedding size %d", path, network, embedding_size)
     return model, network, embedding_size

@@ -220,3 +220,45 @@ def test_string_choices_documented_in_base_are_accepted(tmp_path):
         load_config(job, ["mode=c"], base_path=str(base))
     with pytest.raises(ConfigError, match=r"'optimizer': expected one of 'sgd', 'adamw', 'adam', 'lion', got 'x'"):
         load_config(job, ["optimizer=x"], base_path=str(base))
+
+
+def test_every_unknown_key_is_named_in_one_message(tmp_path):
+    body = "config.netwrok = 'r50'\nconfig.lerning_rate = 0.1\nconfig.batchsize = 8\nconfig.num_identities = 3\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, body), ["sample_rat=0.1", "lr=0.2"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'job.py'}: 4 unknown config keys: 'netwrok' (did you mean 'network'?), "
+                              "'lerning_rate', 'batchsize' (did you mean 'batch_size'?), 'num_identities' (did you "
+                              "mean 'synthetic.num_identities'?)")  # a nested key whose name is close
+    assert message.endswith("; --set: unknown config key 'sample_rat'; did you mean 'sample_rate' or 'sampler'?")
+
+
+# Every key of arcface_torch's configs/base.py (insightface master), each set to a value of its type.
+ARCFACE_TORCH_BASE = {
+    "margin_list": (1.0, 0.5, 0.0), "network": "r50", "resume": False, "save_all_states": False,
+    "output": "ms1mv3_arcface_r50", "embedding_size": 512, "sample_rate": 1, "interclass_filtering_threshold": 0,
+    "fp16": False, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+    "verbose": 2000, "frequent": 10, "dali": False, "gradient_acc": 1, "seed": 2048, "num_workers": 2,
+    "wandb_key": "0" * 40, "suffix_run_name": None, "using_wandb": False, "wandb_entity": "entity",
+    "wandb_project": "project", "wandb_log_all": True, "save_artifacts": False, "wandb_resume": False,
+}
+
+
+def test_an_arcface_torch_base_config_loads_with_one_warning_for_its_w_and_b_keys(tmp_path):
+    from utils.config.rules import ignored_keys_warning
+
+    body = "".join(f"config.{key} = {value!r}\n" for key, value in ARCFACE_TORCH_BASE.items())
+    body += "config.output = %r\n" % str(tmp_path / "out")
+    cfg = load_config(write_config(tmp_path, body), ["suffix_run_name='x'"])
+    ignored = ["wandb_key", "suffix_run_name", "wandb_log_all", "save_artifacts", "wandb_resume"]
+    assert cfg.ignored_keys == ignored
+    assert all(key not in cfg for key in ignored)
+    assert cfg.wandb_entity == "entity" and cfg.batch_size == 128 and cfg.sample_rate == 1
+    warning = ignored_keys_warning(cfg.ignored_keys, "base.py")
+    assert warning.startswith("base.py: ignored arcface_torch config keys 'wandb_key', 'suffix_run_name', "
+                              "'wandb_log_all', 'save_artifacts', 'wandb_resume': no meaning in ArcScale")
+    assert ignored_keys_warning([], "x") is None
+    # A typo of one of them is still a typo.
+    with pytest.raises(ConfigError, match=r"unknown config key 'wandb_kee'"):
+        load_config(write_config(tmp_path, "config.wandb_kee = 'x'\n"))
