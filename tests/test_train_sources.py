@@ -91,3 +91,23 @@ def test_a_two_rank_multi_source_run_resumes_exactly_and_refuses_another_list(tm
     assert allowed.proc.returncode == 0, allowed.output[-3000:]
     assert [s["step"] for s in logged_steps(training_log(output))][-2:] == [2 * STEPS + 1, 2 * STEPS + 2]
     assert [s["path"] for s in load(checkpoints(output)[2 * STEPS + 2])["data"]["sources"]] == [D, A]
+
+
+@pytest.mark.timeout(300)
+def test_rec_weights_train_an_epoch_of_the_union_size_and_are_recorded(tmp_path, identity_cache):  # noqa: F811
+    config = sources_config(tmp_path, "weighted", identity_cache, [A, D], rec_weights=[1, 1], max_steps=None,
+                            batch_size=82)  # 492 images: 6 steps of 82 an epoch, whatever the weights
+    launched = run_to_end(train_args(config), tmp_path)
+    assert launched.proc.returncode == 0, launched.output[-3000:]
+    output = tmp_path / "out_weighted"
+    steps = logged_steps(training_log(output))
+    assert [s["step"] for s in steps] == list(range(1, 7)) and steps[-1]["total"] == 6
+    state = load(checkpoints(output)[6])
+    assert [s["share"] for s in state["data"]["sources"]] == [0.5, 0.5]
+    assert state["progress"]["epoch"] == 1 and state["sampler"]["consumed"] == 492  # one whole epoch of the union
+    assert "50.00%" in training_log(output)  # the start-up table's share column
+    # another weight on resume is a data change, said per source
+    changed = sources_config(tmp_path, "reweighted", identity_cache, [A, D], rec_weights=[3, 1], batch_size=82,
+                             output=str(output), max_steps=None, num_epoch=2)
+    refused = run_to_end(train_args(changed, "resume=True"), tmp_path)
+    assert_one_line_error(refused, f"source {A}: sampling share 0.5000 -> 0.7500", "resume_data_changed=True")
