@@ -220,3 +220,15 @@ def test_string_choices_documented_in_base_are_accepted(tmp_path):
         load_config(job, ["mode=c"], base_path=str(base))
     with pytest.raises(ConfigError, match=r"'optimizer': expected one of 'sgd', 'adamw', 'adam', 'lion', got 'x'"):
         load_config(job, ["optimizer=x"], base_path=str(base))
+
+
+def test_rec_takes_a_folder_or_a_list_and_rec_weights_positive_numbers(tmp_path):
+    cfg = load_config(write_config(tmp_path, "config.rec = ['/a', '/b/train_*.rec']\n"),
+                      ["rec_weights=[1, 2.5]", "rec_identity_map='/m.csv'"])
+    assert list(cfg.rec) == ["/a", "/b/train_*.rec"] and list(cfg.rec_weights) == [1, 2.5]
+    for overrides, message in ((["rec=[]"], "config key 'rec': expected a string or a non-empty list of strings"),
+                               (["rec=['/a', 3]"], "config key 'rec'"),
+                               (["rec_weights=[1, 0]"], "config key 'rec_weights': expected a list or tuple of "
+                                                        "numbers > 0 or None")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            load_config(write_config(tmp_path, ""), overrides)
