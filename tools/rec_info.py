@@ -17,6 +17,7 @@ Exit status: 0 all good, 1 bad records (each printed as file, key, offset, reaso
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -268,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     from utils.data.sources import expand_source
 
     try:
-        several = (len(args.folder) > 1 or args.identity_map or args.weights
-                   or expand_source(args.folder[0])[0] == "shards")
+        first = args.folder[0]
+        several = (len(args.folder) > 1 or args.identity_map or args.weights or glob.has_magic(first)
+                   or (os.path.isfile(first) and first.endswith(".rec"))
+                   or (os.path.isdir(first) and expand_source(first)[0] == "shards"))
         if several:
             return summarise_sources(args.folder, args.identity_map, args.weights, args.verify, args.json,
                                      args.workers)

@@ -103,6 +103,8 @@ def expand_source(entry: Any) -> tuple[str, list[tuple[str, str]]]:
             kind, found = expand_source(folder)
             parts += found
         return ("shards" if len(parts) > 1 else kind), parts
+    if entry.endswith(".rec") and os.path.isfile(entry):  # one pack or shard named by its .rec file
+        return "recordio", [(os.path.dirname(entry) or ".", os.path.splitext(os.path.basename(entry))[0])]
     if not os.path.isdir(entry):
         raise DatasetError(f"config key 'rec': {entry} is not a folder, expected a folder with train.rec/train.idx, "
                            f"an image folder, a folder of train_<i>.rec/.idx shards, or a glob")
@@ -169,12 +171,12 @@ def open_source(entry: str, image_size: Any, skip: bool) -> Source:
 
 def read_identity_map(path: str, sources: list[Source]) -> dict[tuple[int, int], int]:
     """``source,label,global_id`` rows -> {(source index, label): global id}; one-line DatasetError when a row
-    names an unknown source or label, maps one label twice differently, or gives one id to two labels of the
-    same source. ``source`` is the entry as written in `rec` or its 0-based position."""
+    names an unknown source or label, or maps one label to two ids. ``source`` is the entry as written in
+    `rec` or its 0-based position. Two labels of one source may share an id: a sharded pack split an identity
+    over two shards (``pack_rec.py --split-identities``)."""
     names = {s.name: i for i, s in enumerate(sources)}
     names.update({os.path.realpath(s.name): i for i, s in enumerate(sources)})
     mapping: dict[tuple[int, int], int] = {}
-    owner: dict[tuple[int, int], int] = {}  # (source, global id) -> label
     try:
         handle = open(path, newline="")
     except OSError as exc:
@@ -204,11 +206,7 @@ def read_identity_map(path: str, sources: list[Source]) -> dict[tuple[int, int],
             if mapping.get((index, label), global_id) != global_id:
                 raise DatasetError(f"{where}: source {sources[index].name} label {label} is mapped to global id "
                                    f"{mapping[(index, label)]} and to {global_id}")
-            if owner.get((index, global_id), label) != label:
-                raise DatasetError(f"{where}: global id {global_id} is claimed by labels {owner[(index, global_id)]} "
-                                   f"and {label} of source {sources[index].name}: one source's labels are distinct "
-                                   f"identities")
-            mapping[(index, label)], owner[(index, global_id)] = global_id, label
+            mapping[(index, label)] = global_id
     return mapping
 
 
