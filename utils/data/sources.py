@@ -10,6 +10,7 @@ label outside its source's classes) are a one-line DatasetError.
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import glob
 import hashlib
@@ -247,6 +248,7 @@ class MultiSourceDataset(FaceDataset):
                 offset += part.num_classes
         sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
         self.part_starts = np.concatenate([[0], np.cumsum(sizes)])
+        self.part_start_list = self.part_starts.tolist()
         self.num_image = int(self.part_starts[-1])
         counts = np.array([s.num_images for s in sources], dtype=np.int64)
         self.source_starts = np.concatenate([[0], np.cumsum(counts)])
@@ -259,12 +261,12 @@ class MultiSourceDataset(FaceDataset):
 
     def locate(self, index: int) -> tuple[int, int]:
         """(part, index within the part) of sample ``index``."""
-        part = int(np.searchsorted(self.part_starts, index, side="right")) - 1
-        return part, int(index - self.part_starts[part])
+        part = bisect.bisect_right(self.part_start_list, index) - 1  # a few hundred ns; np.searchsorted costs µs
+        return part, index - self.part_start_list[part]
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         """The part's image and its label in the union's classes."""
-        part, local = self.locate(index)
+        part, local = self.locate(int(index))
         image, label = self.parts[part].load(local)
         lookup = self.lookups[part]
         if not 0 <= label < len(lookup):  # image folders cannot; RecordIO parts raise first (strict_labels)
@@ -307,6 +309,8 @@ def build_sources(entries: list[str], image_size: Any, skip: bool, identity_map:
     for source in sources:
         for part, path in zip(source.parts, source.paths):
             size = tuple(int(v) for v in _native_size(part))
+            if isinstance(part, RecordDataset):  # opened again by the first read in the process that reads it
+                part.reader.release_descriptor()
             first = next(iter(sizes.items()), None)
             if first is not None and first[1] != size:
                 raise DatasetError(f"config key 'rec': images of {path} are {size[0]}x{size[1]} but those of "

@@ -143,3 +143,27 @@ def test_a_label_outside_its_range_met_while_training_stops_the_run():
     index = 12 + int(np.flatnonzero(RecordDataset(A, flip=False).labels() == 39)[0])
     with pytest.raises(DatasetError, match="label 39 out of range"):
         dataset[index]  # not skipped like a corrupt record: it would land on another source's identity
+
+
+def open_rec_files() -> list[str]:
+    """The .rec files this process holds a descriptor of."""
+    import os
+
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.endswith(".rec"):
+            found.append(target)
+    return found
+
+
+def test_a_process_opens_only_the_shards_it_reads(tmp_path):
+    folder = shard_folder(tmp_path / "many", [D] * 6)
+    dataset = build_dataset(cfg([str(folder), A]))
+    assert not [p for p in open_rec_files() if "many" in p or p.startswith(A)]  # none of the 7 parts held open
+    dataset[0], dataset[1], dataset[13]  # shard 0 twice, shard 1 once
+    opened = [p for p in open_rec_files() if "many" in p or p.startswith(A)]
+    assert sorted(Path(p).name for p in opened) == ["train_0.rec", "train_1.rec"], opened
