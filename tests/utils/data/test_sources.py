@@ -167,3 +167,17 @@ def test_a_process_opens_only_the_shards_it_reads(tmp_path):
     dataset[0], dataset[1], dataset[13]  # shard 0 twice, shard 1 once
     opened = [p for p in open_rec_files() if "many" in p or p.startswith(A)]
     assert sorted(Path(p).name for p in opened) == ["train_0.rec", "train_1.rec"], opened
+
+
+def test_an_image_folder_joins_a_pack_and_the_pk_sampler_runs_over_the_union(tmp_path):
+    folder = tmp_path / "faces"
+    for identity in ("p", "q"):
+        (folder / identity).mkdir(parents=True)
+        for number in range(4):
+            cv2.imwrite(str(folder / identity / f"{number}.jpg"), np.full((112, 112, 3), 40 * number, np.uint8))
+    loader = get_dataloader(cfg([D, str(folder)], sampler="pk", images_per_identity=4, batch_size=8), 0, 1)
+    assert (loader.dataset.num_classes, len(loader.dataset)) == (5, 20)
+    assert np.array_equal(loader.dataset.labels()[12:], [3] * 4 + [4] * 4)  # folder identities after D's 3
+    loader.sampler.set_epoch(0)
+    for _, labels in loader:  # P=2 identities x K=4 images, from either source
+        assert sorted(np.bincount(labels.numpy()).tolist())[-2:] == [4, 4]
