@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import logging
 import os
 from dataclasses import dataclass
@@ -25,16 +26,20 @@ from utils.data.datasets import (IMAGE_EXTENSIONS, RANDOM_DEFAULT_CLASSES, RANDO
 from utils.data.samplers import SAMPLERS, PKSampler, ResumableDistributedSampler, build_sampler, dataset_labels
 from utils.data.errors import DatasetError
 from utils.data.recordio import RecordIOError
+from utils.data.sources import MultiSourceDataset, build_sources, source_table
 from utils.data.workers import init_worker, worker_log_queue
 
 # This module's own names, then those re-exported so ``from dataset import ...`` keeps working.
 __all__ = ["BAD_RECORDS_FLOOR", "DataInfo", "bad_record_count", "bad_record_limit", "build_dataset",
-           "check_bad_records", "describe_data", "get_dataloader", "normalize_batch",
+           "check_bad_records", "describe_data", "get_dataloader", "is_multi_source", "normalize_batch",
+           "MultiSourceDataset",
            "DatasetError", "FaceDataset", "IMAGE_EXTENSIONS", "ImageFolderDataset", "RANDOM_DEFAULT_CLASSES",
            "RANDOM_DEFAULT_IMAGES", "RANDOM_SOURCES", "RandomTensorDataset", "RecordDataset", "as_hw",
            "read_image_file", "read_property", "scan_image_folder", "write_property",
            "PKSampler", "ResumableDistributedSampler", "SAMPLERS", "build_sampler", "dataset_labels"]
 
+
+logger = logging.getLogger(__name__)
 
 BAD_RECORDS_FLOOR = 10  # a fractional max_bad_records never tolerates fewer corrupt records than this
 
@@ -49,11 +54,32 @@ def normalize_batch(images: torch.Tensor, spec: Any = None) -> torch.Tensor:
     return normalize(images, spec)
 
 
-def build_dataset(cfg: Any, source: str | None = None) -> FaceDataset:
-    """The dataset ``source`` (default ``cfg.rec``) names: "random"/"synthetic", a RecordIO folder or an image folder."""
+def is_multi_source(cfg: Any, source: Any) -> bool:
+    """Whether ``source`` is read as several sources: a list (beyond one plain folder), a glob, a sharded
+    pack, or one source with an identity map or weights."""
+    if cfg.get("rec_identity_map") or cfg.get("rec_weights") is not None:
+        return True
+    if isinstance(source, (list, tuple)):
+        return len(source) != 1 or is_multi_source(cfg, source[0])
+    return isinstance(source, str) and source not in RANDOM_SOURCES and (
+        glob.has_magic(source) or (os.path.isdir(source) and not os.path.exists(os.path.join(source, "train.rec"))
+                                   and not os.path.exists(os.path.join(source, "train.idx"))
+                                   and any(name.endswith((".rec", ".idx")) for name in os.listdir(source))))
+
+
+def build_dataset(cfg: Any, source: Any = None) -> FaceDataset:
+    """The dataset ``source`` (default ``cfg.rec``) names: "random"/"synthetic", a RecordIO folder, an image
+    folder, or several sources read as one (a list, a sharded pack, a glob: ``utils.data.sources``)."""
     source = cfg.rec if source is None else source
     image_size = as_hw(cfg.image_size)
     skip = bool(cfg.get("skip_bad_records", True))
+    if is_multi_source(cfg, source):
+        entries = list(source) if isinstance(source, (list, tuple)) else [source]
+        weights = cfg.get("rec_weights")
+        return build_sources(entries, image_size, skip, cfg.get("rec_identity_map"),
+                             None if weights is None else [float(w) for w in weights])
+    if isinstance(source, (list, tuple)):
+        source = source[0]
     if source in RANDOM_SOURCES:
         return RandomTensorDataset(cfg.num_image or RANDOM_DEFAULT_IMAGES, cfg.num_classes or RANDOM_DEFAULT_CLASSES,
                                    image_size, seed=cfg.seed)
@@ -84,22 +110,39 @@ class DataInfo:
     layout: str | None   # RecordIO: header | plain
     path: str = ""       # the source as an absolute path ("random" for random tensors)
     index_sha256: str = ""  # the dataset's index hash (FaceDataset.index_sha256)
+    sources: tuple = ()  # several sources: each one's fingerprint (Source.fingerprint) plus its sampling share
 
     @property
     def fingerprint(self) -> dict:
         """What checkpoints record about the data, so resume can tell when it changed (cheap: no image read)."""
-        return {"source": self.path, "kind": self.kind, "num_images": self.num_images,
-                "num_classes": self.num_classes, "index_sha256": self.index_sha256}
+        found = {"source": self.path, "kind": self.kind, "num_images": self.num_images,
+                 "num_classes": self.num_classes, "index_sha256": self.index_sha256}
+        if self.sources:
+            found["sources"] = [dict(entry) for entry in self.sources]
+        return found
 
 
 def describe_data(cfg: Any, dataset: FaceDataset, source: str) -> DataInfo:
     """Counts from the data, checked against the config's ``num_classes`` / ``num_image`` when set."""
+    if isinstance(source, (list, tuple)) and len(source) == 1:
+        source = source[0]
     for key in ("num_classes", "num_image"):
         from_data = int(getattr(dataset, key))
         configured = cfg.get(key)
         if configured is not None and int(configured) != from_data:
             raise DatasetError(f"config key '{key}' is {configured} but the data in {source} has {from_data}; "
                                f"set it to {from_data} or to None")
+    if isinstance(dataset, MultiSourceDataset):
+        for line in source_table(dataset):
+            logger.info("data: %s", line)
+        shares = dataset.source_weights or [s.num_images / dataset.num_image for s in dataset.sources]
+        entries = tuple({**s.fingerprint(), "share": round(float(share), 6)}
+                        for s, share in zip(dataset.sources, shares))
+        shown = f"{len(entries)} sources ({', '.join(s.name for s in dataset.sources)})"
+        if dataset.map_sha256:
+            entries += ({"identity_map": dataset.map_sha256},)
+        return DataInfo(shown, "sources", int(dataset.num_classes), int(dataset.num_image), None,
+                        "; ".join(e["path"] for e in entries if "path" in e), dataset.index_sha256(), entries)
     kind = {RecordDataset: "recordio", ImageFolderDataset: "image_folder"}.get(type(dataset), "random")
     # Logged as the data trained on: say "random tensors", not arcface_torch's ambiguous "synthetic".
     shown = "random tensors" if kind == "random" else str(source)

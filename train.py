@@ -164,7 +164,8 @@ def build_verification(cfg: Any, source: str, ctx: devices.DeviceContext) -> Any
         return None
     from eval.verification import VerificationCallback, target_path
 
-    data_dir = cfg.val_data_dir or (source if os.path.isdir(str(source)) else ".")
+    first = source[0] if isinstance(source, (list, tuple)) else source  # several sources: the first one's folder
+    data_dir = cfg.val_data_dir or (first if os.path.isdir(str(first)) else ".")
     paths = [target_path(data_dir, name) for name in cfg.val_targets]
     targets = []
     for name, path, unseen in zip(cfg.val_targets, paths, unseen_on_some_rank(paths, ctx)):

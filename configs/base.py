@@ -22,7 +22,12 @@ config.log_level = "INFO"
 # rec: a folder with train.rec/train.idx, an image folder root/<identity>/<image>, "random" (random
 # tensors, for speed tests), or "synthetic": arcface_torch's spelling of "random", except that with
 # synthetic.num_identities > 0 it means the generated identity set below.
+# Several sources (docs/data.md, "Several sources"): a list of such folders, sharded packs (a folder of
+# train_0.rec/.idx ... train_<N-1>) or globs ("/data/wf/train_*.rec"), read as one dataset without copying;
+# source i's labels are offset by the classes of the sources before it (a table at start says which).
 config.rec = "synthetic"
+config.rec_weights = None       # several sources: each source's share of every epoch's samples, one number > 0 per entry of rec (normalised); None = in proportion to its images (a plain shuffle of the union)
+config.rec_identity_map = None  # several sources: a CSV file of source,label,global_id rows merging identities that occur in several sources (source = the rec entry as written, or its position); None = all distinct
 config.num_classes = None       # read from the data; a value that disagrees is an error
 config.num_image = None         # read from the data; a value that disagrees is an error
 config.image_size = (112, 112)  # (height, width) the backbone sees

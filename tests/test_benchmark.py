@@ -101,6 +101,32 @@ def test_data_on_generated_set(capsys):
         positive(match.group(3))
 
 
+@pytest.mark.timeout(120)
+def test_data_shards_row_reads_the_same_records_as_a_list_of_shards(capsys):
+    import numpy as np
+
+    from tools.benchmarks.data import write_shards
+    from utils.data.datasets import RecordDataset
+    from utils.data.sources import build_sources
+
+    benchmark.main(["data", "--num-images", "24", "--batch-size", "4", "--workers", "0", "--repeat", "1",
+                    "--shards", "3"])
+    out = capsys.readouterr().out
+    row = re.search(rf"DataLoader batch 4, 0 worker\(s\), 3 shards\s+{NUMBER} images/s\s+\(x{NUMBER} of one pack, "
+                    rf"best of 1 alternating passes\)", out)
+    assert row, out
+    positive(row.group(1))
+    positive(row.group(2))
+    # the shards hold exactly the pack's records: the same images and, read as a list, the same classes
+    folder = tempfile.mkdtemp()
+    pack = RecordDataset(make_identity_set(f"{folder}/set", 4, 6, 0, 0, seed=0), flip=False)
+    write_shards(pack, len(pack), f"{folder}/shards", 3)
+    union = build_sources([f"{folder}/shards"], (112, 112), False)
+    assert len(union.parts) == 3 and np.array_equal(union.labels(), pack.labels())
+    assert [union.parts[p].read_record(i)[1] for p, i in map(union.locate, range(24))] == \
+        [pack.read_record(i)[1] for i in range(24)]
+
+
 @pytest.fixture(scope="module")
 def twelve_image_rec(tmp_path_factory) -> str:
     return make_identity_set(str(tmp_path_factory.mktemp("rec") / "set"), num_identities=3, images_per_identity=4,

@@ -266,3 +266,71 @@ def test_cli_help_runs_as_script_and_module(tool):
                     [sys.executable, "-m", f"tools.{tool}", "--help"]):
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
+# ---------------------------------------------------------------- shards: pack_rec --shards, shuffle_rec, rec_info
+
+def _sharded(tmp_path, counts, *extra):
+    src = _image_folder(tmp_path / "src", counts)
+    assert pack_rec.main([str(src), str(tmp_path / "shards"), "--workers", "3", *extra]) == 0
+    original = RecordDataset  # the folder packed as one pack: the class ids a shard list must give back
+    assert pack_rec.main([str(src), str(tmp_path / "one"), "--workers", "1"]) == 0
+    return tmp_path / "shards", original(str(tmp_path / "one"), flip=False).labels()
+
+
+def test_pack_shards_keep_identities_whole_and_read_back_as_the_one_pack(tmp_path, capsys):
+    from utils.data.sources import build_sources
+
+    shards, labels = _sharded(tmp_path, (3, 2, 4, 1, 5, 2, 3), "--shards", "3")
+    out = capsys.readouterr().out
+    assert out.count("wrote ") == 4 and "train_2.rec" in out
+    parts = [RecordDataset(str(shards), flip=False, name=f"train_{i}") for i in range(3)]
+    assert all(p.layout == "header" for p in parts)  # insightface layout: header0, identity records
+    # whole identities, each cut at the class boundary nearest i/3 of the 20 images (6.7 -> 5, 13.3 -> 15)
+    assert [len(p) for p in parts] == [5, 10, 5]
+    for part in parts:
+        assert open(part.property_path).read() == f"{part.num_classes},112,112\n"
+    assert open(shards / "property").read() == "7,112,112\n"
+    union = build_sources([str(shards)], (112, 112), False)
+    assert union.num_classes == 7 and np.array_equal(union.labels(), labels)
+    assert rec_info.main([str(shards), "--verify"]) == 0 and "0 bad of" in capsys.readouterr().out
+    assert rec_info.main([str(shards / "train_1.rec"), "--verify"]) == 0  # one shard on its own
+    one = capsys.readouterr().out.splitlines()
+    assert one[1].split()[1:4] == ["recordio", "10", "3"] and one[-1].endswith("train_1.rec: 0 bad of 14 entries")
+    with pytest.raises(pack_rec.PackError, match="more shards than the 7 identities"):
+        pack_rec.shard_plan(labels.tolist(), 8)
+
+
+def test_pack_shards_split_identities_with_a_map_that_merges_them(tmp_path):
+    from utils.data.sources import build_sources
+
+    shards, labels = _sharded(tmp_path, (3, 3, 3), "--shards", "2", "--split-identities")
+    assert [len(RecordDataset(str(shards), flip=False, name=f"train_{i}")) for i in range(2)] == [5, 4]
+    rows = (shards / "identity_map.csv").read_text().splitlines()
+    assert rows == ["source,label,global_id", f"{shards.resolve()},1,1", f"{shards.resolve()},2,1"]
+    merged = build_sources([str(shards)], (112, 112), False, str(shards / "identity_map.csv"))
+    assert merged.num_classes == 3 and np.array_equal(merged.labels(), labels)
+    assert build_sources([str(shards)], (112, 112), False).num_classes == 4  # without the map: 2 + 2
+
+
+def test_pack_shards_with_a_bad_image_keep_no_shard(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src", (3, 2, 4))
+    (src / "id2" / "0.jpg").write_bytes(b"not an image")
+    assert pack_rec.main([str(src), str(tmp_path / "shards"), "--shards", "2", "--workers", "2"]) == 2
+    assert "shard train_1" in capsys.readouterr().err
+    assert not [n for n in os.listdir(tmp_path / "shards") if n.endswith((".rec", ".idx", ".property"))]
+
+
+def test_shuffle_rec_per_shard_and_on_the_whole_list(tmp_path, insightface_fixtures):
+    from utils.data.sources import build_sources
+
+    shards, labels = _sharded(tmp_path, (3, 2, 4, 1), "--shards", "2")
+    assert shuffle_rec.main([str(shards), str(tmp_path / "shuffled"), "--seed", "2"]) == 0
+    shuffled = build_sources([str(tmp_path / "shuffled")], (112, 112), False)
+    assert len(shuffled.parts) == 2 and all(p.layout == "plain" for p in shuffled.parts)
+    assert sorted(shuffled.labels()) == sorted(labels) and not np.array_equal(shuffled.labels(), labels)
+    a, d = os.path.join(insightface_fixtures, "A"), os.path.join(insightface_fixtures, "D")
+    assert shuffle_rec.main([a, d, str(tmp_path / "union")]) == 0
+    union = RecordDataset(str(tmp_path / "union"), flip=False)
+    assert (union.layout, union.num_classes, len(union)) == ("plain", 43, 492)
+    assert np.array_equal(np.bincount(union.labels()), np.bincount(build_sources([a, d], (112, 112), False).labels()))

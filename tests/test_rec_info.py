@@ -142,3 +142,31 @@ def test_unusable_input_exits_2(tmp_path, capsys):
 def test_split_records_verify(insightface_fixtures, pack, capsys):
     code, out, _ = _run(os.path.join(insightface_fixtures, pack), capsys)
     assert code == 0 and "verify: all 12 images in " in out and " decode cleanly; all 16 index entries" in out
+
+
+def test_a_list_of_sources_is_summarised_and_verified_per_shard(insightface_fixtures, tmp_path, capsys):
+    a, d = os.path.join(insightface_fixtures, "A"), os.path.join(insightface_fixtures, "D")
+    assert rec_info.main([a, d, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["num_images"], summary["num_classes"]) == (492, 43)
+    assert [(s["path"], s["num_images"], s["num_classes"], s["labels"]) for s in summary["sources"]] == [
+        (a, 480, 40, [0, 39]), (d, 12, 3, [40, 42])]
+    assert rec_info.main([a, d]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["source", "kind", "images", "classes", "labels", "share"]
+    assert table[-1].split() == ["union", "492", "43", "0..42", "100.00%"]
+    # a sharded pack (D as shard 0, a copy of A with one broken image as shard 1): verified shard by shard
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for number, src in enumerate((d, a)):
+        for ext in ("rec", "idx"):
+            shutil.copy(os.path.join(src, f"train.{ext}"), shards / f"train_{number}.{ext}")
+    manifest = json.load(open(os.path.join(a, "manifest.json")))
+    record = next(r for r in manifest["records"] if r["key"] == 7)
+    _patch(shards / "train_1.rec", record["offset"] + 8 + 24 + 2, b"\x00" * 64)  # inside the JPEG: undecodable
+    assert rec_info.main([str(shards), "--verify", "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert [(b["key"], b["file"]) for b in result["bad"]] == [(7, str(shards / "train_1.rec"))]
+    assert result["num_images"] == 492 and result["sources"][0]["parts"] == 2
+    assert rec_info.main([a, str(tmp_path / "missing")]) == 2
+    assert "missing is not a folder" in capsys.readouterr().err

@@ -4,6 +4,7 @@
     python tools/pack_rec.py list.txt OUT_DIR               # lines: path<TAB>label
     python tools/pack_rec.py train.lst OUT_DIR --image-root IMAGES   # mxnet im2rec: index<TAB>label<TAB>path
     python tools/pack_rec.py IMAGES_DIR OUT_DIR --plain     # im2rec layout (keys 0..N-1, no header)
+    python tools/pack_rec.py IMAGES_DIR OUT_DIR --shards 8  # OUT_DIR/train_0..7.rec/.idx/.property, in parallel
 
 The default is the InsightFace layout arcface_torch reads (images at keys 1..N sorted by class,
 one identity record per class, header0 at key 0). JPEGs already at --image-size are stored
@@ -148,10 +149,17 @@ def _write_text_atomic(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def pack_files(name: str = "train") -> dict[str, str]:
+    """The file names of the pack ``name``: train.rec/.idx/property, or a shard's train_3.rec/.idx/.property."""
+    return {"rec": f"{name}.rec", "idx": f"{name}.idx", "property": "property" if name == "train" else
+            f"{name}.property", "bad": BAD_LIST if name == "train" else f"{name}.{BAD_LIST}"}
+
+
 def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False,
          image_size: tuple[int, int] = (112, 112), quality: int = 95, workers: int = 1, progress: bool = False,
-         on_error: str = "stop") -> tuple[int, int, list[tuple[str, str]]]:
-    """Write the set (temporary names, renamed at the end); returns (num_images, num_classes, bad images)."""
+         on_error: str = "stop", name: str = "train") -> tuple[int, int, list[tuple[str, str]]]:
+    """Write the set ``name`` (temporary names, renamed at the end); returns (num_images, num_classes, bad
+    images)."""
     from utils.data.datasets import write_property
 
     if on_error not in ("stop", "skip"):
@@ -166,7 +174,9 @@ def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False,
         raise PackError(f"labels must be 0..{num_classes - 1} without gaps; class {missing} has no image")
     height, width = image_size
     jobs = [(path, height, width, quality) for path in paths]
-    temporary = {name: _temporary(out_dir, name) for name in OUTPUT_NAMES}
+    files = pack_files(name)
+    temporary = {kind: _temporary(out_dir, files[kind]) for kind in ("rec", "idx", "property")}
+    bad_list = os.path.join(out_dir, files["bad"])
     bad: list[tuple[str, str]] = []
     start = time.time()
 
@@ -178,7 +188,7 @@ def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False,
                 yield from pool.map(try_encode, jobs, chunksize=64)
 
     try:
-        writer = recordio.MXIndexedRecordIO(temporary["train.idx"], temporary["train.rec"], "w")
+        writer = recordio.MXIndexedRecordIO(temporary["idx"], temporary["rec"], "w")
         first_key = 0 if plain else 1
         ranges: dict[int, list[int]] = {}
         key = first_key
@@ -193,20 +203,20 @@ def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False,
                 _progress(number + 1, len(jobs), len(bad), start)
         num_images = key - first_key
         if bad:
-            _write_text_atomic(os.path.join(out_dir, BAD_LIST), "".join(f"{p}\t{why}\n" for p, why in bad))
+            _write_text_atomic(bad_list, "".join(f"{p}\t{why}\n" for p, why in bad))
             named = "; ".join(f"{p} ({why})" for p, why in bad[:SHOWN])
             more = f", ... {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
             if on_error == "stop":
                 raise PackError(f"{len(bad)} of {len(jobs)} images unusable: {named}{more}; all listed in "
-                                f"{os.path.join(out_dir, BAD_LIST)}; no set written (no train.rec, train.idx, "
-                                f"property; --on-error skip packs the rest)")
+                                f"{bad_list}; no set written (no {files['rec']}, {files['idx']}, {files['property']}; "
+                                f"--on-error skip packs the rest)")
             emptied = sorted(set(range(num_classes)) - set(ranges))
             if emptied:
                 raise PackError(f"class {emptied[0]} has no usable image left ({len(emptied)} such classes), so the "
                                 f"class ids would not be 0..{num_classes - 1}; bad images listed in "
-                                f"{os.path.join(out_dir, BAD_LIST)}; no set written")
-        elif os.path.exists(os.path.join(out_dir, BAD_LIST)):
-            os.remove(os.path.join(out_dir, BAD_LIST))  # a previous run's list would now be wrong
+                                f"{bad_list}; no set written")
+        elif os.path.exists(bad_list):
+            os.remove(bad_list)  # a previous run's list would now be wrong
         if not plain:
             first_identity = key
             for label in range(num_classes):
@@ -218,15 +228,90 @@ def pack(paths: list[str], labels: list[int], out_dir: str, plain: bool = False,
         write_property(temporary["property"], num_classes, image_size)
         # train.rec goes first and comes back last: a crash in between leaves no train.rec (a clear "not
         # found"), never a new index next to an old record file.
-        if os.path.exists(os.path.join(out_dir, "train.rec")):
-            os.remove(os.path.join(out_dir, "train.rec"))
-        for name in ("train.idx", "property", "train.rec"):
-            os.replace(temporary[name], os.path.join(out_dir, name))
+        if os.path.exists(os.path.join(out_dir, files["rec"])):
+            os.remove(os.path.join(out_dir, files["rec"]))
+        for kind in ("idx", "property", "rec"):
+            os.replace(temporary[kind], os.path.join(out_dir, files[kind]))
     finally:
         for path in temporary.values():
             if os.path.exists(path):
                 os.remove(path)
     return num_images, num_classes, bad
+
+
+def shard_plan(labels: list[int], shards: int, split_identities: bool = False) -> list[np.ndarray]:
+    """Image indices of each of ``shards`` shards, about equal in images. Identities are never split: shard i
+    holds the classes [c_i, c_(i+1)) whole (cut where the image count is nearest i/shards of the total);
+    ``split_identities`` cuts the class-sorted images into equal runs instead."""
+    labels = np.asarray(labels, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")
+    if shards > len(labels):
+        raise PackError(f"--shards {shards}: more shards than the {len(labels)} images")
+    if split_identities:
+        return np.array_split(order, shards)
+    counts = np.bincount(labels)
+    if shards > len(counts):
+        raise PackError(f"--shards {shards}: more shards than the {len(counts)} identities (identities are never "
+                        f"split; --split-identities splits them)")
+    ends = np.cumsum(counts)
+    cuts = [0]
+    for i in range(1, shards):
+        target = len(labels) * i / shards
+        at = int(np.searchsorted(ends, target))  # the first class whose end reaches the target
+        cut = at + 1 if at < len(ends) and abs(ends[at] - target) < abs((ends[at - 1] if at else 0) - target) else at
+        cuts.append(min(max(cut, cuts[-1] + 1), len(counts) - (shards - i)))
+    cuts.append(len(counts))
+    starts = np.concatenate([[0], ends])
+    return [order[starts[a]:starts[b]] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _pack_shard(job: tuple) -> tuple[int, int, list[tuple[str, str]]]:
+    return pack(*job)
+
+
+def pack_shards(paths: list[str], labels: list[int], out_dir: str, shards: int, split_identities: bool = False,
+                plain: bool = False, image_size: tuple[int, int] = (112, 112), quality: int = 95, workers: int = 1,
+                on_error: str = "stop") -> list[tuple[int, int, list[tuple[str, str]]]]:
+    """``out_dir/train_<i>.rec/.idx/.property`` for i < ``shards``, written in parallel (a process per shard, at
+    most ``workers``), each an InsightFace pack with its own labels 0..C_i-1; read as a list (a folder of
+    shards), shard i's labels are offset by the classes before it, which gives back the original class ids.
+    Whole identities per shard: ``out_dir/property`` holds the total. ``split_identities``: an identity may
+    span two shards; ``out_dir/identity_map.csv`` (for ``rec_identity_map``) merges it again."""
+    from utils.data.datasets import write_property
+
+    plan = shard_plan(labels, shards, split_identities)
+    labels_array = np.asarray(labels, dtype=np.int64)
+    jobs, rows, offset = [], [], 0
+    for number, indices in enumerate(plan):
+        classes, local = np.unique(labels_array[indices], return_inverse=True)
+        jobs.append(([paths[i] for i in indices], local.tolist(), out_dir, plain, image_size, quality, 1, False,
+                     on_error, f"train_{number}"))
+        rows += [(offset + position, int(original)) for position, original in enumerate(classes)]
+        offset += len(classes)
+    results, failures = [None] * shards, []
+    with ProcessPoolExecutor(max_workers=max(1, min(shards, workers))) as pool:
+        futures = [pool.submit(_pack_shard, job) for job in jobs]
+        for number, future in enumerate(futures):
+            try:
+                results[number] = future.result()
+            except PackError as exc:
+                failures.append(f"shard train_{number}: {exc}")
+    if failures:  # no half list of shards: remove the ones written
+        for number in range(shards):
+            for kind in ("rec", "idx", "property"):
+                path = os.path.join(out_dir, pack_files(f"train_{number}")[kind])
+                if os.path.exists(path):
+                    os.remove(path)
+        raise PackError(f"{failures[0]}{f' (and {len(failures) - 1} more shards)' if len(failures) > 1 else ''}; "
+                        f"no shard kept")
+    if split_identities:
+        spans = np.bincount([original for _, original in rows])
+        merged = [(label, original) for label, original in rows if spans[original] > 1]
+        _write_text_atomic(os.path.join(out_dir, "identity_map.csv"), "source,label,global_id\n" + "".join(
+            f"{os.path.realpath(out_dir)},{label},{original}\n" for label, original in merged))
+    else:
+        write_property(os.path.join(out_dir, "property"), sum(r[1] for r in results), image_size)
+    return results
 
 
 def prepare_output(out_dir: str, force: bool) -> None:
@@ -235,6 +320,7 @@ def prepare_output(out_dir: str, force: bool) -> None:
 
     ensure_output_dir(out_dir, "OUT_DIR")
     existing = [n for n in OUTPUT_NAMES if os.path.exists(os.path.join(out_dir, n))]
+    existing += sorted(n for n in os.listdir(out_dir) if n.startswith("train_") and n.endswith((".rec", ".idx")))
     if existing and not force:
         raise PackError(f"{out_dir}: already holds {', '.join(existing)}; pass --force to overwrite")
 
@@ -255,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="unusable images: stop without writing a set (default) or pack without them; "
                              f"either way they are listed in OUT_DIR/{BAD_LIST}")
     parser.add_argument("--force", action="store_true", help="overwrite an existing set in out_dir")
+    parser.add_argument("--shards", type=int, default=0, help="write N shards train_0..train_<N-1> in parallel, "
+                                                              "identities whole (read them as rec=OUT_DIR)")
+    parser.add_argument("--split-identities", action="store_true", help="--shards: equal image counts, an "
+                        "identity may span two shards (OUT_DIR/identity_map.csv merges it: rec_identity_map)")
     args = parser.parse_args(argv)
     from utils.data.errors import DatasetError
 
@@ -266,6 +356,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise PackError(f"{args.source}: not found, expected an image folder or a list file")
         prepare_output(args.out_dir, args.force)
+        if args.shards:
+            results = pack_shards(paths, labels, args.out_dir, args.shards, args.split_identities, args.plain,
+                                  tuple(args.image_size), args.quality, args.workers, args.on_error)
+            for number, (images, classes, _) in enumerate(results):
+                print(f"wrote {os.path.join(args.out_dir, f'train_{number}.rec')}: num_images={images} "
+                      f"num_classes={classes}")
+            return 0
         num_images, num_classes, bad = pack(paths, labels, args.out_dir, args.plain, tuple(args.image_size),
                                             args.quality, args.workers, progress=True, on_error=args.on_error)
     except (PackError, DatasetError, recordio.RecordIOError, ValueError) as exc:

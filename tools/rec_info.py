@@ -4,6 +4,9 @@
     python tools/rec_info.py DIR --verify   # check every index entry and image; exit 1 listing bad records
     python tools/rec_info.py DIR --verify --json   # the same as one JSON object (for scripts)
     python tools/rec_info.py DIR --verify --workers 16   # in parallel (a full MS1M pack: minutes)
+    python tools/rec_info.py DIR1 DIR2 'wf/train_*.rec' [--identity-map map.csv] [--weights 1 2 1] [--verify]
+        # several sources (a list, a sharded pack, a glob): the table training starts with (source, kind,
+        # images, classes, label range, sampling share), the union's counts; --verify checks every RecordIO part
 
 --verify checks every .idx entry (offset inside train.rec, RecordIO magic there, every part's
 length inside the file), every image (decodes, and neither libjpeg's "Corrupt JPEG data" warnings
@@ -14,6 +17,7 @@ Exit status: 0 all good, 1 bad records (each printed as file, key, offset, reaso
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -109,13 +113,13 @@ def _check_chunk(idx_path: str, rec_path: str, keys: list[int], num_classes: int
     return bad, max_label
 
 
-def verify_pack(folder: str, workers: int = 1) -> dict:
-    """Check every record of ``folder``; returns counts, layout, ``file`` (its train.rec) and ``bad``:
-    [{key, offset, file, reason}]."""
+def verify_pack(folder: str, workers: int = 1, name: str = "train") -> dict:
+    """Check every record of ``folder`` (the pair ``name``.rec/.idx: a shard's name, e.g. train_3); returns
+    counts, layout, ``file`` (its .rec) and ``bad``: [{key, offset, file, reason}]."""
     from utils.data.datasets import read_property
     from utils.data.errors import DatasetError
 
-    idx_path, rec_path = os.path.join(folder, "train.idx"), os.path.join(folder, "train.rec")
+    idx_path, rec_path = os.path.join(folder, f"{name}.idx"), os.path.join(folder, f"{name}.rec")
     reader = recordio.MXIndexedRecordIO(idx_path, rec_path, "r")
     offset_of = reader.idx
     bad: list[dict] = []
@@ -134,7 +138,7 @@ def verify_pack(folder: str, workers: int = 1) -> dict:
 
     header0 = read_meta(0) if 0 in offset_of else None
     layout = "header" if header0 is not None and header0.flag > 0 and len(_read(reader, 0)[1]) == 0 else "plain"
-    prop = os.path.join(folder, "property")
+    prop = os.path.join(folder, "property" if name == "train" else f"{name}.property")
     prop_classes = None
     if os.path.isfile(prop):
         try:
@@ -218,16 +222,64 @@ def verify(dataset: Any) -> list[tuple[int, str]]:
     return [(entry["key"], entry["reason"]) for entry in verify_pack(dataset.root)["bad"]]
 
 
+def summarise_sources(entries: list[str], identity_map: str | None, weights: list[float] | None, verify: bool,
+                      as_json: bool, workers: int) -> int:
+    """Several sources: the start-up table of a training run over them, then (``verify``) every RecordIO part
+    checked; the exit status as for one pack."""
+    from utils.data.datasets import RecordDataset
+    from utils.data.sources import build_sources, source_table
+
+    dataset = build_sources(entries, (112, 112), True, identity_map, weights)
+    shares = dataset.source_weights or [s.num_images / dataset.num_image for s in dataset.sources]
+    summary: dict = {"num_images": dataset.num_image, "num_classes": dataset.num_classes, "sources": [
+        {**source.fingerprint(), "labels": [int(source.labels_map.min()), int(source.labels_map.max())],
+         "share": share} for source, share in zip(dataset.sources, shares)]}
+    if not as_json:
+        print("\n".join(source_table(dataset)))
+    bad: list[dict] = []
+    if verify:
+        for part in dataset.parts:
+            if isinstance(part, RecordDataset):
+                name = os.path.splitext(os.path.basename(part.rec_path))[0]
+                result = verify_pack(part.root, workers, name)
+                bad += result["bad"]
+                if not as_json:
+                    print(f"verify: {part.rec_path}: {len(result['bad'])} bad of {result['num_entries']} entries")
+        summary.update(bad=bad, ok=not bad)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        for entry in bad:
+            print(f"  {entry_line(entry)}")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="folder with train.rec and train.idx")
+    parser.add_argument("folder", nargs="+", help="folder with train.rec and train.idx; several: a list of sources")
     parser.add_argument("--verify", action="store_true", help="check every record; exit 1 listing bad ones")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--workers", type=int, default=1, help="processes for --verify (default 1)")
+    parser.add_argument("--identity-map", default=None, help="several sources: rec_identity_map CSV")
+    parser.add_argument("--weights", type=float, nargs="+", default=None, help="several sources: rec_weights")
     args = parser.parse_args(argv)
     from utils.data.datasets import RecordDataset
     from utils.data.errors import DatasetError
+    from utils.data.sources import expand_source
+
+    try:
+        first = args.folder[0]
+        several = (len(args.folder) > 1 or args.identity_map or args.weights or glob.has_magic(first)
+                   or (os.path.isfile(first) and first.endswith(".rec"))
+                   or (os.path.isdir(first) and expand_source(first)[0] == "shards"))
+        if several:
+            return summarise_sources(args.folder, args.identity_map, args.weights, args.verify, args.json,
+                                     args.workers)
+    except (DatasetError, recordio.RecordIOError) as exc:
+        print(f"rec_info: error: {exc}", file=sys.stderr)
+        return 2
+    args.folder = args.folder[0]
 
     summary: dict = {"folder": args.folder}
     try:

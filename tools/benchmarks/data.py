@@ -2,6 +2,7 @@
 
     python tools/benchmark.py data                      # on a generated 112x112 JPEG set
     python tools/benchmark.py data --rec /data/ms1m-retinaface-t1 --workers 1 2 4 8
+    python tools/benchmark.py data --shards 8      # + the same records as 8 shards read as a list, vs one pack
 
 Stages, each on the same records: raw ``read_idx``; a bare ``cv2.imdecode`` loop over bytes already
 in memory (the reference); read + unpack + decode + flip as one worker does (``dataset[i]``);
@@ -23,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="DataLoader batch (needs 2 batches of images)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts")
     parser.add_argument("--repeat", type=int, default=3, help="best of N passes for the single-process stages")
+    parser.add_argument("--shards", type=int, default=0, help="also time the same records split into N shards "
+                                                              "read as a list (rec = a folder of shards)")
 
 
 def _best_rate(function, count: int, repeat: int) -> float:
@@ -48,6 +51,53 @@ def check_arguments(args: argparse.Namespace) -> None:
                          f"one timed")
     if args.rec is not None and not os.path.isdir(args.rec):
         raise SystemExit(f"--rec {args.rec}: no such folder (expected a folder with train.rec and train.idx)")
+
+
+def write_shards(data, count: int, out_dir: str, shards: int) -> None:
+    """The first ``count`` records of ``data`` as ``shards`` plain packs ``out_dir/train_<i>`` with whole identities
+    (``tools/pack_rec.py``'s plan, labels made local to each shard): read as a list they are the same images and
+    classes. Image bytes are copied unchanged. A set with fewer identities than shards is cut into equal runs."""
+    import numpy as np
+
+    from tools.pack_rec import shard_plan
+    from utils.data import recordio
+    from utils.data.datasets import write_property
+
+    os.makedirs(out_dir, exist_ok=True)
+    records = [data.read_record(i)[:2] for i in range(count)]
+    labels = np.array([recordio.class_of(header) for header, _ in records], dtype=np.int64)
+    split = shards > len(np.unique(labels))  # a tiny generated set: fewer identities than shards
+    for number, indices in enumerate(shard_plan(labels.tolist(), shards, split_identities=split)):
+        indices = np.sort(indices)
+        classes, local = np.unique(labels[indices], return_inverse=True)
+        name = os.path.join(out_dir, f"train_{number}")
+        writer = recordio.MXIndexedRecordIO(f"{name}.idx", f"{name}.rec", "w")
+        for key, (index, label) in enumerate(zip(indices.tolist(), local.tolist())):
+            writer.write_idx(key, recordio.pack(recordio.IRHeader(0, float(label), key, 0), records[index][1]))
+        writer.close()
+        write_property(f"{name}.property", len(classes), data.image_size)
+
+
+def _loader_rate(root: str, workers: int, batch_size: int) -> float:
+    """Images/s of the training DataLoader over ``root`` (a pack or a folder of shards); the first batch untimed."""
+    from easydict import EasyDict
+
+    from dataset import get_dataloader
+
+    cfg = EasyDict(rec=root, num_classes=None, num_image=None, image_size=(112, 112), num_workers=workers,
+                   seed=0, batch_size=batch_size, skip_bad_records=True, dali=False)
+    loader = get_dataloader(cfg, 0, 1)
+    loader.sampler.set_epoch(0)
+    batches = iter(loader)
+    next(batches)  # start the workers and fill the prefetch queue outside the timing
+    time.sleep(0.5)
+    start = time.perf_counter()
+    seen = 0
+    for images, _ in batches:
+        seen += images.shape[0]
+    rate = seen / (time.perf_counter() - start)
+    del batches, loader
+    return rate
 
 
 def run(args: argparse.Namespace) -> None:
@@ -95,21 +145,19 @@ def run(args: argparse.Namespace) -> None:
         print(f"read+decode+flip per worker          {pipeline:10.0f} images/s  "
               f"({bare / pipeline:.2f}x the bare decode time)")
 
-        single = None
+        single, one_pack = None, {}
         for workers in args.workers:
-            cfg = EasyDict(rec=root, num_classes=None, num_image=None, image_size=(112, 112), num_workers=workers,
-                           seed=0, batch_size=args.batch_size, skip_bad_records=True, dali=False)
-            loader = get_dataloader(cfg, 0, 1)
-            loader.sampler.set_epoch(0)
-            batches = iter(loader)
-            next(batches)  # start the workers and fill the prefetch queue outside the timing
-            time.sleep(0.5)
-            start = time.perf_counter()
-            seen = 0
-            for images, _ in batches:
-                seen += images.shape[0]
-            rate = seen / (time.perf_counter() - start)
+            rate = one_pack[workers] = _loader_rate(root, workers, args.batch_size)
             single = single if single is not None else rate
             print(f"DataLoader batch {args.batch_size}, {workers} worker(s)   {rate:10.0f} images/s  "
                   f"(x{rate / single:.2f} of the first worker count)")
-            del batches, loader
+        if args.shards:
+            sharded = os.path.join(scratch, "shards")
+            write_shards(data, len(data), sharded, args.shards)
+            for workers in args.workers:  # alternating passes, best of each: a busy machine's noise is one-sided
+                pack_rate, rate = one_pack[workers], 0.0
+                for _ in range(args.repeat):
+                    rate = max(rate, _loader_rate(sharded, workers, args.batch_size))
+                    pack_rate = max(pack_rate, _loader_rate(root, workers, args.batch_size))
+                print(f"DataLoader batch {args.batch_size}, {workers} worker(s), {args.shards} shards  {rate:10.0f} "
+                      f"images/s  (x{rate / pack_rate:.2f} of one pack, best of {args.repeat} alternating passes)")

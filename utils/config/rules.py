@@ -30,7 +30,7 @@ def one_line(text: str, limit: int = 300) -> str:
 class Rule:
     """What one config key accepts: a kind plus an optional range, choices, length or item kind."""
 
-    kind: str                       # int | float | bool | str | seq | size (int or (h, w)) | limit (fraction or count)
+    kind: str                       # int | float | bool | str | seq | size (int or (h, w)) | limit (fraction or count) | sources (str or list of str)
     low: float | None = None
     high: float | None = None
     low_open: bool = False          # low < value (instead of low <= value)
@@ -59,6 +59,8 @@ _PATH = Rule("str", optional=True)
 # Keys whose default is None need a line here; other keys get their type from base.py's default and
 # are listed only for a range or a set of choices. Lines for keys that base.py lacks are ignored.
 RULES: dict[str, Rule] = {
+    "rec": Rule("sources"), "rec_weights": Rule("seq", 0, low_open=True, item="float", optional=True),
+    "rec_identity_map": _PATH,
     "output": _PATH, "init_backbone": _PATH, "val_data_dir": _PATH, "synthetic.cache_dir": _PATH,
     "wandb_entity": _PATH, "wandb_run_name": _PATH,
     "seed": _int(0), "device": _enum("auto", "cuda", "npu", "cpu"),
@@ -110,7 +112,7 @@ def ignored_keys_warning(keys: list[str] | tuple[str, ...], source: str = "") ->
 
 
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
-               "size": "an integer", "seq": "a list or tuple",
+               "size": "an integer", "seq": "a list or tuple", "sources": "a string or a non-empty list of strings",
                "limit": "a fraction of the data below 1 (e.g. 0.001) or a whole number of records (e.g. 10)"}
 _ITEM_WORDS = {"int": "integers", "float": "numbers", "str": "strings", "bool": "booleans"}
 
@@ -126,6 +128,9 @@ def _is_kind(kind: str, value: Any) -> bool:
         return _is_kind("float", value) and value >= 0 and (value < 1 or float(value).is_integer())
     if kind == "str":
         return isinstance(value, str)
+    if kind == "sources":
+        return isinstance(value, str) or (isinstance(value, (list, tuple)) and len(value) > 0
+                                          and all(isinstance(item, str) and item for item in value))
     return isinstance(value, (list, tuple))
 
 

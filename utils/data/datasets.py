@@ -127,18 +127,23 @@ class FaceDataset(Dataset):
 
 
 class RecordDataset(FaceDataset):
-    """``root/train.rec`` + ``root/train.idx`` in either InsightFace layout.
+    """``root/train.rec`` + ``root/train.idx`` in either InsightFace layout (``name`` picks another pair:
+    a shard ``root/train_3.rec`` + ``.idx``, whose property file is ``root/train_3.property``).
 
     header layout: key 0 is a header (flag > 0, no image bytes, labels [first_identity_key, end));
-    images are keys 1..label[0]-1. plain layout: every key in the .idx is an image.
+    images are keys 1..label[0]-1. plain layout: every key in the .idx is an image. ``strict_labels``:
+    a label outside 0..num_classes-1 is a DatasetError (the run stops) instead of a skipped bad record;
+    several sources use it, since a wrong label there lands on another source's identity.
     """
 
     def __init__(self, root: str, image_size: Any = (112, 112), flip: bool = True,
-                 skip_bad_records: bool = True) -> None:
+                 skip_bad_records: bool = True, name: str = "train", strict_labels: bool = False) -> None:
         super().__init__(image_size, flip, skip_bad_records)
         self.root = root
-        self.rec_path = os.path.join(root, "train.rec")
-        self.idx_path = os.path.join(root, "train.idx")
+        self.strict_labels = strict_labels
+        self.rec_path = os.path.join(root, f"{name}.rec")
+        self.idx_path = os.path.join(root, f"{name}.idx")
+        self.property_path = os.path.join(root, "property" if name == "train" else f"{name}.property")
         self.reader = recordio.MXIndexedRecordIO(self.idx_path, self.rec_path, "r")
         self.header0: tuple[int, int] | None = None
         if 0 in self.reader:
@@ -184,7 +189,7 @@ class RecordDataset(FaceDataset):
                 raise DatasetError(f"{self.idx_path}: {len(keys)} entries, {int(outside.sum())} of them outside the "
                                    f"keys 0..{end - 1} that header0 of {self.rec_path} describes (e.g. key "
                                    f"{int(keys[np.argmax(outside)])}): {hint}")
-            prop = os.path.join(self.root, "property")
+            prop = self.property_path
             if os.path.isfile(prop) and read_property(prop)[0] != self.num_classes:
                 raise DatasetError(f"{prop}: says {read_property(prop)[0]} classes, but header0 of {self.rec_path} "
                                    f"describes {self.num_classes}: the files come from different packs")
@@ -197,7 +202,7 @@ class RecordDataset(FaceDataset):
                                f"in {self.rec_path} (no RecordIO magic there): {hint}")
 
     def _plain_num_classes(self) -> int:
-        prop = os.path.join(self.root, "property")
+        prop = self.property_path
         if os.path.isfile(prop):
             return read_property(prop)[0]
         logger.info("%s has no property file: scanning %d record headers for the class count",
@@ -234,8 +239,9 @@ class RecordDataset(FaceDataset):
         where = f"{self.rec_path}: key {key}"
         label = recordio.class_of(header)
         if not 0 <= label < self.num_classes:
-            raise BadRecordError(f"{where}: label {label} out of range, expected 0 <= label < "
-                                 f"num_classes={self.num_classes}")
+            error = DatasetError if self.strict_labels else BadRecordError
+            raise error(f"{where}: label {label} out of range, expected 0 <= label < num_classes={self.num_classes} "
+                        f"(its property file or header0 declares {self.num_classes} classes)")
         return _decode(img, where, self.image_size), label
 
 

@@ -312,6 +312,13 @@ class MXIndexedRecordIO(MXRecordIO):
             self._pid = os.getpid()
         return self._fd
 
+    def release_descriptor(self) -> None:
+        """Close this process's read descriptor, if open; the next read opens it again. Several sources
+        open each shard only in the processes that read it, not all of them in the trainer."""
+        if self.flag != "w" and self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+            self._fd = None
+
     def close(self) -> None:
         """Close both files; a writer flushes the index."""
         if self.flag == "w":

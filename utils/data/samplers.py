@@ -69,13 +69,15 @@ class ResumableDistributedSampler(Sampler[int]):
             return (self.num_samples - self.consumed) // self.world_size
         return self.epoch_shape().samples_per_rank
 
-    def _indices(self) -> torch.Tensor:
+    def epoch_order(self) -> torch.Tensor:
+        """This epoch's global sample order: a function of (seed, epoch) alone, so any world size continues it."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator)
-        else:
-            order = torch.arange(self.num_samples)
-        rest = order[self.consumed:]
+            return torch.randperm(self.num_samples, generator=generator)
+        return torch.arange(self.num_samples)
+
+    def _indices(self) -> torch.Tensor:
+        rest = self.epoch_order()[self.consumed:]
         return rest[self.rank::self.world_size][:self._per_rank()]
 
     def __iter__(self) -> Iterator[int]:
@@ -101,6 +103,44 @@ class ResumableDistributedSampler(Sampler[int]):
                            "so the epoch continues in the same order", state["seed"], self.seed)
         self.epoch, self.seed, self.consumed = int(state["epoch"]), int(state["seed"]), int(state["consumed"])
         self._resume_epoch = self.epoch
+
+
+class WeightedSourceSampler(ResumableDistributedSampler):
+    """``rec_weights``: an epoch of ``num_samples`` samples (the union's size) of which source i gives its
+    weight's share (largest-remainder rounding, so the quotas add up exactly).
+
+    Source i's samples come from an endless stream of its own shuffles (cycle c seeded by (seed, i, c)); epoch
+    e takes positions [e*q_i, (e+1)*q_i) of it, so a down-weighted source still shows every image over the
+    epochs and an up-weighted one repeats whole shuffles. The quotas are then shuffled together with (seed,
+    epoch): the order is a function of (seed, epoch) alone, and the position (``consumed``, in global
+    samples) continues on any world size, as for the plain shuffle.
+    """
+
+    def __init__(self, source_starts: Any, weights: list[float], rank: int, world_size: int, seed: int,
+                 batch_size: int | None = None, accumulation: int = 1) -> None:
+        starts = np.asarray(source_starts, dtype=np.int64)
+        super().__init__(int(starts[-1]), rank, world_size, seed, batch_size=batch_size, accumulation=accumulation)
+        self.starts, self.sizes = starts[:-1], np.diff(starts)
+        exact = np.asarray(weights, dtype=np.float64) / float(np.sum(weights)) * self.num_samples
+        quotas = np.floor(exact).astype(np.int64)
+        for extra in np.argsort(-(exact - quotas), kind="stable")[:self.num_samples - int(quotas.sum())]:
+            quotas[extra] += 1
+        self.quotas = quotas
+
+    def _source_samples(self, source: int) -> np.ndarray:
+        size, quota = int(self.sizes[source]), int(self.quotas[source])
+        first, last = self.epoch * quota, (self.epoch + 1) * quota  # positions in the source's stream
+        cycles = [np.random.default_rng([self.seed, source, cycle, 0x5753]).permutation(size)
+                  for cycle in range(first // size, -(-last // size))]
+        stream = np.concatenate(cycles) if cycles else np.zeros(0, np.int64)
+        offset = (first // size) * size
+        return self.starts[source] + stream[first - offset:last - offset]
+
+    def epoch_order(self) -> torch.Tensor:
+        """The quotas of every source, shuffled together with (seed, epoch)."""
+        chosen = np.concatenate([self._source_samples(i) for i in range(len(self.sizes))])
+        order = np.random.default_rng([self.seed, self.epoch, 0x5745]).permutation(len(chosen))
+        return torch.from_numpy(chosen[order])
 
 
 # ---------------------------------------------------------------- P x K identity sampler (triplet loss)
@@ -236,10 +276,16 @@ SAMPLERS = ("random", "pk")
 def build_sampler(cfg: Any, dataset: Any, rank: int, world_size: int) -> ResumableDistributedSampler:
     """The sampler ``cfg.sampler`` names: "random" (seeded shuffle) or "pk" (P identities x K images)."""
     kind = cfg.get("sampler", "random")
+    weights = getattr(dataset, "source_weights", None)
     if kind == "random":
-        return ResumableDistributedSampler(len(dataset), rank, world_size, cfg.seed, batch_size=int(cfg.batch_size),
-                                           accumulation=int(cfg.get("gradient_acc", 1)))
+        steps = dict(batch_size=int(cfg.batch_size), accumulation=int(cfg.get("gradient_acc", 1)))
+        if weights is not None:
+            return WeightedSourceSampler(dataset.source_starts, weights, rank, world_size, cfg.seed, **steps)
+        return ResumableDistributedSampler(len(dataset), rank, world_size, cfg.seed, **steps)
     if kind == "pk":
+        if weights is not None:
+            raise DatasetError("config keys 'rec_weights' and 'sampler'='pk': the pk sampler draws identities "
+                               "uniformly over the union; drop rec_weights (or use sampler='random')")
         sampler = PKSampler(dataset_labels(dataset), cfg.get("images_per_identity", 0), int(cfg.batch_size), rank,
                             world_size, int(cfg.seed))
         sampler.accumulation = int(cfg.get("gradient_acc", 1))

@@ -203,6 +203,61 @@ def restore_rng(state: dict, ctx: devices.DeviceContext) -> None:
                        "random draws on the device differ from an uninterrupted run", why)
 
 
+def _source_words(entry: dict) -> str:
+    return f"{entry.get('source', entry.get('path'))} ({entry['num_images']} images, {entry['num_classes']} classes)"
+
+
+def as_source_list(fingerprint: dict) -> list | None:
+    """A data fingerprint's ``sources``; a one-source fingerprint as a list of its one entry (None if empty)."""
+    if "sources" in fingerprint or "source" not in fingerprint:
+        return fingerprint.get("sources")
+    return [{"source": fingerprint["source"], "path": fingerprint["source"], "parts": 1,
+             **{k: fingerprint[k] for k in ("num_images", "num_classes", "index_sha256") if k in fingerprint}}]
+
+
+def source_list_changes(saved: list | None, current: list | None) -> list[str]:
+    """What differs between two runs' source lists (DataInfo.fingerprint's ``sources``), in words: sources
+    added, removed, reordered, with other counts, another index, another sampling share, another identity
+    map. An old checkpoint without the list compares by the totals alone (empty here)."""
+    if saved is None or current is None:
+        return []
+
+    def split(entries: list) -> tuple[list[dict], str]:
+        maps = [e["identity_map"] for e in entries if "identity_map" in e]
+        return [e for e in entries if "identity_map" not in e], maps[0] if maps else ""
+    (old, old_map), (new, new_map) = split(saved), split(current)
+    same = ("num_images", "num_classes", "index_sha256")
+    for entry in new:  # a source that only moved (same counts and index) is the same source: logged, no change
+        if entry["path"] not in {e["path"] for e in old}:
+            twin = [e for e in old if all(e.get(k) == entry.get(k) for k in same)
+                    and e["path"] not in {n["path"] for n in new}]
+            if twin:
+                logger.info("source %s moved: %s -> %s (same images, classes and index)", entry.get("source"),
+                            twin[0]["path"], entry["path"])
+                old = [dict(e, path=entry["path"]) if e is twin[0] else e for e in old]
+    old_by, new_by = {e["path"]: e for e in old}, {e["path"]: e for e in new}
+    changes = [f"source removed: {_source_words(e)}" for e in old if e["path"] not in new_by]
+    changes += [f"source added: {_source_words(e)}" for e in new if e["path"] not in old_by]
+    kept_old = [e["path"] for e in old if e["path"] in new_by]
+    if kept_old != [e["path"] for e in new if e["path"] in old_by]:
+        changes.append("sources reordered (label offsets move)")
+    for path in kept_old:
+        before, after = old_by[path], new_by[path]
+        name = after.get("source", path)
+        for key, word in (("num_images", "images"), ("num_classes", "classes"), ("parts", "shards")):
+            if key in before and before[key] != after.get(key):
+                changes.append(f"source {name}: {word} {before[key]} -> {after.get(key)}")
+        if before.get("index_sha256") != after.get("index_sha256") and before.get("num_images") == after.get(
+                "num_images"):
+            changes.append(f"source {name}: index hash {str(before.get('index_sha256'))[:12]} -> "
+                           f"{str(after.get('index_sha256'))[:12]}")
+        if "share" in before and "share" in after and abs(float(before["share"]) - float(after.get("share", -1))) > 1e-6:
+            changes.append(f"source {name}: sampling share {before['share']:.4f} -> {after.get('share', 0):.4f}")
+    if old_map != new_map:
+        changes.append(f"identity map {old_map[:12] or 'none'} -> {new_map[:12] or 'none'}")
+    return changes
+
+
 def check_resume_data(path: str, state: dict, data: dict, changed_ok: bool = False) -> None:
     """Refuse to resume ``state`` on other data than it was trained on, in one line saying what changed
     (image and class counts, the index's hash; a folder that only moved is logged), unless ``changed_ok``
@@ -212,7 +267,10 @@ def check_resume_data(path: str, state: dict, data: dict, changed_ok: bool = Fal
     changes = [f"{word} {saved[key]} -> {data[key]}" for key, word in (("num_images", "images"),
                                                                        ("num_classes", "classes"))
                if key in saved and int(saved[key]) != int(data[key])]
-    if saved.get("index_sha256") and saved["index_sha256"] != data["index_sha256"]:
+    several = "sources" in saved or "sources" in data
+    source_changes = source_list_changes(as_source_list(saved), as_source_list(data)) if several else []
+    changes += source_changes
+    if saved.get("index_sha256") and saved["index_sha256"] != data["index_sha256"] and not source_changes:
         changes.append(f"index hash {saved['index_sha256'][:12]} -> {data['index_sha256'][:12]}"
                        f"{'' if changes else ' with the same image and class counts'}")
     moved = "source" in saved and str(saved["source"]) != str(data["source"])

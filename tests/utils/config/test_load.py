@@ -262,3 +262,15 @@ def test_an_arcface_torch_base_config_loads_with_one_warning_for_its_w_and_b_key
     # A typo of one of them is still a typo.
     with pytest.raises(ConfigError, match=r"unknown config key 'wandb_kee'"):
         load_config(write_config(tmp_path, "config.wandb_kee = 'x'\n"))
+
+
+def test_rec_takes_a_folder_or_a_list_and_rec_weights_positive_numbers(tmp_path):
+    cfg = load_config(write_config(tmp_path, "config.rec = ['/a', '/b/train_*.rec']\n"),
+                      ["rec_weights=[1, 2.5]", "rec_identity_map='/m.csv'"])
+    assert list(cfg.rec) == ["/a", "/b/train_*.rec"] and list(cfg.rec_weights) == [1, 2.5]
+    for overrides, message in ((["rec=[]"], "config key 'rec': expected a string or a non-empty list of strings"),
+                               (["rec=['/a', 3]"], "config key 'rec'"),
+                               (["rec_weights=[1, 0]"], "config key 'rec_weights': expected a list or tuple of "
+                                                        "numbers > 0 or None")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            load_config(write_config(tmp_path, ""), overrides)
