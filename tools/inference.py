@@ -46,30 +46,25 @@ def read_face(path: str, image_size: tuple[int, int] = (112, 112)) -> torch.Tens
 
 
 def read_detected_face(path: str, image_size: tuple[int, int], detector, margin: int = 0) -> torch.Tensor:
-    """uint8 RGB [1, 3, H, W] of the largest face MTCNN finds in a raw photo, prepared by the model's convention:
-    a square input whose side is a multiple of 112 or 128 is aligned onto the ArcFace template (5 landmarks);
-    any other size (160 for facenet models) is the box plus ``margin`` output pixels, as facenet-pytorch crops."""
-    import cv2
-
-    from utils.faces.align import norm_crop
+    """uint8 RGB [1, 3, H, W] of the largest face MTCNN finds in a raw photo, prepared by the model's convention
+    (utils/faces/prepare.py): a square input whose side is a multiple of 112 or 128 is aligned onto the ArcFace
+    template (5 landmarks); any other size (160 for facenet models) is the box plus ``margin`` output pixels."""
+    from utils.faces.align import AlignmentError
+    from utils.faces.prepare import decode_photo, model_face
 
     if not os.path.isfile(path):
         raise InferenceError(f"{path}: image not found")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
+    with open(path, "rb") as handle:
+        rgb = decode_photo(handle.read())
+    if rgb is None:
         raise InferenceError(f"{path}: not a readable image")
-    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     boxes, _, landmarks = detector.detect(rgb)
     if len(boxes) == 0:
         raise InferenceError(f"{path}: MTCNN found no face (faces from {detector.min_face_size:g} px are searched)")
-    height, width = image_size
-    if height == width and (height % 112 == 0 or height % 128 == 0):
-        face = norm_crop(rgb, landmarks[0], height)
-    elif height == width:
-        face = detector.crop(rgb, boxes[0], height, margin)
-    else:
-        raise InferenceError(f"--detect: the model takes {height}x{width} images; only square inputs can be cut "
-                             f"from a detected face")
+    try:
+        face = model_face(rgb, boxes[0], landmarks[0], image_size, detector, margin)
+    except AlignmentError as exc:
+        raise InferenceError(f"--detect: {exc}") from None
     return torch.from_numpy(np.ascontiguousarray(face.transpose(2, 0, 1)))[None]
 
 
