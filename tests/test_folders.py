@@ -231,3 +231,43 @@ def test_bad_folders_and_options_are_one_line_errors(crops_setup, tmp_path, caps
     (empty / "someone").mkdir(parents=True)
     assert folders.main([str(empty), "--model", model, "--out", str(tmp_path / "o")]) == 2
     assert "no photos found" in capsys.readouterr().err
+
+
+def test_inference_takes_the_threshold_measured_on_the_folder(crops_setup, tmp_path, capsys):
+    from tools import inference
+
+    base, root, model = crops_setup
+    out = tmp_path / "measured"
+    assert folders.main([str(root), "--model", str(base / "model.pt"), "--out", str(out), "--crops", "--no-plot"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())["models"]["model.pt"]["one_to_one"]
+    row = next(row for row in report["tar_at_far"] if row["far"] == 1e-2)
+    first, second = str(root / "person00" / "0.jpg"), str(root / "person01" / "0.jpg")
+    common = ["--model", str(base / "model.pt"), "--img", first, "--img2", second]
+    assert inference.main(common + ["--threshold-from", str(out / "report.json"), "--far", "1e-2"]) == 0
+    printed = capsys.readouterr().out
+    # the report was made with flip on: the pair is scored the same way, without --flip being asked for
+    features = [inference.embed(model, inference.read_face(path), torch.device("cpu"), flip=True)
+                for path in (first, second)]
+    similarity = inference.cosine(*features)
+    assert f"cosine similarity: {similarity:.5f}" in printed
+    verdict = "same person" if similarity >= row["threshold"] else "different people"
+    assert f"verdict at threshold {row['threshold']:.5f} (measured on your people at FAR 0.01): {verdict}" in printed
+    assert f"FAR reached {row['far_reached']:.2e}" in printed and "flip on as in the report" in printed
+
+    other = tmp_path / "other.pt"
+    torch.manual_seed(5)
+    torch.save(get_model("tiny", num_features=24).state_dict(), other)
+    cases = [(common + ["--threshold-from", str(out / "report.json"), "--far", "1e-6"], "--far 1e-06: not measured"),
+             (common + ["--threshold-from", str(out / "report.json"), "--far", "3e-2"], "has thresholds at FAR 0.1, "),
+             (common + ["--threshold-from", str(out / "report.json")], "--threshold-from needs --far"),
+             (common + ["--far", "1e-2"], "--far is only for --threshold-from"),
+             (common + ["--threshold", "0.5", "--threshold-from", str(out / "report.json"), "--far", "1e-2"],
+              "give one of them"),
+             (["--model", str(other), "--img", first, "--img2", second, "--threshold-from", str(out / "report.json"),
+               "--far", "1e-2"], "measured for model.pt, not for"),
+             (common + ["--threshold-from", str(out / "pairs.csv"), "--far", "1e-2"], "not a report.json")]
+    for argv, message in cases:
+        assert inference.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err

@@ -12,7 +12,13 @@ resized, as arcface_torch's inference.py does. The size and pixel normalisation 
 (``backbones.input_spec``). ``--model`` may also be an .onnx file from tools/torch2onnx.py.
 ``--network`` and ``--embedding-size`` default to what the file says (utils.weights.load.load_backbone_file).
 The verdict compares the cosine similarity of the L2-normalised embeddings with ``--threshold``;
-pick the threshold on your own validation pairs (0.3 is a common starting point for ArcFace models).
+pick the threshold on your own validation pairs (0.3 is a common starting point for ArcFace models), or
+take the one ``python -m eval.folders`` measured on your own people at a FAR:
+
+    python tools/inference.py --model model.pt --img a.jpg --img2 b.jpg --detect --threshold-from DIR/report.json --far 1e-4
+
+The threshold is then the report's for this model file (matched by its SHA-256), the flip setting the
+report's, and the verdict says where the threshold comes from.
 """
 from __future__ import annotations
 
@@ -77,6 +83,43 @@ def embed(model, image: torch.Tensor, device: torch.device, flip: bool = False) 
     return feature.double().numpy()
 
 
+def threshold_from_report(path: str, far: float, model_path: str) -> tuple[float, dict, str]:
+    """(threshold, the report's settings, description) measured by eval.folders at ``far`` for the model file
+    ``model_path``."""
+    import json
+
+    from eval.folder_faces import file_sha256
+
+    try:
+        with open(path) as handle:
+            report = json.load(handle)
+        models, settings = report["models"], dict(report["settings"])
+        settings["flip"], settings["crops"] = bool(settings["flip"]), bool(settings["crops"])
+    except OSError as exc:
+        raise InferenceError(f"--threshold-from {path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError):
+        raise InferenceError(f"--threshold-from {path}: not a report.json of python -m eval.folders") from None
+    sha = file_sha256(model_path)
+    matching = [label for label, model in models.items() if model.get("sha256") == sha]
+    if not matching:
+        raise InferenceError(f"--threshold-from {path}: measured for {', '.join(sorted(models))}, not for "
+                             f"{model_path} (another file: its threshold would not apply; run eval.folders with it)")
+    label = matching[0]
+    rows = {float(row["far"]): row for row in models[label]["one_to_one"]["tar_at_far"]}
+    row = next((value for key, value in rows.items() if abs(key - far) <= 1e-9 * far), None)
+    if row is None:
+        raise InferenceError(f"--far {far:g}: {path} has thresholds at FAR "
+                             f"{', '.join(f'{key:g}' for key in sorted(rows, reverse=True))}")
+    impostors = models[label]["one_to_one"]["impostor_pairs"]
+    if not row["measurable"] or row["threshold"] is None:
+        raise InferenceError(f"--far {far:g}: not measured in {path} ({impostors} impostor pairs measure FAR down to "
+                             f"{1 / impostors:.1e}); pick a larger --far or evaluate more people")
+    description = (f"measured by eval.folders on your photos ({path}, {label}): at FAR {far:g} it accepted "
+                   f"{100 * row['tar']:.2f}% of genuine pairs, FAR reached {row['far_reached']:.2e} over {impostors} "
+                   f"impostor pairs")
+    return float(row["threshold"]), settings, description
+
+
 def cosine(first: np.ndarray, second: np.ndarray) -> float:
     """Cosine similarity of two embeddings."""
     return float(np.dot(first, second) / (np.linalg.norm(first) * np.linalg.norm(second)))
@@ -91,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedding-size", type=int, default=None, help="default: read from the file")
     parser.add_argument("--img", required=True, help="aligned face image")
     parser.add_argument("--img2", default=None, help="second image: print cosine similarity and verdict")
-    parser.add_argument("--threshold", type=float, default=0.3, help="cosine threshold for 'same person'")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="cosine threshold for 'same person' (default 0.3)")
+    parser.add_argument("--threshold-from", default=None, metavar="REPORT_JSON",
+                        help="take the threshold eval.folders measured on your people (with --far)")
+    parser.add_argument("--far", type=float, default=None, help="with --threshold-from: the FAR whose threshold to use")
     parser.add_argument("--flip", action="store_true", help="add the mirror image's embedding (flip test)")
     parser.add_argument("--save", default=None, help="save the (first) embedding to this .npy file")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | npu | auto")
@@ -103,6 +150,27 @@ def main(argv: list[str] | None = None) -> int:
     from eval.verification import load_model
     from utils.devices import device as devices
     try:
+        source = ""
+        if args.threshold_from is not None:
+            if args.threshold is not None:
+                raise InferenceError("--threshold and --threshold-from: give one of them")
+            if args.far is None or not 0 < args.far < 1:
+                raise InferenceError(f"--threshold-from needs --far, a false accept rate in (0, 1) such as 1e-4, "
+                                     f"got {args.far}")
+            if not args.img2:
+                raise InferenceError("--threshold-from: a threshold needs two images (--img2)")
+            if not os.path.isfile(args.model):
+                raise InferenceError(f"{args.model}: model file not found")
+            args.threshold, settings, source = threshold_from_report(args.threshold_from, args.far, args.model)
+            if settings["flip"] != args.flip:
+                args.flip = settings["flip"]  # the score must be computed as the threshold's scores were
+                source += f"; flip {'on' if args.flip else 'off'} as in the report"
+            if not settings["crops"] and not args.detect:
+                source += "; note: it was measured on detected faces of raw photos (add --detect for raw photos)"
+        elif args.far is not None:
+            raise InferenceError("--far is only for --threshold-from REPORT_JSON")
+        if args.threshold is None:
+            args.threshold = 0.3
         if not -1.0 <= args.threshold <= 1.0:
             raise InferenceError(f"--threshold must be a cosine similarity in [-1, 1], got {args.threshold}")
         if args.save:
@@ -138,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     similarity = cosine(first, features[1])
     verdict = "same person" if similarity >= args.threshold else "different people"
     print(f"cosine similarity: {similarity:.5f}")
-    print(f"verdict at threshold {args.threshold:g}: {verdict}")
+    if source:
+        print(f"verdict at threshold {args.threshold:.5f} (measured on your people at FAR {args.far:g}): {verdict}")
+        print(f"threshold {source}")
+    else:
+        print(f"verdict at threshold {args.threshold:g}: {verdict}")
     return 0
 
 
