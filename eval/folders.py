@@ -172,8 +172,24 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def draw_pictures(out: str, report: dict, curves: dict) -> list[str]:
-    """The PNG pictures (none, with a one-line hint, when matplotlib is missing)."""
-    return []
+    """roc.png (a curve per model), scores_<model>.png (histograms, thresholds marked), cmc.png: the file
+    names written in ``out`` (none, with a one-line hint, when matplotlib is missing)."""
+    from eval.plots import marked_thresholds, plot_cmc, plot_histograms, plot_roc, pyplot
+    from eval.roc import roc_curve
+
+    if pyplot() is None:
+        return []
+    rocs = {label: roc_curve(data["scores"], data["genuine"]) for label, data in curves.items()}
+    written = [plot_roc(os.path.join(out, "roc.png"), {label: (roc.far, roc.tar) for label, roc in rocs.items()},
+                        f"ROC on {os.path.basename(os.path.normpath(report['root']))}")]
+    for index, (label, data) in enumerate(curves.items()):
+        name = "scores.png" if len(curves) == 1 else f"scores_{index}.png"
+        written.append(plot_histograms(os.path.join(out, name), data["scores"], data["genuine"],
+                                       marked_thresholds(report["models"][label]["one_to_one"]), f"scores: {label}"))
+    cmcs = {label: data["cmc"] for label, data in curves.items() if data["cmc"]}
+    if cmcs:
+        written.append(plot_cmc(os.path.join(out, "cmc.png"), cmcs, "CMC (closed-set identification)"))
+    return [os.path.basename(path) for path in written if path]
 
 
 def build_parser() -> argparse.ArgumentParser:

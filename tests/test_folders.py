@@ -271,3 +271,58 @@ def test_inference_takes_the_threshold_measured_on_the_folder(crops_setup, tmp_p
         assert inference.main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_pictures_one_roc_curve_per_model_histograms_and_cmc(crops_setup, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from eval import plots
+
+    base, root, _ = crops_setup
+    other = tmp_path / "other.pt"
+    torch.manual_seed(7)
+    torch.save(get_model("tiny", num_features=24).state_dict(), other)
+    drawn = {}
+    real_plot_roc = plots.plot_roc
+
+    def spy(path, curves, title="ROC"):
+        drawn[os.path.basename(path)] = sorted(curves)
+        return real_plot_roc(path, curves, title)
+
+    monkeypatch.setattr(plots, "plot_roc", spy)
+    out = tmp_path / "two"
+    assert folders.main([str(root), "--model", str(base / "model.pt"), "--model", str(other), "--out", str(out),
+                         "--crops"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["models"]) == ["model.pt", "other.pt"]
+    assert report["pictures"] == ["roc.png", "scores_0.png", "scores_1.png", "cmc.png"]
+    assert drawn == {"roc.png": ["model.pt", "other.pt"]}
+    for name in report["pictures"]:
+        image = cv2.imread(str(out / name))
+        assert image is not None and image.shape[0] > 300 and image.shape[1] > 400
+    assert "![roc](roc.png)" in (out / "report.md").read_text()
+
+
+def test_without_matplotlib_the_numbers_are_written_and_one_line_says_how_to_install_it(crops_setup, tmp_path,
+                                                                                          monkeypatch, caplog):
+    import builtins
+
+    from eval import plots
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(plots, "_HINTED", [])
+    base, root, _ = crops_setup
+    out = tmp_path / "plain"
+    with caplog.at_level("WARNING"):
+        assert folders.main([str(root), "--model", str(base / "model.pt"), "--out", str(out), "--crops"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pictures"] == [] and report["models"]["model.pt"]["one_to_one"]["genuine_pairs"] == 60
+    assert not list(out.glob("*.png"))
+    hints = [record.getMessage() for record in caplog.records if "matplotlib" in record.getMessage()]
+    assert hints == [plots.INSTALL_HINT] and "pip install matplotlib" in hints[0]
