@@ -17,20 +17,45 @@ FPIRS = (1e-3, 1e-2, 1e-1)
 FOLDS = 10
 
 
+ENUMERATE_PAIRS = 20_000_000  # up to this many pairs in all, impostor samples are drawn from the full list
+
+
+def _impostor_sample(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` distinct impostor pairs (i < j) drawn uniformly without listing every pair (a large folder)."""
+    n = len(labels)
+    codes = np.zeros(0, np.int64)
+    while len(codes) < count:
+        first, second = rng.integers(n, size=(2, 2 * (count - len(codes)) + 16))
+        keep = labels[first] != labels[second]
+        low, high = np.minimum(first, second)[keep], np.maximum(first, second)[keep]
+        codes = np.concatenate([codes, low.astype(np.int64) * n + high])
+        _, first_seen = np.unique(codes, return_index=True)
+        codes = codes[np.sort(first_seen)]  # distinct, in the order drawn (seeded, so repeatable)
+    codes = np.sort(codes[:count])
+    return np.stack([codes // n, codes % n], 1)
+
+
 def make_pairs(labels: np.ndarray, max_impostors: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(pairs [P, 2] of row indices, genuine [P] bool): every same-identity pair, every other pair or a seeded
     sample of ``max_impostors`` of them, shuffled with ``seed`` (contiguous folds then hold both kinds)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    first, second = np.triu_indices(len(labels), k=1)
-    same = labels[first] == labels[second]
-    genuine = np.stack([first[same], second[same]], 1)
-    num_impostors = int((~same).sum())
-    if max_impostors is None or max_impostors >= num_impostors:
-        impostors = np.stack([first[~same], second[~same]], 1)
+    parts = [np.zeros((0, 2), np.int64)]
+    for label in np.unique(labels):
+        rows = np.nonzero(labels == label)[0]
+        first, second = np.triu_indices(len(rows), k=1)
+        parts.append(np.stack([rows[first], rows[second]], 1))
+    genuine = np.concatenate(parts)
+    num_pairs = len(labels) * (len(labels) - 1) // 2
+    num_impostors = num_pairs - len(genuine)
+    if max_impostors is not None and max_impostors < num_impostors and num_pairs > ENUMERATE_PAIRS:
+        impostors = _impostor_sample(labels, max_impostors, rng)
     else:
-        chosen = np.sort(rng.choice(num_impostors, size=max_impostors, replace=False))
-        impostors = np.stack([first[~same][chosen], second[~same][chosen]], 1)
+        first, second = np.triu_indices(len(labels), k=1)
+        different = labels[first] != labels[second]
+        impostors = np.stack([first[different], second[different]], 1)
+        if max_impostors is not None and max_impostors < num_impostors:
+            impostors = impostors[np.sort(rng.choice(num_impostors, size=max_impostors, replace=False))]
     pairs = np.concatenate([genuine, impostors]).astype(np.int64).reshape(-1, 2)
     is_genuine = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostors), bool)]
     order = rng.permutation(len(pairs))

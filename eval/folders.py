@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="write no pictures")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/cache)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | npu | auto")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | npu (one process)")
     return parser
 
 
@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        from utils.devices import device as devices
+        devices.teardown()
     for warning in report["warnings"] + [f"{label}: {text}" for label, model in report["models"].items()
                                          for text in model["warnings"]]:
         print(f"warning: {warning}", file=sys.stderr)

@@ -326,3 +326,16 @@ def test_without_matplotlib_the_numbers_are_written_and_one_line_says_how_to_ins
     assert not list(out.glob("*.png"))
     hints = [record.getMessage() for record in caplog.records if "matplotlib" in record.getMessage()]
     assert hints == [plots.INSTALL_HINT] and "pip install matplotlib" in hints[0]
+
+
+def test_a_large_folder_samples_impostors_without_listing_every_pair(monkeypatch):
+    from eval import folder_protocol
+
+    monkeypatch.setattr(folder_protocol, "ENUMERATE_PAIRS", 10)  # take the large-folder path on a small list
+    labels = np.repeat(np.arange(30), 3)  # 90 photos: 90 genuine pairs, 3915 impostor pairs
+    pairs, genuine = make_pairs(labels, 500, seed=1)
+    assert genuine.sum() == 90 and (~genuine).sum() == 500
+    assert np.all(pairs[:, 0] < pairs[:, 1]) and len({tuple(p) for p in pairs.tolist()}) == 590
+    assert np.all((labels[pairs[:, 0]] == labels[pairs[:, 1]]) == genuine)
+    np.testing.assert_array_equal(make_pairs(labels, 500, seed=1)[0], pairs)
+    assert not np.array_equal(make_pairs(labels, 500, seed=2)[0], pairs)
