@@ -15,6 +15,12 @@ from eval.roc import one_to_one
 from utils.data.synthetic import identity_photos
 
 
+def run_folders(argv: list[str]) -> int:
+    """``python -m eval.folders`` in-process, on the CPU (on a GPU machine too: the numbers are compared with CPU
+    references)."""
+    return folders.main(list(argv) + ["--device", "cpu"])
+
+
 def write_crops(root, identities: int, photos: int, seed: int = 0, unseen: bool = False, first: int = 0):
     for identity in range(first, first + identities):
         folder = root / f"person{identity:02d}"
@@ -99,7 +105,7 @@ def test_crops_report_matches_a_bin_from_the_same_pairs_and_the_second_run_embed
     base, root, model = crops_setup
     out = base / "report"
     common = [str(root), "--model", str(base / "model.pt"), "--out", str(out), "--crops", "--no-plot"]
-    assert folders.main(common) == 0
+    assert run_folders(common) == 0
     captured = capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
     result = report["models"]["model.pt"]
@@ -139,7 +145,7 @@ def test_crops_report_matches_a_bin_from_the_same_pairs_and_the_second_run_embed
     assert np.mean(accepted[same]) == pytest.approx(first["tar"]) and np.mean(accepted[~same]) <= 0.1 + 1e-12
 
     # Second run: every embedding from the cache, same numbers.
-    assert folders.main(common + ["--gallery", "2"]) == 0
+    assert run_folders(common + ["--gallery", "2"]) == 0
     again = json.loads((out / "report.json").read_text())["models"]["model.pt"]
     assert again["embedded_now"] == 0 and again["from_cache"] == 31
     assert again["one_to_one"] == one and again["one_to_n"]["gallery_per_identity"] == 2
@@ -149,7 +155,7 @@ def test_unknown_people_give_the_open_set_figures(crops_setup, tmp_path):
     base, root, _ = crops_setup
     strangers = tmp_path / "strangers"
     write_crops(strangers, 3, 4, unseen=True)
-    assert folders.main([str(root), "--model", str(base / "model.pt"), "--out", str(tmp_path / "o"), "--crops",
+    assert run_folders([str(root), "--model", str(base / "model.pt"), "--out", str(tmp_path / "o"), "--crops",
                          "--no-plot", "--unknown", str(strangers), "--max-impostors", "50"]) == 0
     result = json.loads((tmp_path / "o" / "report.json").read_text())["models"]["model.pt"]
     assert result["one_to_one"]["impostor_pairs"] == 50 and result["one_to_one"]["genuine_pairs"] == 60
@@ -176,7 +182,7 @@ def test_raw_photos_are_detected_and_aligned_as_inference_does(tmp_path, facenet
     torch.save(model.state_dict(), tmp_path / "model.pt")
     out = tmp_path / "out"
     args = [str(root), "--model", str(tmp_path / "model.pt"), "--out", str(out), "--no-plot"]
-    assert folders.main(args) == 0
+    assert run_folders(args) == 0
     result = json.loads((out / "report.json").read_text())["models"]["model.pt"]
     assert result["face_preparation"] == "arcface-112" and result["embedded_now"] == 5
     assert (out / "faceless.txt").read_text() == "carol/blank.png\tno_face\ncarol/broken.jpg\tunreadable\n"
@@ -191,7 +197,7 @@ def test_raw_photos_are_detected_and_aligned_as_inference_does(tmp_path, facenet
     np.testing.assert_allclose(cached, expected, rtol=1e-4, atol=1e-4)
     # a second run needs neither the detector nor the model's forward pass
     monkeypatch.setattr("utils.faces.mtcnn.MTCNN.__init__", lambda *a, **k: pytest.fail("MTCNN loaded"))
-    assert folders.main(args) == 0
+    assert run_folders(args) == 0
     again = json.loads((out / "report.json").read_text())["models"]["model.pt"]
     assert again["embedded_now"] == 0 and again["from_cache"] == 5
     assert again["one_to_one"] == result["one_to_one"]
@@ -224,12 +230,12 @@ def test_bad_folders_and_options_are_one_line_errors(crops_setup, tmp_path, caps
              ([str(root), "--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"), "--crops"],
               "missing.pt: model file not found")]
     for argv, message in cases:
-        assert folders.main(argv) == 2
+        assert run_folders(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     empty = tmp_path / "empty"
     (empty / "someone").mkdir(parents=True)
-    assert folders.main([str(empty), "--model", model, "--out", str(tmp_path / "o")]) == 2
+    assert run_folders([str(empty), "--model", model, "--out", str(tmp_path / "o")]) == 2
     assert "no photos found" in capsys.readouterr().err
 
 
@@ -238,7 +244,7 @@ def test_inference_takes_the_threshold_measured_on_the_folder(crops_setup, tmp_p
 
     base, root, model = crops_setup
     out = tmp_path / "measured"
-    assert folders.main([str(root), "--model", str(base / "model.pt"), "--out", str(out), "--crops", "--no-plot"]) == 0
+    assert run_folders([str(root), "--model", str(base / "model.pt"), "--out", str(out), "--crops", "--no-plot"]) == 0
     capsys.readouterr()
     report = json.loads((out / "report.json").read_text())["models"]["model.pt"]["one_to_one"]
     row = next(row for row in report["tar_at_far"] if row["far"] == 1e-2)
@@ -290,7 +296,7 @@ def test_pictures_one_roc_curve_per_model_histograms_and_cmc(crops_setup, tmp_pa
 
     monkeypatch.setattr(plots, "plot_roc", spy)
     out = tmp_path / "two"
-    assert folders.main([str(root), "--model", str(base / "model.pt"), "--model", str(other), "--out", str(out),
+    assert run_folders([str(root), "--model", str(base / "model.pt"), "--model", str(other), "--out", str(out),
                          "--crops"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert sorted(report["models"]) == ["model.pt", "other.pt"]
@@ -320,7 +326,7 @@ def test_without_matplotlib_the_numbers_are_written_and_one_line_says_how_to_ins
     base, root, _ = crops_setup
     out = tmp_path / "plain"
     with caplog.at_level("WARNING"):
-        assert folders.main([str(root), "--model", str(base / "model.pt"), "--out", str(out), "--crops"]) == 0
+        assert run_folders([str(root), "--model", str(base / "model.pt"), "--out", str(out), "--crops"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["pictures"] == [] and report["models"]["model.pt"]["one_to_one"]["genuine_pairs"] == 60
     assert not list(out.glob("*.png"))
