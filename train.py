@@ -41,7 +41,7 @@ from utils.run.resume_review import review_resume
 from utils.run.saving import CheckpointSaver
 from utils.run.state import TrainingError, all_ranks_min, prepare_output, restore_checkpoint, unseen_on_some_rank
 from utils.run.steps import count_nonfinite, fetch_step
-from utils.run.summary import log_progress, log_run_header, log_scalars, open_summary_writers, print_summary
+from utils.run.summary import log_progress, log_run_header, log_verification, open_summary_writers, print_summary
 from utils.run.failures import failure_line
 from utils.run.stop import StopRequest, WorkerDeaths
 from utils.run.watchdog import StepWatch, process_group_timeout_s
@@ -259,7 +259,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         saver.save(step, epoch, sampler.consumed if sampler.epoch == epoch else 0, bad_record_count(loader))
 
     if verification is not None and cfg.verify_at_start and step == 0:
-        log_scalars(writer, wandb_run, verification(0, backbone, ctx.device), 0)
+        log_verification(writer, wandb_run, verification, verification(0, backbone, ctx.device), 0)
 
     # ---- the loop: one iteration = one optimizer step of `accumulation` micro-batches. Ranks agree before an
     # epoch's first step; each step fetches the next step's batches before its optimizer step, whose one
@@ -303,7 +303,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
                 continue  # the epoch's last step: its end is counted and saved as in an uninterrupted run
             if verification is not None and cfg.verbose > 0 and step % cfg.verbose == 0 and step < plan.last_step:
                 results = verification(step, backbone, ctx.device)
-                log_scalars(writer, wandb_run, results, plan.samples_seen(epoch, sampler))
+                log_verification(writer, wandb_run, verification, results, plan.samples_seen(epoch, sampler))
             # not on the epoch's last step: the save after the loop below holds the later state (epoch + 1)
             if cfg.save_every_steps and step % cfg.save_every_steps == 0 and index < steps_to_run - 1:
                 checkpoint()
@@ -322,7 +322,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         return results
     if verification is not None:
         results = verification(step, backbone, ctx.device)
-        log_scalars(writer, wandb_run, results, plan.samples_seen(epoch, sampler))
+        log_verification(writer, wandb_run, verification, results, plan.samples_seen(epoch, sampler))
     if deaths.failure:  # after the last batch was delivered: nothing is missing from the result
         logger.warning("%s after the last batch it was needed for; the run's outputs are complete", deaths.failure)
     skipped = bad_record_count(loader)

@@ -126,7 +126,8 @@ def evaluate_ijb(model, image_path: str, target: str, device: torch.device, prot
         with open(os.path.join(result_dir, f"{target.lower()}_result.json"), "w") as handle:
             json.dump(_jsonable(report), handle, indent=2)
         if plot:
-            _plot_roc(labels, scores, name, os.path.join(result_dir, f"{target.lower()}_roc.png"))
+            from eval.plots import pair_pictures
+            pair_pictures(result_dir, target.lower(), scores, np.asarray(labels).astype(bool), name)
     return report
 
 
@@ -136,28 +137,6 @@ def _jsonable(value):
     if isinstance(value, IdentificationResult):
         return _jsonable(value.__dict__)
     return value
-
-
-def _plot_roc(labels: np.ndarray, scores: np.ndarray, name: str, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed; skipping the ROC plot %s", path)
-        return
-    from sklearn.metrics import roc_curve
-    fpr, tpr, _ = roc_curve(labels, scores)
-    figure = plt.figure()
-    plt.plot(fpr, tpr, label=name)
-    plt.xscale("log")
-    plt.xlim(1e-6, 1)
-    plt.xlabel("False Positive Rate")
-    plt.ylabel("True Positive Rate")
-    plt.grid(linestyle="--", linewidth=1)
-    plt.legend(loc="lower right")
-    figure.savefig(path)
-    plt.close(figure)
 
 
 def format_report(report: dict, name: str) -> str:
@@ -193,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-norm-score", action="store_true", help="L2-normalise each face (norm not a quality)")
     parser.add_argument("--no-detector-score", action="store_true", help="ignore the faceness scores")
     parser.add_argument("--identification", action="store_true", help="also run 1:N with the G1/G2/probe CSVs")
-    parser.add_argument("--plot", action="store_true", help="save a ROC plot (needs matplotlib)")
+    parser.add_argument("--plot", action="store_true",
+                        help="save <target>_roc.png and <target>_scores.png in --result-dir (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

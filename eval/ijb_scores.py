@@ -6,7 +6,7 @@ summed over the template's media and L2-normalised; a pair's score is the cosine
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -107,6 +107,7 @@ class IdentificationResult:
     tpir: dict[float, float]
     num_mated: int
     num_nonmated: int
+    cmc: list[float] = field(default_factory=list)  # hit rate at rank 1, 2, ... (up to 20 or the subjects)
 
 
 def identification(template_feats: np.ndarray, unique_templates: np.ndarray, gallery_templates: np.ndarray,
@@ -149,4 +150,5 @@ def identification(template_feats: np.ndarray, unique_templates: np.ndarray, gal
         threshold = nonmated_top[allowed]
         hits = (mated_ranks <= 1) & (true_scores[mated] > threshold)
         tpir[fpir] = float(np.mean(hits))
-    return IdentificationResult(rank1, rank5, tpir, int(mated.sum()), int((~mated).sum()))
+    cmc = [float(np.mean(mated_ranks <= rank)) for rank in range(1, min(20, len(subjects)) + 1)]
+    return IdentificationResult(rank1, rank5, tpir, int(mated.sum()), int((~mated).sum()), cmc)

@@ -13,7 +13,7 @@ the per-threshold loop while a 6,000-pair set takes milliseconds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -192,6 +192,8 @@ class VerificationResult:
     xnorm: float
     plain: PairMetrics     # embeddings of the images only
     flip: PairMetrics      # embedding(image) + embedding(flipped image)
+    # cosine similarity of each pair's flip-summed embeddings (1 - d/2 of the distances above): for pictures
+    pair_scores: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, float]:
         """Flat float dict (for logs, TensorBoard and JSON)."""
@@ -210,4 +212,5 @@ def verification_metrics(embeddings: np.ndarray, flipped_embeddings: np.ndarray,
     xnorm = float(np.mean(norms))
     plain = evaluate(embeddings, issame, num_folds)
     flip = evaluate(embeddings + flipped_embeddings, issame, num_folds)
-    return VerificationResult(xnorm, plain, flip)
+    scores = 1.0 - pair_distances(l2_normalize(embeddings + flipped_embeddings)) / 2.0
+    return VerificationResult(xnorm, plain, flip, scores)

@@ -289,6 +289,8 @@ class VerificationCallback:
             raise VerificationError(f"val_batch_size must be a positive integer, got {batch_size}")
         self.targets = [VerificationTarget(name, target_path(data_dir, name), tuple(image_size)) for name in targets]
         self.highest = {target.name: 0.0 for target in self.targets}
+        # rank 0: the last evaluation's pair scores (cosine) and genuine flags per target, for TensorBoard
+        self.score_histograms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         rank = get_rank()
         if rank == 0:
             for target in self.targets:
@@ -306,6 +308,7 @@ class VerificationCallback:
                     result = target.evaluate(backbone, device, self.batch_size)
                     self.highest[target.name] = max(self.highest[target.name], result.flip.accuracy)
                     if rank == 0:
+                        self.score_histograms[target.name] = (result.pair_scores, target.issame)
                         for line in format_lines(target.name, result, step, flip_only=True):
                             logger.info(line)
                         logger.info("[%s][%d]Accuracy-Highest: %1.5f", target.name, step, self.highest[target.name])
@@ -370,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode size (default: the model's input size, e.g. 160 160 for inception_resnet_v1)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--plot", nargs="?", const="verification_plots", default=None, metavar="DIR",
+                        help="write <target>_roc.png and <target>_scores.png into DIR (default verification_plots; "
+                             "needs matplotlib)")
     return parser
 
 
@@ -396,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
             result = target.evaluate(model, ctx.device, args.batch_size, show_progress=not args.no_progress)
             if ctx.is_main:
                 print("\n".join(format_lines(name, result)), flush=True)
+                if args.plot:
+                    from eval.plots import pair_pictures
+                    for path in pair_pictures(args.plot, name, result.pair_scores, target.issame, name):
+                        print(f"picture: {path}", flush=True)
             rows.append((name, len(target.issame), result))
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -106,8 +106,8 @@ def test_facenet_mode_resumes_and_redoes_only_what_is_missing(raw_dir, tmp_path,
     with open(journal, "w") as handle:
         handle.writelines(lines[:cut] + lines[cut + 1:] + [lines[cut][:20]])
     seen = []
-    original = detect_faces.process_photo
-    monkeypatch.setattr(detect_faces, "process_photo", lambda relative: seen.append(relative) or original(relative))
+    original = detect_faces.process_photos
+    monkeypatch.setattr(detect_faces, "process_photos", lambda relatives: seen.extend(relatives) or original(relatives))
     again = detect_faces.detect_folder(raw_dir, out, "facenet", margin=32)
     assert sorted(seen) == ["bob/b1.jpg", "carol/c1.jpg"]
     assert (again["processed"], again["resumed"], again["faces"]) == (2, 5, 5)
@@ -143,7 +143,7 @@ def test_split_layout_with_two_processes_packs_the_train_split(tmp_path, facenet
     ("under_a_file", "OUT_DIR: cannot create {out}: {blocker} is a file, not a folder"),
     ("inside_raw", "OUT_DIR {out} is inside RAW_DIR {raw}: its faces would be read as photos"),
     ("loose_photo", "{raw}/loose.jpg: photo outside an identity folder (expected RAW_DIR/<identity>/<photo> or "
-                    "RAW_DIR/<split>/<identity>/<photo>)"),
+                    "RAW_DIR/<split>/<identity>/<photo>; --flat takes loose photos as one identity each)"),
     ("arcface_margin", "--margin 10: only for --mode facenet (arcface aligns to the template)"),
     ("bad_size", "--image-size 100: image_size 100 is not a multiple of 112 or 128 (the ArcFace template)"),
 ])
@@ -202,3 +202,73 @@ def test_an_unwritable_output_is_a_one_line_error(raw_dir, tmp_path, capsys, mon
     assert detect_faces.main([raw_dir, str(out), "--mode", "arcface"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error == f"detect_faces: error: {out}/alice/a1.jpg: cannot write the face (Permission denied)"
+
+
+# ------------------------------------------------------------------------------------------- folder scale
+
+
+def test_a_flat_folder_webp_and_files_that_do_not_decode_are_all_accounted_for(tmp_path, facenet_fixtures, capsys):
+    flat = tmp_path / "flat"
+    write_photo(facenet_fixtures, str(flat / "ann.jpg"), ("angelina_jolie", 0.5))
+    write_photo(facenet_fixtures, str(flat / "paul.webp"), ("paul_rudd", 0.5))
+    write_photo(facenet_fixtures, str(flat / "empty.png"), ("blank", 0.5))
+    (flat / "notes.txt").write_text("not a photo")
+    (flat / "scan.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    out = tmp_path / "out"
+    assert detect_faces.main([str(flat), str(out), "--mode", "arcface", "--pack", "--batch", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "5 photos (0 finished before): 2 faces written" in printed and "1 without a face, 2 unreadable" in printed
+    assert "packed 2 faces of 2 identities" in printed  # a flat folder: one identity per photo
+    assert (out / "failed.txt").read_text() == "empty.png\tno_face\nnotes.txt\tunreadable\nscan.heic\tunreadable\n"
+    assert cv2.imread(str(out / "paul.webp")).shape == (112, 112, 3) and (out / "ann.jpg").is_file()
+
+    # loose photos beside identity folders: refused naming --flat; with --flat each is an identity of its own
+    mixed = tmp_path / "mixed"
+    write_photo(facenet_fixtures, str(mixed / "kate" / "1.jpg"), ("kate_siegel", 0.5))
+    write_photo(facenet_fixtures, str(mixed / "kate" / "2.jpg"), ("kate_siegel", 0.4))
+    write_photo(facenet_fixtures, str(mixed / "shea.jpg"), ("shea_whigham", 0.5))
+    assert detect_faces.main([str(mixed), str(tmp_path / "m1"), "--mode", "arcface"]) == 2
+    assert "--flat takes loose photos" in capsys.readouterr().err
+    assert detect_faces.main([str(mixed), str(tmp_path / "m2"), "--mode", "arcface", "--flat", "--pack"]) == 0
+    assert "packed 3 faces of 2 identities" in capsys.readouterr().out
+
+
+def test_ctrl_c_stops_the_workers_with_one_line_and_the_next_run_resumes(tmp_path, facenet_fixtures):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    raw = tmp_path / "raw"
+    for index in range(40):
+        write_photo(facenet_fixtures, str(raw / f"p{index:02d}" / "1.jpg"), ("multiface", 0.9 + index / 400))
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "tools/detect_faces.py", str(raw), str(out), "--mode", "arcface",
+                                "--workers", "2", "--batch", "2"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    journal = out / detect_faces.JOURNAL
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if journal.is_file() and len(journal.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    # the start line, the progress line, then one line for the stop: no worker writes anything
+    lines = [line.split("\r")[-1] for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 3 and lines[0].endswith("40 to process with 2 worker(s)") and "/40 photos (" in lines[1], stderr
+    assert lines[2].startswith("detect_faces: interrupted after ") and lines[2].endswith("resumes from there")
+    finished = len(journal.read_text().splitlines())
+    assert 2 <= finished < 40
+    summary = detect_faces.detect_folder(str(raw), str(out), "arcface", workers=2, batch=4)
+    assert summary["resumed"] == finished and summary["processed"] == 40 - finished and summary["faces"] == 40

@@ -285,6 +285,12 @@ def test_cli_reads_network_from_a_training_checkpoint(tmp_path, insightface_fixt
     common = ["--image-path", image_path, "--target", "IJBC", "--device", "cpu", "--no-progress"]
     assert ijb.main(["--model", checkpoint, "--result-dir", str(tmp_path / "a"), *common]) == 0  # no --network
     assert ijb.main(["--model", str(tmp_path / "model.pt"), "--network", "tiny", "--embedding-size", "24",
-                     "--result-dir", str(tmp_path / "b"), *common]) == 0
+                     "--result-dir", str(tmp_path / "b"), "--plot", *common]) == 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the numbers are written all the same; the pictures need the optional matplotlib
+        assert not list((tmp_path / "b").glob("*.png"))
+    else:  # --plot: the same ROC and score histogram pictures as eval.verification and eval.folders
+        assert sorted(path.name for path in (tmp_path / "b").glob("*.png")) == ["ijbc_roc.png", "ijbc_scores.png"]
     from_config = np.load(tmp_path / "a" / "ijbc_scores.npy")
     assert from_config.shape == (6,) and np.array_equal(from_config, np.load(tmp_path / "b" / "ijbc_scores.npy"))

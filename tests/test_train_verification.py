@@ -58,3 +58,30 @@ def test_printed_verification_is_that_of_the_saved_model(tmp_path, identity_cach
     assert printed(log, STEPS) == (xnorm, accuracy)
     summary = re.search(rf"{TARGET}/accuracy_flip\s+(\S+)", launched.stdout)
     assert summary and summary.group(1) == accuracy.split("+-")[0], launched.stdout[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_tensorboard_gets_the_verification_score_histograms(tmp_path, identity_cache):
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from eval.verification import read_bin
+
+    config = write_config(tmp_path, "histograms", identity_cache, val_targets=[TARGET], verbose=2, max_steps=4,
+                          tensorboard=True, keep_checkpoints=0)
+    output = tmp_path / "out_histograms"
+    launched = run_to_end(train_args(config), tmp_path)
+    assert launched.proc.returncode == 0, launched.output[-3000:]
+    log = training_log(output)
+    _, issame = read_bin(re.search(rf"verification target {TARGET}: \d+ pairs from (\S+)", log).group(1))
+    events = EventAccumulator(str(output / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    scalar_steps = [event.step for event in events.Scalars(f"{TARGET}/accuracy_flip")]
+    for kind, count in (("genuine", int(issame.sum())), ("impostor", int((~issame).sum()))):
+        histograms = events.Histograms(f"{TARGET}/scores_{kind}")
+        # one histogram per verification (steps 2 and 4), at the scalars' x-axis, holding every pair's cosine
+        assert [event.step for event in histograms] == scalar_steps and len(scalar_steps) == 2
+        for event in histograms:
+            assert event.histogram_value.num == count
+            assert -1.0 <= event.histogram_value.min <= event.histogram_value.max <= 1.0 + 1e-6
+    assert np.isfinite(events.Histograms(f"{TARGET}/scores_genuine")[-1].histogram_value.sum)

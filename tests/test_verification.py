@@ -438,3 +438,37 @@ def test_the_training_callback_warns_once_per_small_target(tmp_path, insightface
         VerificationCallback(["enough", "short"], str(tmp_path))
     assert [record.getMessage().split(":")[0] for record in caplog.records] == [str(tmp_path / "short.bin")]
     assert caplog.records[0].getMessage().startswith(f"{tmp_path / 'short.bin'}: only 399 pairs, about 39 per fold")
+
+
+def test_plot_draws_the_roc_and_the_score_histogram_of_the_pairs(tmp_path, insightface_fixtures, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import cv2
+
+    from backbones import get_model
+    from eval import plots
+    from eval.verification import main
+    torch.manual_seed(0)
+    model = get_model("tiny", num_features=24).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    seen = {}
+    real = plots.plot_histograms
+
+    def spy(path, scores, genuine, thresholds, title="scores"):
+        seen.update(scores=np.asarray(scores), genuine=np.asarray(genuine), thresholds=thresholds)
+        return real(path, scores, genuine, thresholds, title)
+
+    monkeypatch.setattr(plots, "plot_histograms", spy)
+    assert main(["--model", str(tmp_path / "model.pt"), "--data-dir", insightface_fixtures, "--targets", "pairs_py2",
+                 "--device", "cpu", "--no-progress", "--plot", str(tmp_path / "pictures")]) == 0
+    out = capsys.readouterr().out
+    for name in ("pairs_py2_roc.png", "pairs_py2_scores.png"):
+        assert f"picture: {tmp_path / 'pictures' / name}" in out
+        assert cv2.imread(str(tmp_path / "pictures" / name)) is not None
+    images, issame = load_bin(os.path.join(insightface_fixtures, "pairs_py2.bin"))
+    with torch.no_grad():
+        x = ((images.float() / 255) - 0.5) / 0.5
+        features = (model(x) + model(torch.flip(x, dims=[3]))).double().numpy()
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    np.testing.assert_allclose(seen["scores"], np.sum(features[0::2] * features[1::2], 1), atol=1e-6)
+    np.testing.assert_array_equal(seen["genuine"], issame)
+    assert "EER" in seen["thresholds"]

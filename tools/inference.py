@@ -18,6 +18,13 @@ Every answer says what it used: the weights file, the network (and whether it wa
 the file), the embedding and input size, and per image the detected face (box, probability, how many
 faces, which one was taken) or the whole frame. Warnings (stderr) for the demo's ``tiny`` network, for
 weights that look untrained (``untrained_reasons``) and for whole photos of another size than the crop.
+
+Instead of ``--threshold``, take the one ``python -m eval.folders`` measured on your own people at a FAR:
+
+    python tools/inference.py --model model.pt --img a.jpg --img2 b.jpg --detect --threshold-from DIR/report.json --far 1e-4
+
+The threshold is then the report's for this model file (matched by its SHA-256), the flip setting the
+report's, and the verdict says where the threshold comes from.
 """
 from __future__ import annotations
 
@@ -81,25 +88,29 @@ def read_face(path: str, image_size: tuple[int, int] = (112, 112)) -> torch.Tens
 
 def detect_face(path: str, image_size: tuple[int, int], detector, margin: int = 0) -> tuple[torch.Tensor, str]:
     """(uint8 RGB [1, 3, H, W] of the largest face MTCNN finds in a raw photo, what was found and taken in
-    words), prepared by the model's convention: a square input whose side is a multiple of 112 or 128 is
-    aligned onto the ArcFace template (5 landmarks); any other size (160 for facenet models) is the box
-    plus ``margin`` output pixels, as facenet-pytorch crops."""
-    import cv2
+    words), prepared by the model's convention (utils/faces/prepare.py): a square input whose side is a
+    multiple of 112 or 128 is aligned onto the ArcFace template (5 landmarks); any other size (160 for
+    facenet models) is the box plus ``margin`` output pixels, as facenet-pytorch crops."""
+    from utils.faces.align import AlignmentError
+    from utils.faces.prepare import convention, decode_photo, model_face
 
-    from utils.faces.align import norm_crop
-
-    rgb = cv2.cvtColor(_read_bgr(path), cv2.COLOR_BGR2RGB)
+    if not os.path.isfile(path):
+        raise InferenceError(f"{path}: image not found")
+    with open(path, "rb") as handle:
+        rgb = decode_photo(handle.read())
+    if rgb is None:
+        raise InferenceError(f"{path}: not a readable image")
     boxes, probs, landmarks = detector.detect(rgb)
     if len(boxes) == 0:
         raise InferenceError(f"{path}: MTCNN found no face (faces from {detector.min_face_size:g} px are searched)")
+    try:
+        face = model_face(rgb, boxes[0], landmarks[0], image_size, detector, margin)
+        name = convention(image_size, margin)
+    except AlignmentError as exc:
+        raise InferenceError(f"--detect: {exc}") from None
     height, width = image_size
-    if height == width and (height % 112 == 0 or height % 128 == 0):
-        face, how = norm_crop(rgb, landmarks[0], height), f"aligned onto the ArcFace template at {height}x{width}"
-    elif height == width:
-        face, how = detector.crop(rgb, boxes[0], height, margin), f"box + margin {margin} cut at {height}x{width}"
-    else:
-        raise InferenceError(f"--detect: the model takes {height}x{width} images; only square inputs can be cut "
-                             f"from a detected face")
+    how = (f"aligned onto the ArcFace template at {height}x{width}" if name.startswith("arcface") else
+           f"box + margin {margin} cut at {height}x{width}")
     box = ", ".join(f"{value:.0f}" for value in boxes[0])
     found = f"{len(boxes)} faces found, took the largest" if len(boxes) > 1 else "1 face found"
     return _as_tensor(face), f"detected face: {found}: box [{box}], probability {float(probs[0]):.4f}, {how}"
@@ -117,6 +128,43 @@ def embed(model, image: torch.Tensor, device: torch.device, flip: bool = False) 
     plain, mirrored = embed_images(model, image, device, batch_size=1, flip=flip)
     feature = plain[0] + mirrored[0] if flip else plain[0]
     return feature.double().numpy()
+
+
+def threshold_from_report(path: str, far: float, model_path: str) -> tuple[float, dict, str]:
+    """(threshold, the report's settings, description) measured by eval.folders at ``far`` for the model file
+    ``model_path``."""
+    import json
+
+    from eval.folder_faces import file_sha256
+
+    try:
+        with open(path) as handle:
+            report = json.load(handle)
+        models, settings = report["models"], dict(report["settings"])
+        settings["flip"], settings["crops"] = bool(settings["flip"]), bool(settings["crops"])
+    except OSError as exc:
+        raise InferenceError(f"--threshold-from {path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError):
+        raise InferenceError(f"--threshold-from {path}: not a report.json of python -m eval.folders") from None
+    sha = file_sha256(model_path)
+    matching = [label for label, model in models.items() if model.get("sha256") == sha]
+    if not matching:
+        raise InferenceError(f"--threshold-from {path}: measured for {', '.join(sorted(models))}, not for "
+                             f"{model_path} (another file: its threshold would not apply; run eval.folders with it)")
+    label = matching[0]
+    rows = {float(row["far"]): row for row in models[label]["one_to_one"]["tar_at_far"]}
+    row = next((value for key, value in rows.items() if abs(key - far) <= 1e-9 * far), None)
+    if row is None:
+        raise InferenceError(f"--far {far:g}: {path} has thresholds at FAR "
+                             f"{', '.join(f'{key:g}' for key in sorted(rows, reverse=True))}")
+    impostors = models[label]["one_to_one"]["impostor_pairs"]
+    if not row["measurable"] or row["threshold"] is None:
+        raise InferenceError(f"--far {far:g}: not measured in {path} ({impostors} impostor pairs measure FAR down to "
+                             f"{1 / impostors:.1e}); pick a larger --far or evaluate more people")
+    description = (f"measured by eval.folders on your photos ({path}, {label}): at FAR {far:g} it accepted "
+                   f"{100 * row['tar']:.2f}% of genuine pairs, FAR reached {row['far_reached']:.2e} over {impostors} "
+                   f"impostor pairs")
+    return float(row["threshold"]), settings, description
 
 
 def cosine(first: np.ndarray, second: np.ndarray) -> float:
@@ -177,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=None,
                         help=f"cosine threshold for 'same person' (default {DEFAULT_THRESHOLD}: a common starting "
                              f"point for ArcFace models, not fitted to this one)")
+    parser.add_argument("--threshold-from", default=None, metavar="REPORT_JSON",
+                        help="take the threshold eval.folders measured on your people (with --far)")
+    parser.add_argument("--far", type=float, default=None, help="with --threshold-from: the FAR whose threshold to use")
     parser.add_argument("--flip", action="store_true", help="add the mirror image's embedding (flip test)")
     parser.add_argument("--save", default=None, help="save the (first) embedding to this .npy file")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | npu | auto")
@@ -221,14 +272,32 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from utils.devices import device as devices
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    measured = ""  # where a --threshold-from threshold comes from
     try:
         if not -1.0 <= threshold <= 1.0:
             raise InferenceError(f"--threshold must be a cosine similarity in [-1, 1], got {threshold}")
+        if args.threshold_from is not None:
+            if args.threshold is not None:
+                raise InferenceError("--threshold and --threshold-from: give one of them")
+            if args.far is None or not 0 < args.far < 1:
+                raise InferenceError(f"--threshold-from needs --far, a false accept rate in (0, 1) such as 1e-4, "
+                                     f"got {args.far}")
+            if not args.img2:
+                raise InferenceError("--threshold-from: a threshold needs two images (--img2)")
+        elif args.far is not None:
+            raise InferenceError("--far is only for --threshold-from REPORT_JSON")
         if args.save:
             from utils.config.paths import ensure_output_file
             ensure_output_file(args.save, "--save")  # checked before the model loads
         device = devices.setup(args.device).device
-        model, state, model_line = load_for_inference(args, device)
+        model, state, model_line = load_for_inference(args, device)  # resolves a registered name in args.model
+        if args.threshold_from is not None:
+            threshold, settings, measured = threshold_from_report(args.threshold_from, args.far, args.model)
+            if settings["flip"] != args.flip:
+                args.flip = settings["flip"]  # the score must be computed as the threshold's scores were
+                measured += f"; flip {'on' if args.flip else 'off'} as in the report"
+            if not settings["crops"] and not args.detect:
+                measured += "; note: it was measured on detected faces of raw photos (add --detect for raw photos)"
         from backbones.common import input_spec
         size = input_spec(model).image_size  # crops are read at the size the model takes
         paths = [args.img] + ([args.img2] if args.img2 else [])
@@ -279,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
               "the default of --threshold, a common starting point for ArcFace models, not fitted to this model: "
               "fit one on your own pairs (python -m eval.verification)")
     print(f"cosine similarity: {similarity:.5f}")
-    print(f"verdict at threshold {threshold:g} ({source}): {verdict}")
+    if measured:
+        print(f"verdict at threshold {threshold:.5f} (measured on your people at FAR {args.far:g}): {verdict}")
+        print(f"threshold {measured}")
+    else:
+        print(f"verdict at threshold {threshold:g} ({source}): {verdict}")
     return 0
 
 

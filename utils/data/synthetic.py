@@ -173,6 +173,13 @@ def _identity_jpegs(seed: int, stream: int, identity: int, sample_stream: int, s
             for s in samples]
 
 
+def identity_photos(seed: int, identity: int, count: int, size: int = 112, unseen: bool = False) -> list[bytes]:
+    """``count`` JPEG photos (aligned-crop style, ``size`` px) of one generated identity; ``unseen`` draws from
+    the identity stream the training set never uses (people a model was not trained on)."""
+    return _identity_jpegs(seed, _UNSEEN if unseen else _TRAIN, identity, _SAMPLE_HELDOUT, list(range(count)),
+                           _image_size(size))
+
+
 def _pairs(seed: int, stream: int, identities: int, num_pairs: int, size: int, pool: ThreadPoolExecutor,
            name: str) -> tuple[list[bytes], list[bool]]:
     """lfw.bin-style pairs: pair i = images 2i, 2i+1; even pairs genuine, odd pairs impostor."""

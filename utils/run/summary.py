@@ -51,6 +51,21 @@ def log_scalars(writer: Any, run: Any, scalars: dict[str, float], step: int) -> 
         run.log(scalars, step=step)
 
 
+def log_verification(writer: Any, run: Any, verification: Any, results: dict[str, float], step: int) -> None:
+    """A verification's scalars (``log_scalars``) and, in TensorBoard, each target's genuine and impostor score
+    histograms (``<target>/scores_genuine``, ``<target>/scores_impostor``: cosine similarities of the pairs)
+    from the callback's ``score_histograms``."""
+    log_scalars(writer, run, results, step)
+    if writer is None:
+        return
+    for name, (scores, genuine) in getattr(verification, "score_histograms", {}).items():
+        if scores is None:
+            continue
+        for kind, chosen in (("genuine", genuine), ("impostor", ~genuine)):
+            if chosen.any():
+                writer.add_histogram(f"{name}/scores_{kind}", scores[chosen], step)
+
+
 def log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, lr, start_step,
                  triplet_stats=None, samples_seen=None) -> None:
     """The periodic status line (a window without a finite step shows no loss, never 0); with the triplet

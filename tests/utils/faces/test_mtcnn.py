@@ -210,3 +210,17 @@ def test_candidates_entirely_outside_the_image_are_dropped_not_an_error(detector
     boxes, probs, landmarks = detector.detect(photos["blank"])
     assert boxes.shape == (0, 4) and probs.shape == (0,) and landmarks.shape == (0, 5, 2)
 
+
+
+def test_detect_batch_over_mixed_sizes_gives_an_empty_result_for_a_photo_without_a_face(detector, photos):
+    # a folder's worth: photos of four sizes, one without a face, one smaller than the smallest face, a grey one
+    grey = cv2.cvtColor(photos["kate_siegel"], cv2.COLOR_RGB2GRAY)
+    images = [photos["blank"], photos["paul_rudd"], np.zeros((9, 14, 3), np.uint8), photos["multiface"],
+              grey, cv2.resize(photos["paul_rudd"], None, fx=0.6, fy=0.6, interpolation=cv2.INTER_AREA)]
+    results = detector.detect_batch(images)
+    assert [len(boxes) for boxes, _, _ in results] == [0, 1, 0, 6, 1, 1]
+    for boxes, probs, landmarks in (results[0], results[2]):
+        assert boxes.shape == (0, 4) and probs.shape == (0,) and landmarks.shape == (0, 5, 2)
+    for image, result in zip(images, results):
+        np.testing.assert_allclose(result[0], detector.detect(image)[0], atol=1e-3)
+    assert detector.detect_batch([]) == []
