@@ -110,7 +110,10 @@ def _init_worker(settings: dict) -> None:
         # so no worker prints a traceback of its own.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["settings"] = settings
-    _WORKER["detector"] = MTCNN(min_face_size=settings["min_face_size"])
+    if settings.get("onnx_dir"):  # the networks under onnxruntime, one thread as torch's
+        _WORKER["detector"] = MTCNN.from_onnx(settings["onnx_dir"], threads=1, min_face_size=settings["min_face_size"])
+    else:
+        _WORKER["detector"] = MTCNN(min_face_size=settings["min_face_size"])
 
 
 def _write_atomic_image(path: str, image_bgr: np.ndarray, quality: int) -> None:
@@ -243,13 +246,18 @@ def _start_pool(workers: int, settings: dict):
 
 def detect_folder(raw_dir: str, out_dir: str, mode: str = "arcface", image_size: int | None = None, margin: int = 0,
                   workers: int = 1, min_face_size: float = 20, quality: int = 95, progress: bool = False,
-                  flat: bool = False, batch: int = 8) -> dict:
-    """Process every photo of ``raw_dir`` not yet finished in ``out_dir``; returns the summary counts."""
+                  flat: bool = False, batch: int = 8, onnx_dir: str | None = None) -> dict:
+    """Process every photo of ``raw_dir`` not yet finished in ``out_dir``; returns the summary counts.
+    ``onnx_dir``: run MTCNN's networks under onnxruntime (files from tools/mtcnn2onnx.py)."""
     from utils.config.paths import ensure_output_dir
+    from utils.faces.mtcnn_onnx import load_onnx_nets
 
     settings = _validate(raw_dir, out_dir, mode, image_size, margin, workers, min_face_size, quality)
     if batch < 1:
         raise DetectFacesError(f"--batch {batch}: expected at least 1 photo per detection batch")
+    if onnx_dir:
+        load_onnx_nets(onnx_dir, threads=1)  # missing onnxruntime or files: one line before any worker starts
+        settings["onnx_dir"] = onnx_dir
     photos = scan(settings["raw_dir"], flat)
     out_dir = ensure_output_dir(out_dir, "OUT_DIR")
     _check_settings(out_dir, settings)
@@ -366,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flat", action="store_true",
                         help="photos directly in RAW_DIR are one identity each, also beside identity folders")
     parser.add_argument("--batch", type=int, default=8, help="photos detected together per worker (detect_batch)")
+    parser.add_argument("--onnx", default=None, metavar="DIR",
+                        help="run MTCNN's networks under onnxruntime from DIR (written by tools/mtcnn2onnx.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from tools.pack_rec import PackError
@@ -374,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = detect_folder(args.raw_dir, args.out_dir, args.mode, args.image_size, args.margin, args.workers,
-                                args.min_face_size, args.quality, progress=True, flat=args.flat, batch=args.batch)
+                                args.min_face_size, args.quality, progress=True, flat=args.flat, batch=args.batch,
+                                onnx_dir=args.onnx)
         failed = os.path.join(summary["out_dir"], FAILED)
         print(f"detect_faces: {summary['photos']} photos ({summary['resumed']} finished before): "
               f"{summary['faces']} faces written (photos with several faces: {summary['several_faces']}, the largest "

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from utils.faces.area_resample import area_resize, area_resize_images, summed_area_table
-from utils.faces.mtcnn_nets import WEIGHTS_DIR, MTCNNError, RNet, load_net
+from utils.faces.mtcnn_nets import WEIGHTS_DIR, MTCNNError, load_net
 
 _NMS_BLOCK = 1024  # boxes per block of the pairwise-overlap matrix (1M booleans at most per block)
 _NET_CHUNK = 64  # RNet/ONet crops per network call
@@ -157,11 +157,14 @@ def _empty() -> Detection:
 
 
 class MTCNN:
-    """Three-stage MTCNN detector; results equal facenet-pytorch's ``MTCNN(select_largest=True).detect``."""
+    """Three-stage MTCNN detector; results equal facenet-pytorch's ``MTCNN(select_largest=True).detect``.
+
+    ``nets`` (pnet, rnet, onet) plugs in other runners of the networks (``from_onnx``: onnxruntime's): PNet's
+    ``heads``/``row_bands``/``packs`` and RNet/ONet called on a crop batch, as the torch networks are."""
 
     def __init__(self, min_face_size: float = 20, thresholds: Sequence[float] = (0.6, 0.7, 0.7),
                  factor: float = 0.709, device: str | torch.device = "cpu", weights_dir: str = WEIGHTS_DIR,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, nets: tuple | None = None) -> None:
         thresholds = tuple(float(t) for t in thresholds)
         if not min_face_size >= 1:
             raise MTCNNError(f"min_face_size {min_face_size}: expected a face size of at least 1 pixel")
@@ -173,8 +176,24 @@ class MTCNN:
             raise MTCNNError(f"batch_size {batch_size}: expected a positive number of images per batch")
         self.min_face_size, self.thresholds, self.factor = float(min_face_size), thresholds, float(factor)
         self.device, self.batch_size = torch.device(device), int(batch_size)
-        self.pnet, self.rnet, self.onet = (load_net(name, weights_dir).to(self.device)
-                                           for name in ("pnet", "rnet", "onet"))
+        if nets is not None:
+            self.pnet, self.rnet, self.onet = nets
+        else:
+            self.pnet, self.rnet, self.onet = (load_net(name, weights_dir).to(self.device)
+                                               for name in ("pnet", "rnet", "onet"))
+
+    @classmethod
+    def from_onnx(cls, onnx_dir: str, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+                  **settings) -> "MTCNN":
+        """The detector with its networks under onnxruntime (files from ``tools/mtcnn2onnx.py`` in
+        ``onnx_dir``; ``threads``: onnxruntime intra-op threads, 0 its default); ``settings`` as ``MTCNN()``.
+        Runs on the CPU; MTCNNError (one line, with the install hint) when onnxruntime is missing."""
+        from utils.faces.mtcnn_onnx import load_onnx_nets
+
+        if torch.device(settings.get("device", "cpu")).type != "cpu":
+            raise MTCNNError(f"device {settings['device']}: the ONNX detector's pre- and post-processing run on "
+                             f"the CPU (pick onnxruntime's providers instead)")
+        return cls(**settings, nets=load_onnx_nets(onnx_dir, providers, threads))
 
     def detect(self, rgb: np.ndarray) -> Detection:
         """Faces in one HxWx3 RGB image: boxes [N, 4], probabilities [N], landmarks [N, 5, 2]; largest first."""
@@ -237,7 +256,8 @@ class MTCNN:
         scale_of = torch.tensor(scales, dtype=torch.float32, device=device)
         # The small levels at the pyramid's end are packed side by side into one PNet input: for them the
         # fixed cost of a pass (resampling, three convolutions, screening) outweighs the work.
-        packed = next((i for i, (h, w) in enumerate(sizes) if h * w <= _PACKED_LEVEL_PIXELS), len(sizes))
+        packed = next((i for i, (h, w) in enumerate(sizes) if h * w <= _PACKED_LEVEL_PIXELS and self.pnet.packs),
+                      len(sizes))
         rows, owners, levels = [], [], []
         for level, (level_h, level_w) in enumerate(sizes[:packed]):
             # Each band of the level is resampled right before PNet reads it, so it is still in the cache.
@@ -324,7 +344,7 @@ class MTCNN:
             data = area_resize(integral, owner[part], y0[part], x0[part], hc[part], wc[part], size, size)
             outputs.append(net(data.sub_(127.5).mul_(0.0078125)))
         if not outputs:  # no box cuts a pixel of the image: empty outputs of the right widths
-            widths = (4, 2) if isinstance(net, RNet) else (4, 10, 2)
+            widths = (4, 2) if size == 24 else (4, 10, 2)  # RNet's outputs, ONet's
             return tuple(boxes.new_zeros(0, w) for w in widths), valid
         return tuple(torch.cat(parts) for parts in zip(*outputs)), valid
 

@@ -68,6 +68,8 @@ class PackedLayout:
 class PNet(nn.Module):
     """Proposal network: fully convolutional, one 12x12 window per output cell (stride 2)."""
 
+    packs = True  # the detector may pack small pyramid levels side by side into one input (packed_layout)
+
     def __init__(self) -> None:
         super().__init__()
         self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
@@ -141,6 +143,13 @@ class PNet(nn.Module):
             column[first:first + out_w] = np.arange(out_w)
             valid[:out_h, first:first + out_w] = True
         return PackedLayout([int(start) for start in starts], height, width, outside, valid, owner, column)
+
+    def plain_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``heads`` in plain layers without bands or layout choices: the form an exporter can trace with
+        dynamic N, H and W (``tools/mtcnn2onnx.py``)."""
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 2, 2, ceil_mode=True)
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return torch.cat([self.conv4_2(x), self.conv4_1(x)], dim=1).permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Box regression [N, 4, h, w] and face/non-face probabilities [N, 2, h, w]."""
