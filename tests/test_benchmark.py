@@ -626,6 +626,27 @@ def check_ijb(out: str, pairs: int, templates: int, dim: int) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_detect_onnx_times_the_onnxruntime_detector_beside_torch(facenet_fixtures, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from tools import mtcnn2onnx
+
+    mtcnn2onnx.export_mtcnn(str(tmp_path / "onnx"))
+    photo = f"{facenet_fixtures}/images/paul_rudd.png"
+    benchmark.main(["detect", "--images", photo, "--rounds", "2", "--warmup", "0", "--onnx", str(tmp_path / "onnx")])
+    out = capsys.readouterr().out
+    assert re.match(r"detect benchmark: 1 photos, 2 rounds \(\+0 warm-up\), 1 torch threads, torch \S+, reference "
+                    r"onnxruntime \S+, load [\d.]+ [\d.]+ [\d.]+\n", out), out
+    row = re.search(rf"^paul_rudd.png\s+512x640\s+1\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+"
+                    rf"{NUMBER}\s+(\S+)$", out, re.MULTILINE)
+    assert row, out
+    assert all(positive(row.group(i)) for i in range(1, 5))
+    assert float(row.group(7)) < 0.5  # torch and onnxruntime find the same box
+    assert re.search(r"^load average at the end: [\d.]+ [\d.]+ [\d.]+$", out, re.MULTILINE), out
+    with pytest.raises(SystemExit, match=r"^error: .*pnet\.onnx: ONNX file not found"):
+        benchmark.main(["detect", "--images", photo, "--onnx", str(tmp_path / "missing")])
+
+
+@pytest.mark.timeout(120)
 def test_detect_with_a_stand_in_reference(facenet_fixtures, monkeypatch, capsys):
     from tools.benchmarks import detect as detect_bench
     from utils.faces.mtcnn import MTCNN

@@ -1,7 +1,9 @@
-"""Face detection time per photo: ArcScale's MTCNN against facenet-pytorch's on the same photos.
+"""Face detection time per photo: ArcScale's MTCNN against facenet-pytorch's (or against itself under
+onnxruntime, ``--onnx``) on the same photos.
 
     python tools/benchmark.py detect                              # the fixture photos, 5 interleaved rounds
     python tools/benchmark.py detect --images DIR_OR_FILES --rounds 9 --threads 2
+    python tools/benchmark.py detect --onnx DIR                   # torch vs onnxruntime (tools/mtcnn2onnx.py DIR)
 
 facenet-pytorch is timed in the same run when it is importable (it is never a requirement; a throw-away
 venv works: ``python -m venv --system-site-packages /tmp/fnvenv && /tmp/fnvenv/bin/pip install --no-deps
@@ -39,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both detectors")
     parser.add_argument("--no-reference", action="store_true", help="time ArcScale's detector only")
+    parser.add_argument("--onnx", default=None, metavar="DIR",
+                        help="compare with ArcScale's detector under onnxruntime (DIR from tools/mtcnn2onnx.py, the "
+                             "same --threads) instead of facenet-pytorch")
 
 
 def _photo_paths(items: list[str]) -> list[str]:
@@ -117,6 +122,15 @@ def _reference_detector():
     return detect
 
 
+def _load() -> str:
+    """The 1/5/15-minute load averages (/proc/loadavg), or "n/a" where there is none."""
+    try:
+        with open("/proc/loadavg") as handle:
+            return " ".join(handle.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def _timed(function, image: np.ndarray) -> tuple[float, float, np.ndarray]:
     """Wall seconds, process CPU seconds and the boxes of one detection."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -138,12 +152,23 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     ours = MTCNN(device="cpu")
     detectors = {"arcscale": lambda image: ours.detect(image)[0]}
-    reference = None if args.no_reference else _reference_detector()
+    other = "facenet-pytorch"
+    if args.onnx:
+        from utils.faces.mtcnn import MTCNNError
+
+        try:
+            onnx_detector = MTCNN.from_onnx(args.onnx, threads=args.threads)
+        except MTCNNError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        other = f"onnxruntime {sys.modules['onnxruntime'].__version__}"  # imported by from_onnx
+        reference = lambda image: onnx_detector.detect(image)[0]  # noqa: E731
+    else:
+        reference = None if args.no_reference else _reference_detector()
     if reference is not None:
-        detectors["facenet-pytorch"] = reference
+        detectors[other] = reference
     print(f"detect benchmark: {len(photos)} photos, {args.rounds} rounds (+{args.warmup} warm-up), "
           f"{args.threads} torch threads, torch {torch.__version__}, "
-          f"reference {'facenet-pytorch' if reference is not None else 'not importable (skipped)'}")
+          f"reference {other if reference is not None else 'not importable (skipped)'}, load {_load()}")
     times = {name: [[] for _ in photos] for name in detectors}
     cpu_times = {name: [[] for _ in photos] for name in detectors}
     found: dict[str, list[np.ndarray]] = {name: [np.zeros((0, 4))] * len(photos) for name in detectors}
@@ -169,20 +194,21 @@ def run(args: argparse.Namespace) -> None:
                f"{len(found['arcscale'][index]):>5} {wall_medians['arcscale'][index] * 1000:>8.1f} " \
                f"{cpu_medians['arcscale'][index] * 1000:>8.1f}"
         if compared:
-            mine, theirs = found["arcscale"][index], found["facenet-pytorch"][index]
+            mine, theirs = found["arcscale"][index], found[other][index]
             if mine.shape != theirs.shape:
                 diff = f"faces {len(mine)} vs {len(theirs)}"
             else:
                 diff = f"{np.abs(mine - theirs).max():.2e}" if len(mine) else "0"
-            line += f" {wall_medians['facenet-pytorch'][index] * 1000:>11.1f} " \
-                    f"{cpu_medians['facenet-pytorch'][index] * 1000:>10.1f} " \
-                    f"{wall_medians['arcscale'][index] / wall_medians['facenet-pytorch'][index]:>10.2f} " \
-                    f"{cpu_medians['arcscale'][index] / cpu_medians['facenet-pytorch'][index]:>9.2f} {diff:>15}"
+            line += f" {wall_medians[other][index] * 1000:>11.1f} " \
+                    f"{cpu_medians[other][index] * 1000:>10.1f} " \
+                    f"{wall_medians['arcscale'][index] / wall_medians[other][index]:>10.2f} " \
+                    f"{cpu_medians['arcscale'][index] / cpu_medians[other][index]:>9.2f} {diff:>15}"
         print(line)
     line = f"{'total (sum of medians)':<38} {sum(wall_medians['arcscale']) * 1000:>8.1f} " \
            f"{sum(cpu_medians['arcscale']) * 1000:>8.1f}"
     if compared:
-        wall_ref, cpu_ref = sum(wall_medians["facenet-pytorch"]), sum(cpu_medians["facenet-pytorch"])
+        wall_ref, cpu_ref = sum(wall_medians[other]), sum(cpu_medians[other])
         line += f" {wall_ref * 1000:>11.1f} {cpu_ref * 1000:>10.1f} {sum(wall_medians['arcscale']) / wall_ref:>10.2f} " \
                 f"{sum(cpu_medians['arcscale']) / cpu_ref:>9.2f}"
     print(line)
+    print(f"load average at the end: {_load()}")
