@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -644,6 +645,37 @@ def test_detect_onnx_times_the_onnxruntime_detector_beside_torch(facenet_fixture
     assert re.search(r"^load average at the end: [\d.]+ [\d.]+ [\d.]+$", out, re.MULTILINE), out
     with pytest.raises(SystemExit, match=r"^error: .*pnet\.onnx: ONNX file not found"):
         benchmark.main(["detect", "--images", photo, "--onnx", str(tmp_path / "missing")])
+
+
+@pytest.mark.timeout(120)
+def test_detect_breakdown_splits_the_time_between_the_three_networks_and_the_rest(facenet_fixtures, capsys):
+    from tools.benchmarks import detect as detect_bench
+    from utils.faces.mtcnn import MTCNN
+
+    detector = MTCNN()
+    nets = detector.pnet, detector.rnet, detector.onet
+    photo = cv2.cvtColor(cv2.imread(f"{facenet_fixtures}/images/paul_rudd.png"), cv2.COLOR_BGR2RGB)
+    before = detector.detect(photo)
+    calls = []
+    pnet_heads = nets[0].heads
+    nets[0].heads = lambda *args: calls.append("pnet") or pnet_heads(*args)  # the wrapped runner does the work
+    try:
+        (row,) = detect_bench.breakdown(detector, [photo], rounds=2)
+    finally:
+        del nets[0].heads
+    assert calls and (detector.pnet, detector.rnet, detector.onet) == nets  # the networks are put back
+    np.testing.assert_array_equal(detector.detect(photo)[0], before[0])
+    assert row["pnet"] > 0 and row["rnet"] > 0 and row["onet"] > 0 and row["other"] > 0  # a face: all three ran
+    assert row["pnet"] + row["rnet"] + row["onet"] + row["other"] == pytest.approx(row["total"], rel=0.3)
+    benchmark.main(["detect", "--images", f"{facenet_fixtures}/images/blank.png", "--rounds", "1", "--warmup", "0",
+                    "--no-reference", "--breakdown"])
+    out = capsys.readouterr().out
+    line = re.search(rf"^blank.png\s+{NUMBER}\s+{NUMBER} \(\s*\d+%\)\s+{NUMBER} \(\s*\d+%\)\s+{NUMBER} "
+                     rf"\(\s*\d+%\)\s+{NUMBER} \(\s*\d+%\)\s+{NUMBER}$", out, re.MULTILINE)
+    assert line, out
+    total, pnet, rnet, onet, other = (float(line.group(i)) for i in range(1, 6))
+    assert pnet > 0 and rnet == onet == 0  # no PNet candidate on the blank photo: RNet and ONet never run
+    assert pnet + other == pytest.approx(total, abs=0.11)
 
 
 @pytest.mark.timeout(120)

@@ -4,6 +4,7 @@ onnxruntime, ``--onnx``) on the same photos.
     python tools/benchmark.py detect                              # the fixture photos, 5 interleaved rounds
     python tools/benchmark.py detect --images DIR_OR_FILES --rounds 9 --threads 2
     python tools/benchmark.py detect --onnx DIR                   # torch vs onnxruntime (tools/mtcnn2onnx.py DIR)
+    python tools/benchmark.py detect --breakdown [--onnx DIR]     # where the time goes: PNet, RNet, ONet, the rest
 
 facenet-pytorch is timed in the same run when it is importable (it is never a requirement; a throw-away
 venv works: ``python -m venv --system-site-packages /tmp/fnvenv && /tmp/fnvenv/bin/pip install --no-deps
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", default=None, metavar="DIR",
                         help="compare with ArcScale's detector under onnxruntime (DIR from tools/mtcnn2onnx.py, the "
                              "same --threads) instead of facenet-pytorch")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="then, per photo, the time in each of the three networks and in everything else "
+                             "(ArcScale's detector, and the onnxruntime one with --onnx)")
 
 
 def _photo_paths(items: list[str]) -> list[str]:
@@ -120,6 +124,72 @@ def _reference_detector():
         return np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32)
 
     return detect
+
+
+NETWORKS = ("pnet", "rnet", "onet")
+
+
+class _TimedNet:
+    """A network runner that adds the wall and CPU seconds of its calls (``__call__``, PNet's ``heads``) to
+    ``clock[key]``; every other attribute (``row_bands``, ``packed_layout``, ``packs``) is the runner's own."""
+
+    def __init__(self, net, clock: dict[str, list[float]], key: str) -> None:
+        self.net, self.clock, self.key = net, clock, key
+
+    def _timed_call(self, function, *args):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = function(*args)
+        spent = self.clock[self.key]
+        spent[0] += time.perf_counter() - wall
+        spent[1] += time.process_time() - cpu
+        return out
+
+    def __call__(self, x):
+        return self._timed_call(self.net, x)
+
+    def heads(self, *args):
+        return self._timed_call(self.net.heads, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.net, name)
+
+
+def breakdown(detector, photos: list[np.ndarray], rounds: int) -> list[dict[str, float]]:
+    """Per photo, the median over ``rounds`` of the detection's CPU seconds (``total``, ``wall``: its wall
+    seconds) and of the CPU seconds inside each network's calls and outside them (``other``: pyramid
+    resampling, candidate screening, NMS, crops, box arithmetic). The detector's networks are wrapped in
+    timers for the run and put back afterwards; its results are unchanged (the same runners do the work)."""
+    clock = {key: [0.0, 0.0] for key in NETWORKS}
+    nets = detector.pnet, detector.rnet, detector.onet
+    detector.pnet, detector.rnet, detector.onet = (_TimedNet(net, clock, key) for net, key in zip(nets, NETWORKS))
+    try:
+        medians = []
+        for photo in photos:
+            samples: dict[str, list[float]] = {key: [] for key in ("total", "wall", "other", *NETWORKS)}
+            for _ in range(rounds):
+                for spent in clock.values():
+                    spent[0] = spent[1] = 0.0
+                wall, cpu, _ = _timed(lambda image: detector.detect(image), photo)
+                samples["total"].append(cpu)
+                samples["wall"].append(wall)
+                for key in NETWORKS:
+                    samples[key].append(clock[key][1])
+                samples["other"].append(cpu - sum(clock[key][1] for key in NETWORKS))
+            medians.append({key: statistics.median(values) for key, values in samples.items()})
+        return medians
+    finally:
+        detector.pnet, detector.rnet, detector.onet = nets
+
+
+def _print_breakdown(name: str, paths: list[str], medians: list[dict[str, float]]) -> None:
+    print(f"where {name}'s detection time goes (CPU ms, median per photo; other = everything outside the three "
+          f"networks' calls):")
+    print(f"{'photo':<22} {'total':>8} {'pnet':>14} {'rnet':>14} {'onet':>14} {'other':>14} {'wall':>8}")
+    sums = {key: sum(row[key] for row in medians) for key in medians[0]}
+    for label, row in [*zip((os.path.basename(path) for path in paths), medians), ("total (sum of medians)", sums)]:
+        parts = " ".join(f"{row[key] * 1000:>7.1f} ({row[key] / max(row['total'], 1e-12):>4.0%})"
+                         for key in (*NETWORKS, "other"))
+        print(f"{label:<22} {row['total'] * 1000:>8.1f} {parts} {row['wall'] * 1000:>8.1f}")
 
 
 def _load() -> str:
@@ -211,4 +281,8 @@ def run(args: argparse.Namespace) -> None:
         line += f" {wall_ref * 1000:>11.1f} {cpu_ref * 1000:>10.1f} {sum(wall_medians['arcscale']) / wall_ref:>10.2f} " \
                 f"{sum(cpu_medians['arcscale']) / cpu_ref:>9.2f}"
     print(line)
+    if args.breakdown:
+        _print_breakdown("torch (ArcScale)", paths, breakdown(ours, photos, args.rounds))
+        if args.onnx:
+            _print_breakdown("onnxruntime (ArcScale)", paths, breakdown(onnx_detector, photos, args.rounds))
     print(f"load average at the end: {_load()}")
