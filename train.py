@@ -34,13 +34,14 @@ from utils.config.load import load_config, to_plain
 from utils.config.rules import ConfigError
 from utils.data.errors import DatasetError
 from utils.data.workers import start_logged
+from utils.run.divergence import DivergenceGuard, embedding_similarity
 from utils.run.lock import release_output
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
 from utils.run.resume_review import review_resume
 from utils.run.saving import CheckpointSaver
 from utils.run.state import TrainingError, all_ranks_min, prepare_output, restore_checkpoint, unseen_on_some_rank
-from utils.run.steps import count_nonfinite, fetch_step
+from utils.run.steps import fetch_step
 from utils.run.summary import log_progress, log_run_header, log_scalars, open_summary_writers, print_summary
 from utils.run.failures import failure_line
 from utils.run.stop import StopRequest, WorkerDeaths
@@ -190,11 +191,12 @@ def check_data_health(loader: Any, cfg: Any, ctx: devices.DeviceContext) -> None
         raise DatasetError(error or "corrupt samples above max_bad_records on another rank (see its log)")
 
 
-def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> torch.Tensor:
+def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
     """Micro-steps of one optimizer step (DDP syncs only on the last), then a replicated head's gradient sum;
-    returns the step's mean loss as a tensor, not read on the host."""
+    returns the step's mean loss and its first micro-batch's embedding similarity (the collapse detector's
+    input) as tensors, not read on the host."""
     model.train()
-    loss_sum, accumulation, spec = 0.0, len(micro_batches), input_spec(model)
+    loss_sum, accumulation, spec, similarity = 0.0, len(micro_batches), input_spec(model), None
     for micro_step, (images, labels) in enumerate(micro_batches):
         images = normalize(images.to(ctx.device, non_blocking=True), spec)
         labels = labels.to(ctx.device, non_blocking=True)
@@ -205,10 +207,11 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> 
             with autocast:
                 embeddings = model(images)
             loss = head(embeddings.float(), labels)
+            similarity = embedding_similarity(embeddings) if similarity is None else similarity
             scaler.scale(loss / accumulation).backward()
         loss_sum = loss_sum + loss.detach() / accumulation
     sum_replicated_grads(head, ctx)
-    return loss_sum
+    return loss_sum, similarity
 
 
 def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: WorkerDeaths,
@@ -235,20 +238,21 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     optimizer = build_optimizer(cfg, backbone, head, scaler, schedule.lr(0))
     parts = (backbone, head, optimizer, scaler, sampler)
 
-    step, epoch = 0, 0
+    step, epoch, guard = 0, 0, DivergenceGuard(cfg, parts)  # on_divergence: detectors, snapshot, rollback
     if resume_path:
         if review_resume(cfg, resume_path, resume_state, plan, schedule, ctx):
             return {}  # the checkpoint is the run's end: nothing to train, verify or write again
         step, epoch, plan = restore_checkpoint(resume_path, resume_state, ctx, plan, parts, data.fingerprint,
                                                cfg.resume_data_changed)
+        guard.load_state_dict(resume_state.get("divergence"))
         del resume_state
-    saver = CheckpointSaver(cfg, ctx, plan, parts, data.fingerprint, resume_path, step)
+    saver = CheckpointSaver(cfg, ctx, plan, parts, data.fingerprint, resume_path, step, guard.state_dict)
     model = ddp.wrap_ddp(backbone, ctx, cfg.static_graph, plan.accumulation, cfg.fp16_grad_compression)
     verification = build_verification(cfg, source, ctx)
     writer, wandb_run = open_summary_writers(cfg, ctx)
     autocast = devices.autocast(ctx, fp16, bf16)
-    loss_meter, timer = RunningMean(), StepTimer()
-    start_step, nonfinite_in_a_row, results, ended = step, 0, {}, ""
+    loss_meter, timer, start_step, results, ended = RunningMean(), StepTimer(), step, {}, ""
+    guard.begin(step, plan.samples_seen(epoch, sampler), writer)
 
     def checkpoint() -> None:  # the loop's end and a stop both call this; the saver writes each state once
         saver.save(step, epoch, sampler.consumed if sampler.epoch == epoch else 0, bad_record_count(loader))
@@ -271,19 +275,20 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         if ended:
             break
         for index in range(steps_to_run):
-            current_lr = schedule.lr(plan.position(epoch, sampler.consumed))
+            current_lr = schedule.lr(plan.position(epoch, sampler.consumed)) * guard.lr_factor
             optimizer.set_lr(current_lr)
-            loss = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx)
+            loss, similarity = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx)
             micro_batches, fetch_error, next_wait = fetch_step(batches, plan.accumulation, deaths, watch, step + 2,
                                                                index + 1 < steps_to_run)
             # Every rank applies this step or skips it; a stop or a dead worker anywhere ends the run after it.
-            outcome = optimizer.step(loss=loss, flags=(stop.requested, micro_batches is None))
+            outcome = optimizer.step(loss=loss, flags=(stop.requested, micro_batches is None),
+                                     shared=guard.shared(similarity))
             optimizer.zero_grad(set_to_none=True)
-            nonfinite_in_a_row = count_nonfinite(outcome, nonfinite_in_a_row, step, cfg)
             if outcome.stepped:
                 loss_meter.update(outcome.loss)
             sampler.advance(plan.global_batch)
             step += 1
+            guard.after_step(step, outcome, plan.samples_seen(epoch, sampler))  # may roll back or stop (on_divergence)
             timer.add(plan.global_batch, data_wait)
             data_wait = next_wait
             if step % cfg.frequent == 0 or step == plan.last_step:
