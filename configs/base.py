@@ -88,7 +88,7 @@ config.on_divergence = "rollback"   # rollback | stop | warn. Default rollback: 
                                     # of the diverged state). "warn": one warning per signal, training goes on. A run of
                                     # max_nonfinite_steps non-finite losses stops under warn and stop, rolls back under rollback
 config.max_rollbacks = 3            # rollbacks in a run (checkpointed: a resume counts on); one more divergence stops the run with one line listing each
-config.snapshot_every_steps = 25    # rollback: the in-memory (host RAM) copy of backbone, head rows, optimizer, scaler and detector state is
+config.snapshot_every_steps = 25    # rollback: the in-memory (host RAM) copy of backbone, head rows, optimizer state and scaler is
                                     # refreshed at the first healthy step (no detector counting, loss not elevated) after every N steps;
                                     # also taken before the run's first step (and after a resume)
 config.divergence_lr_factor = 0.1   # rollback: the LR is multiplied by this for the rest of the run, once per rollback (cumulative, checkpointed)

@@ -17,8 +17,7 @@ so every rank fires the same signal at the same step with no collective of its o
   samples >= ``divergence_collapse_threshold``).
 
 Spike, rise and collapse are judged after ``divergence_warmup_steps`` finite steps of history. The rollback
-keeps an in-memory copy (host memory) of the backbone, the head's rows, the optimizer, the scaler and the
-detectors' state, taken at the first healthy step (no detector counting, the loss within 2 spreads of its
+keeps an in-memory copy (host memory) of the backbone, the head's rows, the optimizer and the scaler, taken at the first healthy step (no detector counting, the loss within 2 spreads of its
 median) once ``snapshot_every_steps`` steps have passed since the last; it restores
 that copy, multiplies the LR by ``divergence_lr_factor`` for the rest of the run and keeps the data position
 where it is, so the batches between the snapshot and the divergence are skipped (not trained on again).
@@ -122,6 +121,12 @@ class Detectors:
                                   f"{similarity:.4f} between the batch's embeddings >= "
                                   f"divergence_collapse_threshold={cfg.divergence_collapse_threshold:g}"))
         return signals
+
+    def restart(self) -> None:
+        """After a rollback: the counters and the smoothing start again from the restored state's losses; the
+        history (median, minimum, level after warm-up) is kept, so the same divergence is seen again at once
+        and not only after another warm-up."""
+        self.ema, self.rising, self.low_scale, self.nonfinite = math.nan, 0, 0, 0
 
     def baseline(self) -> tuple[float, float]:
         """The median of the recent finite losses and their spread: 1.4826 x the median absolute deviation (the
@@ -259,8 +264,7 @@ class DivergenceGuard:
         self.snapshot = {"step": step, "samples": samples,
                          "backbone": copy_tree(module_tensors(backbone)), "head": copy_tree(module_tensors(head)),
                          "optimizer": copy_tree(optimizer.state_dict()),
-                         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                         "detectors": self.detectors.state_dict()}
+                         "scaler": scaler.state_dict() if scaler.is_enabled() else None}
         self.snapshot_due = False
 
     def restore_snapshot(self) -> None:
@@ -274,7 +278,7 @@ class DivergenceGuard:
         optimizer.load_state_dict(copy_tree(snapshot["optimizer"], None))  # fresh tensors: the snapshot stays as is
         if snapshot["scaler"] is not None:
             scaler.load_state_dict(snapshot["scaler"])
-        self.detectors.load_state_dict(snapshot["detectors"])
+        self.detectors.restart()
 
     def rollback(self, signal: Signal, seen: str, samples: int) -> None:
         """Restore the snapshot, lower the LR for the rest of the run, skip the samples trained since the snapshot."""
