@@ -5,9 +5,10 @@
 
 SPIKE_STEPS: comma-separated optimizer steps whose loss, as the trainer sees it after the backward, is
 multiplied by 100 (the weights and gradients are those of the real step: only the detectors see a spike).
-After each rollback every rank writes ``DUMP_DIR/rank<r>_rollback<n>.pt``: the backbone's state_dict, the
-head's world-size independent state (gathered, rank 0) and the optimizer's state, as the trainer's
-checkpoint would hold them at that moment; the test compares them with the checkpoint of the step rolled back to.
+Each snapshot and each rollback has every rank write ``DUMP_DIR/rank<r>_snapshot_step<s>.pt`` and
+``DUMP_DIR/rank<r>_rollback<n>.pt``: the backbone's state_dict (with this rank's BatchNorm statistics), the
+head's world-size independent state (gathered, rank 0), the optimizer's and the scaler's state; the test
+compares each rollback with the snapshot it returned to and with the checkpoint written at that step.
 """
 from __future__ import annotations
 
@@ -36,19 +37,26 @@ def main() -> int:
         calls["steps"] += 1
         return (loss * 100 if calls["steps"] in spike_steps else loss), similarity
 
-    restore = divergence.DivergenceGuard.restore_snapshot
+    restore, take = divergence.DivergenceGuard.restore_snapshot, divergence.DivergenceGuard.take_snapshot
+    rank = int(os.environ.get("RANK", "0"))
 
-    def dumping(self) -> None:
+    def state_of(guard: divergence.DivergenceGuard, step: int) -> dict:
+        backbone, head, optimizer, scaler, _ = guard.parts
+        return {"backbone": backbone.state_dict(), "head": head_state_dict(head), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": step}
+
+    def restoring(self) -> None:
         restore(self)
-        backbone, head, optimizer, scaler, _ = self.parts
         calls["rollbacks"] += 1
-        state = {"backbone": backbone.state_dict(), "head": head_state_dict(head), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "step": self.snapshot["step"]}
-        rank = int(os.environ.get("RANK", "0"))
-        torch.save(state, dump_dir / f"rank{rank}_rollback{calls['rollbacks']}.pt")
+        torch.save(state_of(self, self.snapshot["step"]), dump_dir / f"rank{rank}_rollback{calls['rollbacks']}.pt")
+
+    def taking(self, step: int, samples: int) -> None:
+        take(self, step, samples)
+        torch.save(state_of(self, step), dump_dir / f"rank{rank}_snapshot_step{step}.pt")
 
     train.forward_backward = spiking
-    divergence.DivergenceGuard.restore_snapshot = dumping
+    divergence.DivergenceGuard.restore_snapshot = restoring
+    divergence.DivergenceGuard.take_snapshot = taking
     return train.main(sys.argv[3:])
 
 
