@@ -153,3 +153,18 @@ def test_max_rollbacks_stops_with_one_line_listing_each_rollback(tmp_path, ident
                                  "rollbacks 1: step 6 spike -> back to step ", "lower lr")
     assert re.search(r"back to step (\d), samples \[(\d+), 48\) skipped, lr x0.1\)", line), line
     assert line.count("->") == 1
+
+
+@pytest.mark.timeout(900)
+def test_the_demo_stays_quiet_under_on_divergence_stop(tmp_path):
+    """The README's demo, its schedule compressed to 60 steps (warm-up, peak LR, decay to a low loss): no detector
+    fires, so ``stop`` lets it finish (the full 450-step demo is checked the same way in docs/benchmarks.md)."""
+    output = tmp_path / "demo"
+    args = [PYTHON, "train.py", "configs/demo_cpu.py", *[arg for key in (
+        "max_steps=60", "on_divergence='stop'", f"output='{output}'", "val_targets=[]", "tensorboard=False",
+        "frequent=5") for arg in ("--set", key)]]
+    with launch(args, tmp_path) as launched:
+        launched.wait(timeout=840)
+    assert launched.proc.returncode == 0, launched.output[-3000:]
+    log = training_log(output)
+    assert "training diverg" not in log and [s["step"] for s in logged_steps(log)][-1] == 60, log[-3000:]

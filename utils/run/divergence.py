@@ -283,6 +283,7 @@ class DivergenceGuard:
     def rollback(self, signal: Signal, seen: str, samples: int) -> None:
         """Restore the snapshot, lower the LR for the rest of the run, skip the samples trained since the snapshot."""
         self.restore_snapshot()
+        self.snapshot_due = False  # the next copy waits for the next interval: the lower LR must prove itself first
         self.lr_factor *= self.cfg.divergence_lr_factor
         record = {"step": signal.step, "signal": signal.name, "to_step": self.snapshot["step"],
                   "skipped": [self.snapshot["samples"], samples], "lr_factor": self.lr_factor}
