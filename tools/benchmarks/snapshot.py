@@ -11,6 +11,7 @@ cost per step at a few ``snapshot_every_steps`` intervals (the copy happens once
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from types import SimpleNamespace
 from typing import Callable
@@ -24,6 +25,7 @@ from pfc.optim import build_joint_optimizer
 from utils.devices import device as devices
 from utils.devices import compat
 from utils.run.divergence import DivergenceGuard
+from utils.run.saving import tensor_bytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,25 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _median_seconds(work: Callable[[], None], ctx: devices.DeviceContext, iters: int) -> float:
-    work()  # warm-up
-    devices.synchronize(ctx)
+    """Median seconds of ``iters`` calls of ``work`` after one untimed call, each ended by a device sync."""
     times = []
-    for _ in range(iters):
+    for index in range(iters + 1):
         start = time.perf_counter()
         work()
         devices.synchronize(ctx)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def _bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_bytes(value) for value in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_bytes(value) for value in obj)
-    return 0
+        if index:  # the first call warms up (allocations, kernel choice)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -81,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
     cfg = SimpleNamespace(on_divergence="rollback", max_nonfinite_steps=20)
     guard = DivergenceGuard(cfg, (backbone, head, optimizer, scaler, None))
     snapshot_s = _median_seconds(lambda: guard.take_snapshot(0, 0), ctx, args.iters)
-    size = _bytes(guard.snapshot)
+    size = tensor_bytes(guard.snapshot)
     print(f"snapshot: {args.network} batch {args.batch}, {args.classes} classes x {args.embedding}, {ctx.device}, "
           f"{torch.get_num_threads()} threads")
     print(f"  training step          {step_s * 1000:10.1f} ms")

@@ -78,6 +78,7 @@ class Detectors:
         self.nonfinite = 0   # non-finite losses in a row
         self.finite_steps = 0
         self.reference = math.nan  # the smoothed loss when warm-up ended
+        self.rise_from = 0  # finite steps before the rise is judged (again, after a rollback)
 
     def check(self, step: int, outcome: Any, scale: float | None, similarity: float) -> list[Signal]:
         """This step's signals (empty: healthy)."""
@@ -109,13 +110,16 @@ class Detectors:
         if not warm:
             self.reference = self.ema  # the level the rise margin is a fraction of: the smoothed loss after warm-up
             return signals
-        self.lowest = min(self.lowest, self.ema)
-        self.rising = self.rising + 1 if self.ema - self.lowest > cfg.divergence_rise_margin * self.reference else 0
-        if self.rising >= cfg.divergence_rise_window:
-            signals.append(Signal("rise", step, self.ema, f"smoothed loss {self.ema:.4f} above its minimum "
-                                  f"{self.lowest:.4f} by more than divergence_rise_margin={cfg.divergence_rise_margin:g}"
-                                  f" x {self.reference:.4f} (its level after warm-up) for {self.rising} steps"))
-            self.rising = 0
+        if self.finite_steps > self.rise_from:
+            self.lowest = min(self.lowest, self.ema)
+            above = self.ema - self.lowest > cfg.divergence_rise_margin * self.reference
+            self.rising = self.rising + 1 if above else 0
+            if self.rising >= cfg.divergence_rise_window:
+                signals.append(Signal("rise", step, self.ema, f"smoothed loss {self.ema:.4f} above its minimum "
+                                      f"{self.lowest:.4f} by more than divergence_rise_margin="
+                                      f"{cfg.divergence_rise_margin:g} x {self.reference:.4f} (its level after "
+                                      f"warm-up) for {self.rising} steps"))
+                self.rising = 0
         if similarity >= cfg.divergence_collapse_threshold:
             signals.append(Signal("collapse", step, similarity, f"embedding collapse: mean cosine similarity "
                                   f"{similarity:.4f} between the batch's embeddings >= "
@@ -123,10 +127,12 @@ class Detectors:
         return signals
 
     def restart(self) -> None:
-        """After a rollback: the counters and the smoothing start again from the restored state's losses; the
-        history (median, minimum, level after warm-up) is kept, so the same divergence is seen again at once
-        and not only after another warm-up."""
-        self.ema, self.rising, self.low_scale, self.nonfinite = math.nan, 0, 0, 0
+        """After a rollback: the counters, the smoothing and the running minimum start again from the restored
+        state's losses, and the rise is judged again after ``divergence_warmup_steps`` (a state rolled back to
+        may go through the loss's early bump again: against the old minimum that would look like a rise). The
+        spike detector's history and the level after warm-up are kept, so a spike is seen again at once."""
+        self.ema, self.lowest, self.rising, self.low_scale, self.nonfinite = math.nan, math.inf, 0, 0, 0
+        self.rise_from = self.finite_steps + self.cfg.divergence_warmup_steps
 
     def baseline(self) -> tuple[float, float]:
         """The median of the recent finite losses and their spread: 1.4826 x the median absolute deviation (the
@@ -150,7 +156,7 @@ class Detectors:
         """Plain numbers (a weights_only checkpoint holds them)."""
         return {"recent": list(self.recent), "ema": self.ema, "lowest": self.lowest, "rising": self.rising,
                 "low_scale": self.low_scale, "nonfinite": self.nonfinite, "finite_steps": self.finite_steps,
-                "reference": self.reference}
+                "reference": self.reference, "rise_from": self.rise_from}
 
     def load_state_dict(self, state: dict) -> None:
         """Inverse of :meth:`state_dict`."""
@@ -158,7 +164,7 @@ class Detectors:
         self.ema, self.lowest = float(state["ema"]), float(state["lowest"])
         self.rising, self.low_scale = int(state["rising"]), int(state["low_scale"])
         self.nonfinite, self.finite_steps = int(state["nonfinite"]), int(state["finite_steps"])
-        self.reference = float(state["reference"])
+        self.reference, self.rise_from = float(state["reference"]), int(state["rise_from"])
 
 
 def copy_tree(obj: Any, device: str | torch.device | None = "cpu") -> Any:
