@@ -184,3 +184,23 @@ def test_stop_warn_and_the_rollback_limit(policy, caplog):
     assert text.startswith("step 8: training diverge") and "loss spike" in text and "\n" not in text
     if policy == "rollback-limit":
         assert "max_rollbacks=1 reached (rollbacks 1: step 6 spike -> back to step 4" in text, text
+
+
+def test_signals_and_step_values_reach_tensorboard(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    backbone, head, scaler, joint = setup()
+    parts = (backbone, head, joint, scaler, None)
+    guard = DivergenceGuard(config(divergence_warmup_steps=3, on_divergence="warn", frequent=2), parts)
+    writer = SummaryWriter(str(tmp_path))
+    guard.begin(0, 0, writer)
+    train_steps(parts, guard, range(1, 7), spike_at=6)
+    writer.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, round(e.value)) for e in events.Scalars("divergence/spike")] == [
+        (72, round(guard.detectors.recent[-1]))]
+    assert [e.step for e in events.Scalars("train/grad_norm")] == [24, 48, 72]
+    assert [e.step for e in events.Scalars("train/embedding_similarity")] == [24, 48, 72]
+    assert all(e.value == pytest.approx(0.1) for e in events.Scalars("train/embedding_similarity"))
