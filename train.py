@@ -34,13 +34,14 @@ from utils.config.load import load_config, to_plain
 from utils.config.rules import ConfigError, ignored_keys_warning
 from utils.data.errors import DatasetError
 from utils.data.workers import start_logged
+from utils.run.divergence import DivergenceGuard, embedding_similarity
 from utils.run.lock import release_output
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
 from utils.run.resume_review import review_resume
 from utils.run.saving import CheckpointSaver
 from utils.run.state import TrainingError, all_ranks_min, prepare_output, restore_checkpoint, unseen_on_some_rank
-from utils.run.steps import count_nonfinite, fetch_step
+from utils.run.steps import fetch_step
 from utils.run.summary import log_progress, log_run_header, log_verification, open_summary_writers, print_summary
 from utils.run.failures import failure_line
 from utils.run.stop import StopRequest, WorkerDeaths
@@ -193,11 +194,12 @@ def check_data_health(loader: Any, cfg: Any, ctx: devices.DeviceContext) -> None
         raise DatasetError(error or "corrupt samples above max_bad_records on another rank (see its log)")
 
 
-def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> torch.Tensor:
+def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
     """Micro-steps of one optimizer step (DDP syncs only on the last), then a replicated head's gradient sum;
-    returns the step's mean loss as a tensor, not read on the host."""
+    returns the step's mean loss and its first micro-batch's embedding similarity (the collapse detector's
+    input) as tensors, not read on the host."""
     model.train()
-    loss_sum, accumulation, spec = 0.0, len(micro_batches), input_spec(model)
+    loss_sum, accumulation, spec, similarity = 0.0, len(micro_batches), input_spec(model), None
     step_samples = sum(len(labels) for _, labels in micro_batches)
     for micro_step, (images, labels) in enumerate(micro_batches):
         share = step_samples / len(labels)  # = accumulation, unless a short last step has a smaller micro-batch
@@ -210,10 +212,11 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> 
             with autocast:
                 embeddings = model(images)
             loss = head(embeddings.float(), labels)
+            similarity = embedding_similarity(embeddings) if similarity is None else similarity
             scaler.scale(loss / share).backward()
         loss_sum = loss_sum + loss.detach() / share
     sum_replicated_grads(head, ctx)
-    return loss_sum
+    return loss_sum, similarity
 
 
 def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: WorkerDeaths,
@@ -240,20 +243,21 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     optimizer = build_optimizer(cfg, backbone, head, scaler, schedule.lr(0))
     parts = (backbone, head, optimizer, scaler, sampler)
 
-    step, epoch = 0, 0
+    step, epoch, guard = 0, 0, DivergenceGuard(cfg, parts)  # on_divergence: detectors, snapshot, rollback
     if resume_path:
         if review_resume(cfg, resume_path, resume_state, plan, schedule, ctx):
             return {}  # the checkpoint is the run's end: nothing to train, verify or write again
         step, epoch, plan = restore_checkpoint(resume_path, resume_state, ctx, plan, parts, data.fingerprint,
                                                cfg.resume_data_changed)
+        guard.load_state_dict(resume_state.get("divergence"))
         del resume_state
-    saver = CheckpointSaver(cfg, ctx, plan, parts, data.fingerprint, resume_path, step)
+    saver = CheckpointSaver(cfg, ctx, plan, parts, data.fingerprint, resume_path, step, guard.state_dict)
     model = ddp.wrap_ddp(backbone, ctx, cfg.static_graph, plan.accumulation, cfg.fp16_grad_compression)
     verification = build_verification(cfg, source, ctx)
     writer, wandb_run = open_summary_writers(cfg, ctx)
     autocast = devices.autocast(ctx, fp16, bf16)
-    loss_meter, timer = RunningMean(), StepTimer()
-    start_step, nonfinite_in_a_row, results, ended = step, 0, {}, ""
+    loss_meter, timer, start_step, results, ended = RunningMean(), StepTimer(), step, {}, ""
+    guard.begin(step, plan.samples_seen(epoch, sampler), writer)
 
     def checkpoint() -> None:  # the loop's end and a stop both call this; the saver writes each state once
         saver.save(step, epoch, sampler.consumed if sampler.epoch == epoch else 0, bad_record_count(loader))
@@ -268,8 +272,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         sampler.set_epoch(epoch)
         batches = start_logged(loader, deaths.start)  # workers start with signals blocked (utils/run/stop.py)
         shape = sampler.epoch_shape()  # whole global batches, and a short last step when resumed off their grid
-        steps_this_epoch = shape.steps
-        steps_to_run = min(steps_this_epoch, plan.last_step - step)
+        steps_to_run = min(shape.steps, plan.last_step - step)
         micro_batches, fetch_error, data_wait = fetch_step(batches, shape.micro_batches(0), deaths, watch, step + 1,
                                                           steps_to_run > 0)
         have_data, no_stop = all_ranks_min([float(micro_batches is not None), float(not stop.requested)], ctx)
@@ -277,19 +280,20 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         if ended:
             break
         for index in range(steps_to_run):
-            current_lr = schedule.lr(plan.position(epoch, sampler.consumed))
+            current_lr = schedule.lr(plan.position(epoch, sampler.consumed)) * guard.lr_factor
             optimizer.set_lr(current_lr)
-            loss = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx)
+            loss, similarity = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx)
             micro_batches, fetch_error, next_wait = fetch_step(batches, shape.micro_batches(index + 1), deaths, watch,
                                                                step + 2, index + 1 < steps_to_run)
             # Every rank applies this step or skips it; a stop or a dead worker anywhere ends the run after it.
-            outcome = optimizer.step(loss=loss, flags=(stop.requested, micro_batches is None))
+            outcome = optimizer.step(loss=loss, flags=(stop.requested, micro_batches is None),
+                                     shared=guard.shared(similarity))
             optimizer.zero_grad(set_to_none=True)
-            nonfinite_in_a_row = count_nonfinite(outcome, nonfinite_in_a_row, step, cfg)
             if outcome.stepped:
                 loss_meter.update(outcome.loss)
             sampler.advance(shape.step_samples(index) * ctx.world_size)
             step += 1
+            guard.after_step(step, outcome, plan.samples_seen(epoch, sampler))  # may roll back or stop (on_divergence)
             timer.add(shape.step_samples(index) * ctx.world_size, data_wait)
             data_wait = next_wait
             if step % cfg.frequent == 0 or step == plan.last_step:
@@ -308,7 +312,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
             if cfg.save_every_steps and step % cfg.save_every_steps == 0 and index < steps_to_run - 1:
                 checkpoint()
         else:
-            epoch += int(steps_to_run == steps_this_epoch)  # the epoch ran to its end
+            epoch += int(steps_to_run == shape.steps)  # the epoch ran to its end
             checkpoint()
 
     checkpoint()

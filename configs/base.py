@@ -83,6 +83,27 @@ config.lr_gamma = 0.1           # lr_schedule="step": the factor per milestone
 config.clip_grad_norm = 5.0     # backbone grad-norm clip; 0 = off
 config.max_steps = None         # stop after this many optimizer steps; the whole LR schedule (warmup, lr_steps, decay) is compressed to fit them
 config.max_nonfinite_steps = 20 # abort after this many non-finite losses in a row
+# When training blows up (utils/run/divergence.py; docs/training.md "Divergence"). The detectors judge values every
+# rank shares (the loss and the embeddings' similarity averaged over ranks in the optimizer's all-reduce, the fp16
+# scale), so all ranks fire at the same step; each signal is one log line with its numbers and a TensorBoard scalar.
+config.on_divergence = "rollback"   # rollback | stop | warn. Default rollback: the detectors stay quiet on healthy runs (tested
+                                    # on the demo), the snapshot costs < 1% of a step (docs/benchmarks.md), and a diverged run
+                                    # otherwise trains on to a useless model (warn) or dies where a lower LR would have saved
+                                    # it (stop). "stop": one error line naming the step and the signal, exit 2 (no checkpoint
+                                    # of the diverged state). "warn": one warning per signal, training goes on. A run of
+                                    # max_nonfinite_steps non-finite losses stops under warn and stop, rolls back under rollback
+config.max_rollbacks = 3            # rollbacks in a run (checkpointed: a resume counts on); one more divergence stops the run with one line listing each
+config.snapshot_every_steps = 25    # rollback: the in-memory (host RAM) copy of backbone, head rows, optimizer state and scaler is
+                                    # refreshed at the first healthy step (no detector counting, loss not elevated) after every N steps;
+                                    # also taken before the run's first step (and after a resume)
+config.divergence_lr_factor = 0.1   # rollback: the LR is multiplied by this for the rest of the run, once per rollback (cumulative, checkpointed)
+config.divergence_warmup_steps = 20 # spike, rise and collapse are judged after this many finite steps (since the start; checkpointed)
+config.divergence_spike_factor = 6.0  # spike: the step's loss above the median of the last 50 finite losses by this x their spread (1.4826 x MAD, >= 1% of the post-warm-up loss)
+config.divergence_rise_margin = 0.1   # rise: the smoothed loss (EMA 0.9) above its running minimum by this x its level after warm-up ...
+config.divergence_rise_window = 10    # ... for this many steps in a row
+config.divergence_scale_floor = 1.0   # fp16: the grad scale below this ...
+config.divergence_scale_window = 20   # ... for this many steps in a row
+config.divergence_collapse_threshold = 0.95  # collapse: mean cosine similarity between different embeddings of the batch at or above this
 
 # ---------------------------------------------------------------- precision and DDP
 config.fp16 = False             # autocast fp16 + GradScaler (apex O1 equivalent)

@@ -188,6 +188,8 @@ class StepOutcome:
     grad_norm: float  # this step's backbone gradient norm (before clipping; nan / inf when not finite)
     loss: float = math.nan  # this rank's loss as passed to step()
     flags: list[bool] = field(default_factory=list)  # step(flags=...) agreed on: True where any rank set it
+    mean_loss: float = math.nan  # the loss averaged over ranks (the same number on every rank)
+    shared: list[float] = field(default_factory=list)  # step(shared=...) averaged over ranks
 
 
 class JointOptimizer:
@@ -238,13 +240,16 @@ class JointOptimizer:
         return [param for group in self.backbone_optimizer.param_groups for param in group["params"]
                 if param.grad is not None]
 
-    def step(self, loss: float | torch.Tensor = 0.0, flags: Sequence[float] = ()) -> StepOutcome:
+    def step(self, loss: float | torch.Tensor = 0.0, flags: Sequence[float] = (),
+             shared: Sequence[torch.Tensor] = ()) -> StepOutcome:
         """Unscale, clip, decide on every rank together, then step both (or skip both).
 
         ``loss`` may be a tensor (this step's loss, not yet read on the host). ``flags``: the caller's own
         per-rank conditions (e.g. "stop requested"), agreed on in the same all-reduce (max over ranks) and
-        returned in ``StepOutcome.flags``. One small all-reduce and one device-to-host read per call: the
-        decision, the loss and the gradient norm come back together.
+        returned in ``StepOutcome.flags``. ``shared``: per-rank device scalars (e.g. the divergence detectors'
+        inputs) averaged over ranks in the same all-reduce (``StepOutcome.shared``; the loss's average is
+        ``mean_loss``), so every rank judges the same numbers. One small all-reduce and one device-to-host read
+        per call: the decision, the loss and the gradient norm come back together.
         """
         scaler, head = self.scaler, self.head
         if scaler.is_enabled():
@@ -268,11 +273,15 @@ class JointOptimizer:
         found_inf = devices.scaler_found_inf(scaler, self.backbone_optimizer)  # torch_npu: its overflow flags
         if found_inf is not None:
             grads_bad |= found_inf.to(self.device).reshape(1) > 0
-        # Max over ranks of "something is wrong": every rank takes the same decision.
+        # Sum over ranks of "something is wrong" (> 0: on some rank), so every rank takes the same decision; the
+        # same sum carries the loss and the shared values, which come back as averages.
         decision = torch.cat([~torch.isfinite(loss), grads_bad, devices.flags_tensor(flags, self.device) > 0]).float()
-        dist_utils.all_reduce_(decision, "max")
-        values = torch.cat([decision, grad_norm, loss]).tolist()  # the step's one host read
-        loss_bad, grads_bad, agreed = values[0] > 0, values[1] > 0, [value > 0 for value in values[2:-2]]
+        means = [loss] + [value.detach().float().to(self.device).reshape(1) for value in shared]
+        reduced = dist_utils.all_reduce_(torch.cat([decision] + means), "sum")
+        values = torch.cat([reduced, grad_norm, loss]).tolist()  # the step's one host read
+        count, world = len(decision), dist_utils.get_world_size()
+        averages = [value / world for value in values[count:count + len(means)]]
+        loss_bad, grads_bad, agreed = values[0] > 0, values[1] > 0, [value > 0 for value in values[2:count]]
         stepped = not loss_bad and not grads_bad
         if stepped:
             # Every gradient is finite on every rank, the scaler's own flags included: GradScaler.step would only
@@ -286,7 +295,8 @@ class JointOptimizer:
             scaler.update()
         elif scaler.is_enabled():
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-        return StepOutcome(stepped, not loss_bad, not grads_bad, values[-2], values[-1], agreed)
+        return StepOutcome(stepped, not loss_bad, not grads_bad, values[-2], values[-1], agreed, averages[0],
+                           averages[1:])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the backbone's and the head's gradients."""

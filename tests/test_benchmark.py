@@ -733,3 +733,21 @@ def test_detect_missing_images_is_a_one_line_error(tmp_path):
         f"--images {tmp_path / 'nowhere'}: no such file or folder")
     assert one_line_error(["detect", "--images", str(tmp_path)]) == (
         f"--images {tmp_path}: no .jpg/.jpeg/.png/.bmp/.webp photos in this folder")
+
+
+# ---------------------------------------------------------------------------- snapshot
+
+
+@pytest.mark.timeout(120)
+def test_snapshot_prints_step_and_copy_times_and_shares(capsys):
+    benchmark.main(["snapshot", "--network", "tiny", "--batch", "4", "--classes", "16", "--embedding", "32",
+                    "--device", "cpu", "--iters", "1", "--intervals", "10,25"])
+    out = capsys.readouterr().out
+    step = positive(re.search(rf"training step\s+{NUMBER} ms", out).group(1))
+    copy = re.search(rf"snapshot \(host copy\)\s+{NUMBER} ms\s+{NUMBER} MiB", out)
+    snapshot, mib = positive(copy.group(1)), positive(copy.group(2))
+    shares = [float(m.group(2)) for m in lines_matching(out, rf"every\s+(\d+) steps\s+{NUMBER} %")]
+    # the copy once per interval, over the interval's steps (times printed to 0.1 ms: a loose check there)
+    assert len(shares) == 2 and shares[0] == pytest.approx(100 * snapshot / (10 * step), rel=0.5, abs=2e-3)
+    assert shares[0] == pytest.approx(2.5 * shares[1], rel=0.05, abs=2e-3)
+    assert mib > 0.01  # the tiny backbone, 16 rows x 32 and their momentum

@@ -142,11 +142,12 @@ def test_gradient_accumulation_equals_a_bigger_batch(tmp_path, identity_set, mon
 
 def test_a_nonfinite_step_is_skipped_and_a_run_of_them_aborts(tmp_path, identity_set, monkeypatch):
     monkeypatch.setattr(train, "get_model", lambda name, **kw: TinyNet(kw["num_features"], nan_at_call=3))
-    config = write_config(tmp_path, rec=identity_set, max_nonfinite_steps=3)
+    # the third forward is step 3's (the step numbers in these lines were one low before divergence handling)
+    config = write_config(tmp_path, rec=identity_set, max_nonfinite_steps=3, on_divergence="stop")
     assert train.main([config]) == 2
     log = training_log(str(tmp_path / "out_job"))
-    assert "step 2: non-finite loss (nan); step skipped (1 in a row)" in log
-    assert "error: loss was non-finite for 3 optimizer steps in a row (max_nonfinite_steps=3, last at step 4)" in log
+    assert "step 3: non-finite loss (nan); step skipped (1 in a row)" in log
+    assert "error: loss was non-finite for 3 optimizer steps in a row (max_nonfinite_steps=3, last at step 5)" in log
 
 
 def test_bad_config_key_and_bad_labels_are_one_line_errors(tmp_path, identity_set, capsys):

@@ -7,6 +7,7 @@
     python tools/benchmark.py eval      [options]   # verification .bin and IJB scoring time
     python tools/benchmark.py detect    [options]   # MTCNN face detection time vs facenet-pytorch
     python tools/benchmark.py doctor    [options]   # check an environment: versions, devices, a short training
+    python tools/benchmark.py snapshot  [options]   # the divergence rollback snapshot: time and memory per step
 
 Each subcommand lives in ``tools/benchmarks/<name>.py`` with ``add_arguments(parser)``
 and ``run(args)``; ``--help`` after a subcommand lists its options.
@@ -20,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SUBCOMMANDS = ("data", "backbone", "head", "train", "eval", "detect", "doctor")
+SUBCOMMANDS = ("data", "backbone", "head", "train", "eval", "detect", "doctor", "snapshot")
 
 
 def main(argv: list[str] | None = None) -> None:

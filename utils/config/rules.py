@@ -87,6 +87,11 @@ RULES: dict[str, Rule] = {
     "lr_schedule": _enum("poly", "step"), "lr_steps": Rule("seq", 0, item="float"), "lr_gamma": _num(0, low_open=True),
     "on_save_error": _enum("stop", "warn"), "triplet_margin": _num(0, low_open=True), "images_per_identity": _int(2),
     "collective_timeout_s": _num(0, low_open=True),
+    "on_divergence": _enum("rollback", "stop", "warn"), "max_rollbacks": _int(0), "snapshot_every_steps": _int(1),
+    "divergence_lr_factor": _num(0, 1, low_open=True), "divergence_warmup_steps": _int(1),
+    "divergence_spike_factor": _num(0, low_open=True), "divergence_rise_margin": _num(0, low_open=True),
+    "divergence_rise_window": _int(1), "divergence_scale_floor": _num(0), "divergence_scale_window": _int(1),
+    "divergence_collapse_threshold": _num(0, 1, low_open=True),
 }
 
 # Keys of arcface_torch's configs/base.py that mean nothing here (W&B details ArcScale does not use: its

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -47,13 +47,16 @@ def reason(exc: BaseException) -> str:
 class CheckpointSaver:
     """Writes this run's checkpoints and model.pt and keeps track of which of them are on disk.
 
-    ``data`` is the data fingerprint recorded in every checkpoint (resume compares it);
+    ``data`` is the data fingerprint recorded in every checkpoint (resume compares it); ``divergence`` returns
+    the divergence guard's state for each checkpoint (``utils/run/divergence.py``);
     ``resumed_from``/``resumed_step`` the checkpoint this run continued from, if any.
     """
 
     def __init__(self, cfg: Any, ctx: devices.DeviceContext, plan: Any, parts: tuple, data: dict,
-                 resumed_from: str | None = None, resumed_step: int = 0) -> None:
+                 resumed_from: str | None = None, resumed_step: int = 0,
+                 divergence: Callable[[], dict] | None = None) -> None:
         self.cfg, self.ctx, self.plan, self.parts, self.data = cfg, ctx, plan, parts, data
+        self.divergence = divergence  # the divergence guard's state (rollbacks, LR factor), saved in each checkpoint
         self.model_path = os.path.join(cfg.output, "model.pt")
         self.tried_at: tuple[int, int] | None = None  # (step, epoch) of the last save (not retried at once)
         self.failure = ""  # why the last save failed; "" when it succeeded
@@ -80,7 +83,8 @@ class CheckpointSaver:
                 world_size=self.ctx.world_size, rng=rng_states, config=to_plain(self.cfg),
                 data={**self.data, "bad_records": bad_records},
                 states={"backbone": backbone.state_dict(), "head": head_state, "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "sampler": sampler.state_dict()})
+                        "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
+                        **({} if self.divergence is None else {"divergence": self.divergence()})})
             wrote, error = self._write(state, backbone.state_dict(), path)
             if not error:
                 logger.info("saved checkpoint %s (step %d, epoch %d)", path, step, epoch)
