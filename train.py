@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from backbones import MODEL_NAMES, get_model, input_spec, normalize
+from distill import Distiller, build_distiller, check_teacher
 from dataset import bad_record_count, check_bad_records, get_dataloader
 from losses import build_margin_loss
 from partial_fc import PartialFC
@@ -137,12 +138,13 @@ def sum_replicated_grads(head: torch.nn.Module, ctx: devices.DeviceContext) -> N
 
 
 def build_optimizer(cfg: Any, backbone: torch.nn.Module, head: torch.nn.Module, scaler: Any,
-                    lr: float) -> JointOptimizer:
+                    lr: float, distill: Distiller | None = None) -> JointOptimizer:
     """SGD (arcface_torch), AdamW (ViTs) or Adam (facenet-pytorch) over the backbone, a replicated head's
-    parameters and Partial FC's rows, as one optimizer that also owns AMP unscaling, clipping and the
-    all-rank finite check."""
+    parameters, the distillation projection and Partial FC's rows, as one optimizer that also owns AMP
+    unscaling, clipping and the all-rank finite check."""
     partial_fc = head if isinstance(head, PartialFC) else None
     params = list(backbone.parameters()) + ([] if partial_fc is not None else list(head.parameters()))
+    params += list(distill.parameters()) if distill is not None else []  # after the others: older checkpoints load
     return build_joint_optimizer(cfg.optimizer, params, partial_fc, lr, momentum=cfg.momentum,
                                  weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                  clip_grad_norm=cfg.clip_grad_norm, scaler=scaler)
@@ -194,16 +196,18 @@ def check_data_health(loader: Any, cfg: Any, ctx: devices.DeviceContext) -> None
         raise DatasetError(error or "corrupt samples above max_bad_records on another rank (see its log)")
 
 
-def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-    """Micro-steps of one optimizer step (DDP syncs only on the last), then a replicated head's gradient sum;
-    returns the step's mean loss and its first micro-batch's embedding similarity (the collapse detector's
-    input) as tensors, not read on the host."""
+def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx,
+                     distill=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-steps of one optimizer step (DDP syncs only on the last), then a replicated head's (and the
+    distillation projection's) gradient sum; returns the step's mean loss and its first micro-batch's embedding
+    similarity (the collapse detector's input) as tensors, not read on the host."""
     model.train()
     loss_sum, accumulation, spec, similarity = 0.0, len(micro_batches), input_spec(model), None
     step_samples = sum(len(labels) for _, labels in micro_batches)
     for micro_step, (images, labels) in enumerate(micro_batches):
         share = step_samples / len(labels)  # = accumulation, unless a short last step has a smaller micro-batch
-        images = normalize(images.to(ctx.device, non_blocking=True), spec)
+        raw = images.to(ctx.device, non_blocking=True)  # uint8: the teacher converts it to its own convention
+        images = normalize(raw, spec)
         labels = labels.to(ctx.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -211,12 +215,31 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> 
         with sync:
             with autocast:
                 embeddings = model(images)
-            loss = head(embeddings.float(), labels)
+            kd = distill(raw, embeddings, autocast) if distill is not None else 0.0  # kd_weight x term, or nothing
+            loss = head(embeddings.float(), labels) + kd
             similarity = embedding_similarity(embeddings) if similarity is None else similarity
             scaler.scale(loss / share).backward()
         loss_sum = loss_sum + loss.detach() / share
     sum_replicated_grads(head, ctx)
+    if distill is not None:
+        distill.sum_grads()
     return loss_sum, similarity
+
+
+def finish_run(cfg: Any, ctx: devices.DeviceContext, results: dict, deaths: WorkerDeaths, skipped: int,
+               saver: CheckpointSaver, writer: Any, wandb_run: Any) -> None:
+    """A completed run's last words: late worker deaths and skipped records said, the summary table printed
+    (rank 0), TensorBoard and wandb closed."""
+    if deaths.failure:  # after the last batch was delivered: nothing is missing from the result
+        logger.warning("%s after the last batch it was needed for; the run's outputs are complete", deaths.failure)
+    if skipped:
+        logger.warning("%d corrupt record(s) were skipped during training", skipped)
+    if ctx.is_main:
+        print_summary(cfg, results, *saver.final_files())
+    if writer is not None:
+        writer.close()
+    if wandb_run is not None:
+        wandb_run.finish()
 
 
 def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: WorkerDeaths,
@@ -239,9 +262,9 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     fp16, bf16 = devices.resolve_precision(ctx, bool(cfg.fp16), bool(cfg.bf16))
     backbone, classifier = build_backbone(cfg, ctx)
     head = build_head(cfg, data.num_classes, classifier, ctx)
-    scaler = devices.grad_scaler(ctx, fp16)
-    optimizer = build_optimizer(cfg, backbone, head, scaler, schedule.lr(0))
-    parts = (backbone, head, optimizer, scaler, sampler)
+    scaler, distill = devices.grad_scaler(ctx, fp16), build_distiller(cfg, ctx.device, ctx.world_size)
+    optimizer = build_optimizer(cfg, backbone, head, scaler, schedule.lr(0), distill)
+    parts = (backbone, head, optimizer, scaler, sampler, distill)
 
     step, epoch, guard = 0, 0, DivergenceGuard(cfg, parts)  # on_divergence: detectors, snapshot, rollback
     if resume_path:
@@ -282,7 +305,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         for index in range(steps_to_run):
             current_lr = schedule.lr(plan.position(epoch, sampler.consumed)) * guard.lr_factor
             optimizer.set_lr(current_lr)
-            loss, similarity = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx)
+            loss, similarity = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx, distill)
             micro_batches, fetch_error, next_wait = fetch_step(batches, shape.micro_batches(index + 1), deaths, watch,
                                                                step + 2, index + 1 < steps_to_run)
             # Every rank applies this step or skips it; a stop or a dead worker anywhere ends the run after it.
@@ -299,7 +322,8 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
             if step % cfg.frequent == 0 or step == plan.last_step:
                 check_data_health(loader, cfg, ctx)
                 log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, current_lr,
-                             start_step, getattr(head, "last_stats", None), plan.samples_seen(epoch, sampler))
+                             start_step, getattr(head, "last_stats", None), plan.samples_seen(epoch, sampler),
+                             distill.take_mean() if distill is not None else None)
             if any(outcome.flags) and step < plan.last_step:  # after the last step the run is complete anyway
                 ended = "stop" if outcome.flags[0] else "data"
                 if index + 1 < steps_to_run:
@@ -327,17 +351,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     if verification is not None:
         results = verification(step, backbone, ctx.device)
         log_verification(writer, wandb_run, verification, results, plan.samples_seen(epoch, sampler))
-    if deaths.failure:  # after the last batch was delivered: nothing is missing from the result
-        logger.warning("%s after the last batch it was needed for; the run's outputs are complete", deaths.failure)
-    skipped = bad_record_count(loader)
-    if skipped:
-        logger.warning("%d corrupt record(s) were skipped during training", skipped)
-    if ctx.is_main:
-        print_summary(cfg, results, *saver.final_files())
-    if writer is not None:
-        writer.close()
-    if wandb_run is not None:
-        wandb_run.finish()
+    finish_run(cfg, ctx, results, deaths, bad_record_count(loader), saver, writer, wandb_run)
     return results
 
 
@@ -357,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, known_values={"network": MODEL_NAMES})  # typos before any data
         if cfg.init_backbone:
             resolve_init_backbone(cfg.init_backbone, cfg.network)  # fetched, or a missing file said, before any data
+        check_teacher(cfg, MODEL_NAMES)  # the teacher's network and file, before any data
         ctx = devices.setup(cfg.device, args.local_rank, process_group_timeout_s(cfg.collective_timeout_s))
         devices.apply_speed_settings(ctx, cfg.cudnn_benchmark, cfg.allow_tf32)
     except Exception as exc:

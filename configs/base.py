@@ -18,6 +18,11 @@ config.resume_data_changed = False  # resume although the data differs from the 
 config.init_backbone = None     # a backbone/model.pt path, or a released name ("facenet:vggface2", "insightface:ms1mv3_r50": python tools/weights.py list, docs/weights.md) to start from (fine-tuning); names are fetched into $ARCSCALE_CACHE (default ~/.cache/arcscale). A missing file is refused before any data, naming this key and the path looked at
 config.log_level = "INFO"
 
+# ---------------------------------------------------------------- knowledge distillation (distill.py, docs/training.md)
+config.teacher = None           # None | dict(network="r50", weights=<backbone file or released name>): a frozen teacher (eval mode, no gradients, the run's autocast, each rank's own batch in its own input convention; its embedding size comes from the file, which is only read). Adds kd_weight x kd_loss to the loss
+config.kd_loss = "cosine"       # cosine | l2 | relation. cosine: 1 - cos(P s, t); l2: ||P s - t||^2 (raw embeddings); P = a trained linear projection student -> teacher size when they differ (in checkpoints, not in model.pt). relation: MSE of the batch's pairwise cosine-similarity matrices (no projection)
+config.kd_weight = 1.0          # weight of the distillation term in the loss (the term is logged unweighted as "kd")
+
 # ---------------------------------------------------------------- data
 # rec: a folder with train.rec/train.idx, an image folder root/<identity>/<image>, "random" (random
 # tensors, for speed tests), or "synthetic": arcface_torch's spelling of "random", except that with

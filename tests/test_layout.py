@@ -21,6 +21,7 @@ ALLOWED = {
     "softmax_head": {"utils.devices"},
     "pfc": {"losses", "utils.devices"},
     "partial_fc": {"losses", "pfc", "utils.devices"},
+    "distill": {"backbones", "utils.weights", "utils.run", "utils.config"},
     "dataset": {"backbones", "utils.data", "utils.run", "utils.config", "utils.devices"},
     "eval": {"backbones", "utils.data", "utils.devices", "utils.faces", "utils.weights", "utils.config"},
 }

@@ -86,13 +86,14 @@ RULES: dict[str, Rule] = {
     "max_bad_records": Rule("limit"), "resume": Rule("bool", choices=("auto",)),
     "lr_schedule": _enum("poly", "step"), "lr_steps": Rule("seq", 0, item="float"), "lr_gamma": _num(0, low_open=True),
     "on_save_error": _enum("stop", "warn"), "triplet_margin": _num(0, low_open=True), "images_per_identity": _int(2),
-    "collective_timeout_s": _num(0, low_open=True),
+    "collective_timeout_s": _num(0, low_open=True), "kd_weight": _num(0), "kd_loss": _enum("cosine", "l2", "relation"),
     "on_divergence": _enum("rollback", "stop", "warn"), "max_rollbacks": _int(0), "snapshot_every_steps": _int(1),
     "divergence_lr_factor": _num(0, 1, low_open=True), "divergence_warmup_steps": _int(1),
     "divergence_spike_factor": _num(0, low_open=True), "divergence_rise_margin": _num(0, low_open=True),
     "divergence_rise_window": _int(1), "divergence_scale_floor": _num(0), "divergence_scale_window": _int(1),
     "divergence_collapse_threshold": _num(0, 1, low_open=True),
 }
+TEACHER_KEYS = ("network", "weights")  # config key 'teacher': dict(network=..., weights=...)
 
 # Keys of arcface_torch's configs/base.py that mean nothing here (W&B details ArcScale does not use: its
 # W&B key comes from WANDB_API_KEY, runs are named by wandb_run_name). A copied arcface_torch config is
@@ -270,6 +271,8 @@ def validate_config(cfg: Mapping[str, Any], defaults: Mapping[str, Any],
         problem = check_value(rule, value)
         if problem:
             raise _bad_value(name, problem, value, sources)
+    if not prefix:
+        check_teacher_value(cfg.get("teacher"), sources)
     if not prefix and cfg.get("fp16") and cfg.get("bf16"):
         raise ConfigError("config keys 'fp16' and 'bf16': both True, expected at most one of them")
     if not prefix and cfg.get("fp16_grad_compression") and cfg.get("bf16"):
@@ -277,6 +280,22 @@ def validate_config(cfg: Mapping[str, Any], defaults: Mapping[str, Any],
         raise ConfigError("config keys 'fp16_grad_compression' and 'bf16': both True; fp16 buckets would flush "
                           "small unscaled bf16-run gradients to zero: use fp16_grad_compression with fp16 "
                           "(loss-scaled) or fp32 training only")
+
+
+def check_teacher_value(value: Any, sources: Mapping[str, str] | None = None) -> None:
+    """``teacher``: None, or a dict of exactly ``network`` and ``weights``, both non-empty strings."""
+    if value is None:
+        return
+    expected = "None or dict(network=<network name>, weights=<backbone file or released name>)"
+    if not isinstance(value, Mapping):
+        raise _bad_value("teacher", expected, value, sources or {})
+    unknown = sorted(set(map(str, value)) - set(TEACHER_KEYS))
+    if unknown:
+        where = f"{(sources or {})['teacher']}: " if "teacher" in (sources or {}) else ""
+        raise ConfigError(f"{where}config key 'teacher.{unknown[0]}': unknown key, expected {expected}")
+    for key in TEACHER_KEYS:
+        if not isinstance(value.get(key), str) or not value.get(key):
+            raise _bad_value(f"teacher.{key}", f"a non-empty string ({expected})", value.get(key), sources or {})
 
 
 def _bad_value(name: str, expected: str, value: Any, sources: Mapping[str, str]) -> ConfigError:

@@ -189,7 +189,7 @@ class DivergenceGuard:
     """The loop's one divergence object: ``shared`` gives the values the optimizer's all-reduce averages,
     ``after_step`` judges them and applies ``on_divergence``; ``lr_factor`` multiplies the scheduled LR.
 
-    ``parts`` is the trainer's (backbone, head, optimizer, scaler, sampler). What survives a checkpoint
+    ``parts`` is the trainer's (backbone, head, optimizer, scaler, sampler[, distillation or None]). What survives a checkpoint
     (:meth:`state_dict`): the rollbacks taken (step, signal, snapshot step, skipped samples), the LR factor
     in force and the detectors' statistics; all in samples and steps, so a resume on another world size
     or an elastic restart keeps them.
@@ -197,6 +197,7 @@ class DivergenceGuard:
 
     def __init__(self, cfg: Any, parts: tuple) -> None:
         self.cfg, self.parts = cfg, parts
+        self.distill = parts[5] if len(parts) > 5 else None
         self.policy = cfg.on_divergence
         self.detectors = Detectors(cfg)
         self.lr_factor = 1.0
@@ -266,19 +267,23 @@ class DivergenceGuard:
     # ---------------------------------------------------------------- snapshot and rollback
     def take_snapshot(self, step: int, samples: int) -> None:
         """Copy the training state into host memory (each rank its own: the head's shard, its RNG-free state)."""
-        backbone, head, optimizer, scaler, _ = self.parts
+        backbone, head, optimizer, scaler = self.parts[:4]
         self.snapshot = {"step": step, "samples": samples,
                          "backbone": copy_tree(module_tensors(backbone)), "head": copy_tree(module_tensors(head)),
+                         "distill": copy_tree(module_tensors(self.distill)) if self.distill is not None else None,
                          "optimizer": copy_tree(optimizer.state_dict()),
                          "scaler": scaler.state_dict() if scaler.is_enabled() else None}
         self.snapshot_due = False
 
     def restore_snapshot(self) -> None:
         """Put the snapshot's state back, in place (the DDP wrapper and the optimizer keep their tensors)."""
-        backbone, head, optimizer, scaler, _ = self.parts
+        backbone, head, optimizer, scaler = self.parts[:4]
         snapshot = self.snapshot
+        modules = [(backbone, snapshot["backbone"]), (head, snapshot["head"])]
+        if self.distill is not None:  # the distillation projection, trained with the backbone
+            modules.append((self.distill, snapshot["distill"]))
         with torch.no_grad():
-            for module, saved in ((backbone, snapshot["backbone"]), (head, snapshot["head"])):
+            for module, saved in modules:
                 for name, tensor in module_tensors(module).items():
                     tensor.copy_(saved[name])
         optimizer.load_state_dict(copy_tree(snapshot["optimizer"], None))  # fresh tensors: the snapshot stays as is

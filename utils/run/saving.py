@@ -73,7 +73,7 @@ class CheckpointSaver:
         if self.tried_at == (step, epoch):
             return not self.failure
         self.tried_at = (step, epoch)
-        backbone, head, optimizer, scaler, sampler = self.parts
+        backbone, head, optimizer, scaler, sampler, *extra = self.parts
         head_state = head_state_dict(head)
         rng_states = gather_rng_states(self.ctx)
         path, wrote, error = checkpoint_path(self.cfg.output, step), [1.0, 1.0], ""
@@ -84,7 +84,8 @@ class CheckpointSaver:
                 data={**self.data, "bad_records": bad_records},
                 states={"backbone": backbone.state_dict(), "head": head_state, "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
-                        **({} if self.divergence is None else {"divergence": self.divergence()})})
+                        **({} if self.divergence is None else {"divergence": self.divergence()}),
+                        **({"distill": extra[0].state_dict()} if extra and extra[0] is not None else {})})
             wrote, error = self._write(state, backbone.state_dict(), path)
             if not error:
                 logger.info("saved checkpoint %s (step %d, epoch %d)", path, step, epoch)

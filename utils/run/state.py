@@ -319,7 +319,14 @@ def restore_checkpoint(path, state, ctx, plan, parts, data: dict | None = None,
     the plan for the rest of the run (``RunPlan.resumed_at``: it ends where the loader really ends)."""
     if data is not None:
         check_resume_data(path, state, data, data_changed_ok)
-    backbone, head, optimizer, scaler, sampler = parts
+    backbone, head, optimizer, scaler, sampler, *extra = parts
+    distill = extra[0] if extra else None  # the distillation projection (distill.py), when the run has a teacher
+    if (distill is not None) != ("distill" in state):
+        raise TrainingError(f"{path}: the checkpoint was trained {'with' if 'distill' in state else 'without'} a "
+                            f"teacher and the config has {'none' if distill is None else 'one'}: resume with the "
+                            f"config it was trained with, or start a new `output` with init_backbone={path!r}")
+    if distill is not None:
+        distill.load_state_dict(state["distill"])
     try:
         backbone.load_state_dict(state["backbone"])
     except RuntimeError:

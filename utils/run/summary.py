@@ -67,18 +67,22 @@ def log_verification(writer: Any, run: Any, verification: Any, results: dict[str
 
 
 def log_progress(cfg, ctx, writer, wandb_run, loss_meter, timer, scaler, step, plan, epoch, lr, start_step,
-                 triplet_stats=None, samples_seen=None) -> None:
-    """The periodic status line (a window without a finite step shows no loss, never 0); with the triplet
+                 triplet_stats=None, samples_seen=None, kd_term=None) -> None:
+    """The periodic status line (a window without a finite step shows no loss, never 0); with distillation
+    the window's mean unweighted distillation term (``kd``, part of the loss); with the triplet
     loss also the active-triplet fraction and the mean anchor-positive / anchor-negative distances."""
     stats = timer.report(step, plan.last_step, start_step)
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
     loss_text = f"{loss_meter.mean:.4f}" if loss_meter.count else "n/a (all steps skipped)"
-    logger.info("step %d/%d epoch %d | loss %s | lr %.6g | %.1f samples/s | data wait %.0f%% | scale %.0f | "
-                "mem %.2f GiB | ETA %s", step, plan.last_step, epoch, loss_text, lr, stats["samples_per_s"],
+    kd_text = "" if kd_term is None else f" | kd {kd_term:.4f}"
+    logger.info("step %d/%d epoch %d | loss %s | lr %.6g%s | %.1f samples/s | data wait %.0f%% | scale %.0f | "
+                "mem %.2f GiB | ETA %s", step, plan.last_step, epoch, loss_text, lr, kd_text, stats["samples_per_s"],
                 100 * stats["data_wait"], scale, devices.memory_gib(ctx), format_eta(stats["eta_s"]))
     scalars = {"train/lr": lr, "train/samples_per_s": stats["samples_per_s"], "train/data_wait": stats["data_wait"]}
     if loss_meter.count:
         scalars["train/loss"] = loss_meter.mean
+    if kd_term is not None:
+        scalars["train/kd"] = kd_term
     if triplet_stats:
         logger.info("step %d triplets | active %.3f | d(a,p) %.4f | d(a,n) %.4f", step,
                     triplet_stats.get("active_fraction", float("nan")), triplet_stats.get("mean_ap", float("nan")),
