@@ -43,6 +43,7 @@ from utils.run.state import TrainingError, all_ranks_min, prepare_output, restor
 from utils.run.steps import count_nonfinite, fetch_step
 from utils.run.summary import log_progress, log_run_header, log_verification, open_summary_writers, print_summary
 from utils.run.failures import failure_line
+from utils.run import finetune
 from utils.run.stop import StopRequest, WorkerDeaths
 from utils.run.watchdog import StepWatch, process_group_timeout_s
 from utils.weights.load import load_backbone
@@ -80,8 +81,8 @@ def resolve_data(cfg: Any, ctx: devices.DeviceContext) -> str:
 
 
 def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> tuple[torch.nn.Module, dict | None]:
-    """The configured network on the training device, optionally initialised from ``init_backbone``;
-    also the file's ``logits`` classifier when it has one (facenet-pytorch's releases)."""
+    """The configured network on the training device, optionally initialised from ``init_backbone``, with its
+    fine-tuning freezes applied; also the file's ``logits`` classifier when it has one (facenet-pytorch's releases)."""
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
                          gradient_checkpointing=cfg.gradient_checkpointing)
     spec = input_spec(backbone)
@@ -93,6 +94,7 @@ def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> tuple[torch.nn.Modul
         path = resolve_weights(cfg.init_backbone)
         _, classifier = load_backbone(path, model=backbone, return_classifier=True)
         logger.info("initialised backbone from %s%s", cfg.init_backbone, "" if path == cfg.init_backbone else f" ({path})")
+    finetune.prepare_backbone(backbone, cfg)  # freeze_stages, freeze_bn: before the optimizer and DDP see it
     backbone = backbone.to(ctx.device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -139,9 +141,13 @@ def build_optimizer(cfg: Any, backbone: torch.nn.Module, head: torch.nn.Module, 
                     lr: float) -> JointOptimizer:
     """SGD (arcface_torch), AdamW (ViTs) or Adam (facenet-pytorch) over the backbone, a replicated head's
     parameters and Partial FC's rows, as one optimizer that also owns AMP unscaling, clipping and the
-    all-rank finite check."""
+    all-rank finite check. The backbone's group learns at ``backbone_lr_scale`` times the head's lr."""
     partial_fc = head if isinstance(head, PartialFC) else None
-    params = list(backbone.parameters()) + ([] if partial_fc is not None else list(head.parameters()))
+    params = [{"params": list(backbone.parameters()), "lr_scale": float(cfg.backbone_lr_scale), "name": "backbone"}]
+    if partial_fc is None and cfg.backbone_lr_scale != 1.0:
+        params.append({"params": list(head.parameters()), "lr_scale": 1.0, "name": "head"})
+    elif partial_fc is None:  # one group, as checkpoints made before backbone_lr_scale hold it
+        params[0]["params"] += list(head.parameters())
     return build_joint_optimizer(cfg.optimizer, params, partial_fc, lr, momentum=cfg.momentum,
                                  weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                  clip_grad_norm=cfg.clip_grad_norm, scaler=scaler)
@@ -196,7 +202,7 @@ def check_data_health(loader: Any, cfg: Any, ctx: devices.DeviceContext) -> None
 def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> torch.Tensor:
     """Micro-steps of one optimizer step (DDP syncs only on the last), then a replicated head's gradient sum;
     returns the step's mean loss as a tensor, not read on the host."""
-    model.train()
+    finetune.train_mode(model)  # frozen BatchNorm / stages / a head-only epoch's backbone stay in eval mode
     loss_sum, accumulation, spec = 0.0, len(micro_batches), input_spec(model)
     step_samples = sum(len(labels) for _, labels in micro_batches)
     for micro_step, (images, labels) in enumerate(micro_batches):
@@ -208,7 +214,7 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx) -> 
         sync = model.no_sync() if ctx.distributed and micro_step < accumulation - 1 else contextlib.nullcontext()
         with sync:
             with autocast:
-                embeddings = model(images)
+                embeddings = finetune.embed(model, images)
             loss = head(embeddings.float(), labels)
             scaler.scale(loss / share).backward()
         loss_sum = loss_sum + loss.detach() / share
@@ -266,6 +272,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     # all-reduce also carries "stop requested" and "no batches" (see docs/training.md, host syncs).
     while epoch < plan.num_epoch and step < plan.last_step and not ended:
         sampler.set_epoch(epoch)
+        finetune.enter_epoch(model, cfg, epoch)  # head_only_epochs: the backbone frozen, or unfrozen from here
         batches = start_logged(loader, deaths.start)  # workers start with signals blocked (utils/run/stop.py)
         shape = sampler.epoch_shape()  # whole global batches, and a short last step when resumed off their grid
         steps_this_epoch = shape.steps

@@ -87,6 +87,7 @@ RULES: dict[str, Rule] = {
     "lr_schedule": _enum("poly", "step"), "lr_steps": Rule("seq", 0, item="float"), "lr_gamma": _num(0, low_open=True),
     "on_save_error": _enum("stop", "warn"), "triplet_margin": _num(0, low_open=True), "images_per_identity": _int(2),
     "collective_timeout_s": _num(0, low_open=True),
+    "head_only_epochs": _int(0), "backbone_lr_scale": _num(0), "freeze_stages": _int(0),
 }
 
 # Keys of arcface_torch's configs/base.py that mean nothing here (W&B details ArcScale does not use: its
