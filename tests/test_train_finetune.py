@@ -128,3 +128,22 @@ def test_freeze_stages_beyond_the_network_is_one_line(tmp_path, identity_cache):
     errors = [line for line in launched.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "freeze_stages" in errors[0] and "5 stages" in errors[0], launched.stderr
     assert "Traceback" not in launched.stderr
+
+
+@pytest.mark.parametrize("head", ["combined", "softmax"])
+def test_backbone_lr_scale_sets_the_backbone_groups_lr(head):
+    from types import SimpleNamespace
+
+    import train
+    from utils.config.load import load_config
+
+    config = load_config("configs/base.py", [f"head={head!r}", "backbone_lr_scale=0.1", "network='tiny'",
+                                             "embedding_size=64"])
+    ctx = SimpleNamespace(device=torch.device("cpu"), distributed=False, rank=0, world_size=1)
+    backbone, _ = train.build_backbone(config, ctx)
+    head_module = train.build_head(config, 10, None, ctx)
+    optimizer = train.build_optimizer(config, backbone, head_module, None, 0.5)
+    optimizer.set_lr(0.4)
+    groups = optimizer.param_groups
+    assert groups[0]["params"] == list(backbone.parameters()) and groups[0]["lr"] == pytest.approx(0.04)
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(0.4)  # the head: Partial FC's group or its own
