@@ -147,3 +147,14 @@ def test_backbone_lr_scale_sets_the_backbone_groups_lr(head):
     groups = optimizer.param_groups
     assert groups[0]["params"] == list(backbone.parameters()) and groups[0]["lr"] == pytest.approx(0.04)
     assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(0.4)  # the head: Partial FC's group or its own
+
+
+@pytest.mark.parametrize("path", ["configs/finetune_folder_example.py", "configs/demo_cpu_finetune.py"])
+def test_shipped_finetune_configs_load_with_their_keys(path):
+    from utils.config.load import load_config
+
+    config = load_config(path)
+    assert config.init_backbone and config.head_only_epochs >= 1
+    if "folder" in path:
+        assert config.init_backbone == "facenet:vggface2" and config.freeze_bn and config.freeze_stages == 1
+        assert config.backbone_lr_scale == 0.1
