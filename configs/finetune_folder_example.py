@@ -10,9 +10,8 @@
 - ``freeze_stages = 1``: the convolutional stem stays as released;
 - ``backbone_lr_scale = 0.1``: the backbone learns at a tenth of the head's rate.
 
-Data: ``rec`` is a folder root/<identity>/<image>, MTCNN crops at 160x160 as tools/detect_faces.py writes:
-    python tools/detect_faces.py --mode facenet /data/my_faces /data/my_faces_mtcnn160
-    python train.py configs/finetune_folder_example.py --set rec=/data/my_faces_mtcnn160
+Data: an image folder of MTCNN crops at 160x160, made as configs/vggface2_irv1_finetune.py says, then
+``python train.py configs/finetune_folder_example.py --set rec=/data/my_faces_mtcnn160``.
 """
 from easydict import EasyDict as edict
 
