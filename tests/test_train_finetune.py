@@ -109,10 +109,11 @@ def test_freeze_bn_keeps_statistics_under_ddp_and_accumulation(tmp_path, identit
     assert_finite_losses(tmp_path / "out_freeze_bn")
 
 
-def test_freeze_stages_leave_those_stages_bit_identical(tmp_path, identity_cache, init_file):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_freeze_stages_leave_those_stages_bit_identical(tmp_path, identity_cache, init_file, ranks):
     config = write_config(tmp_path, "stages", identity_cache, num_epoch=1, freeze_stages=2,
                           init_backbone=str(init_file))
-    launched = run_to_end(train_args(config), tmp_path)
+    launched = run_to_end(torchrun_args(config) if ranks == 2 else train_args(config), tmp_path)
     assert launched.proc.returncode == 0, launched.output
     init, final = load(init_file), backbone_state(tmp_path / "out_stages" / "model.pt")
     frozen = [key for key in init if key.startswith(("layers.0.", "layers.1."))]
