@@ -45,6 +45,7 @@ from utils.run.state import TrainingError, all_ranks_min, prepare_output, restor
 from utils.run.steps import fetch_step
 from utils.run.summary import log_progress, log_run_header, log_verification, open_summary_writers, print_summary
 from utils.run.failures import failure_line
+from utils.run import finetune
 from utils.run.stop import StopRequest, WorkerDeaths
 from utils.run.watchdog import StepWatch, process_group_timeout_s
 from utils.weights.load import load_backbone
@@ -82,8 +83,8 @@ def resolve_data(cfg: Any, ctx: devices.DeviceContext) -> str:
 
 
 def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> tuple[torch.nn.Module, dict | None]:
-    """The configured network on the training device, optionally initialised from ``init_backbone``;
-    also the file's ``logits`` classifier when it has one (facenet-pytorch's releases)."""
+    """The configured network on the training device, optionally initialised from ``init_backbone``, with its
+    fine-tuning freezes applied; also the file's ``logits`` classifier when it has one (facenet-pytorch's releases)."""
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
                          gradient_checkpointing=cfg.gradient_checkpointing)
     spec = input_spec(backbone)
@@ -95,6 +96,7 @@ def build_backbone(cfg: Any, ctx: devices.DeviceContext) -> tuple[torch.nn.Modul
         path = resolve_weights(cfg.init_backbone)
         _, classifier = load_backbone(path, model=backbone, return_classifier=True)
         logger.info("initialised backbone from %s%s", cfg.init_backbone, "" if path == cfg.init_backbone else f" ({path})")
+    finetune.prepare_backbone(backbone, cfg)  # freeze_stages, freeze_bn: before the optimizer and DDP see it
     backbone = backbone.to(ctx.device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -141,10 +143,16 @@ def build_optimizer(cfg: Any, backbone: torch.nn.Module, head: torch.nn.Module, 
                     lr: float, distill: Distiller | None = None) -> JointOptimizer:
     """SGD (arcface_torch), AdamW (ViTs) or Adam (facenet-pytorch) over the backbone, a replicated head's
     parameters, the distillation projection and Partial FC's rows, as one optimizer that also owns AMP
-    unscaling, clipping and the all-rank finite check."""
+    unscaling, clipping and the all-rank finite check. The backbone's group learns at ``backbone_lr_scale``
+    times the head's lr."""
     partial_fc = head if isinstance(head, PartialFC) else None
-    params = list(backbone.parameters()) + ([] if partial_fc is not None else list(head.parameters()))
-    params += list(distill.parameters()) if distill is not None else []  # after the others: older checkpoints load
+    params = [{"params": list(backbone.parameters()), "lr_scale": float(cfg.backbone_lr_scale), "name": "backbone"}]
+    if partial_fc is None and cfg.backbone_lr_scale != 1.0:
+        params.append({"params": list(head.parameters()), "lr_scale": 1.0, "name": "head"})
+    elif partial_fc is None:  # one group, as checkpoints made before backbone_lr_scale hold it
+        params[0]["params"] += list(head.parameters())
+    if distill is not None:  # a new layer: the head's lr, whatever backbone_lr_scale says; last, so older groups load
+        params.append({"params": list(distill.parameters()), "lr_scale": 1.0, "name": "distill"})
     return build_joint_optimizer(cfg.optimizer, params, partial_fc, lr, momentum=cfg.momentum,
                                  weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                  clip_grad_norm=cfg.clip_grad_norm, scaler=scaler)
@@ -201,7 +209,7 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx,
     """Micro-steps of one optimizer step (DDP syncs only on the last), then a replicated head's (and the
     distillation projection's) gradient sum; returns the step's mean loss and its first micro-batch's embedding
     similarity (the collapse detector's input) as tensors, not read on the host."""
-    model.train()
+    finetune.train_mode(model)  # frozen BatchNorm / stages / a head-only epoch's backbone stay in eval mode
     loss_sum, accumulation, spec, similarity = 0.0, len(micro_batches), input_spec(model), None
     step_samples = sum(len(labels) for _, labels in micro_batches)
     for micro_step, (images, labels) in enumerate(micro_batches):
@@ -214,7 +222,7 @@ def forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx,
         sync = model.no_sync() if ctx.distributed and micro_step < accumulation - 1 else contextlib.nullcontext()
         with sync:
             with autocast:
-                embeddings = model(images)
+                embeddings = finetune.embed(model, images)
             kd = distill(raw, embeddings, autocast) if distill is not None else 0.0  # kd_weight x term, or nothing
             loss = head(embeddings.float(), labels) + kd
             similarity = embedding_similarity(embeddings) if similarity is None else similarity
@@ -293,6 +301,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     # all-reduce also carries "stop requested" and "no batches" (see docs/training.md, host syncs).
     while epoch < plan.num_epoch and step < plan.last_step and not ended:
         sampler.set_epoch(epoch)
+        finetune.enter_epoch(model, cfg, epoch)  # head_only_epochs: the backbone frozen, or unfrozen from here
         batches = start_logged(loader, deaths.start)  # workers start with signals blocked (utils/run/stop.py)
         shape = sampler.epoch_shape()  # whole global batches, and a short last step when resumed off their grid
         steps_to_run = min(shape.steps, plan.last_step - step)

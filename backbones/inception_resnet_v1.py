@@ -135,6 +135,13 @@ class InceptionResnetV1(nn.Module):
         if num_classes is not None:
             self.logits = nn.Linear(num_features, num_classes)
 
+    def finetune_stages(self) -> list[list[nn.Module]]:
+        """What config key ``freeze_stages`` counts, from the input: the convolutional stem, repeat_1 (block35),
+        mixed_6a with repeat_2 (block17), mixed_7a with repeat_3 and block8."""
+        stem = [self.conv2d_1a, self.conv2d_2a, self.conv2d_2b, self.maxpool_3a, self.conv2d_3b, self.conv2d_4a,
+                self.conv2d_4b]
+        return [stem, [self.repeat_1], [self.mixed_6a, self.repeat_2], [self.mixed_7a, self.repeat_3, self.block8]]
+
     def stages(self) -> list[nn.Module]:
         """The trunk in order; each entry is one unit of gradient checkpointing."""
         return [self.conv2d_1a, self.conv2d_2a, self.conv2d_2b, self.maxpool_3a, self.conv2d_3b, self.conv2d_4a,

@@ -89,6 +89,10 @@ class IResNet(nn.Module):
         nn.init.ones_(self.features.weight)
         self.features.weight.requires_grad = False
 
+    def finetune_stages(self) -> list[list[nn.Module]]:
+        """What config key ``freeze_stages`` counts, from the input: the stem with layer1, layer2, layer3, layer4."""
+        return [[self.conv1, self.bn1, self.prelu, self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+
     def stages(self) -> list[nn.Sequential]:
         """The four residual stages, in order."""
         return [self.layer1, self.layer2, self.layer3, self.layer4]

@@ -124,6 +124,12 @@ class MobileFaceNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def finetune_stages(self) -> list[list[nn.Module]]:
+        """What config key ``freeze_stages`` counts, from the input: four stages, each ending where the next
+        halves the resolution (the stem pair, then each depthwise downsample with its residual blocks)."""
+        layers = list(self.layers)
+        return [layers[0:2], layers[2:4], layers[4:6], layers[6:8]]
+
     def units(self) -> list[nn.Module]:
         """Checkpointing granularity: every residual unit on its own, other layers whole."""
         units: list[nn.Module] = []

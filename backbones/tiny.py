@@ -36,6 +36,10 @@ class TinyFaceNet(nn.Module):
         self.fc = nn.Linear(in_channels * 7 * 7, num_features)
         self.features = nn.BatchNorm1d(num_features)
 
+    def finetune_stages(self) -> list[list[nn.Module]]:
+        """What config key ``freeze_stages`` counts: each of the five convolution blocks, from the input."""
+        return [[layer] for layer in self.layers]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings [N, num_features] of normalised images."""
         check_input(x, self.name)

@@ -16,6 +16,12 @@ config.resume = False           # False | True (continue from the newest checkpo
 config.overwrite = False        # allow a fresh run into an `output` holding checkpoints/model.pt (they are deleted first)
 config.resume_data_changed = False  # resume although the data differs from the checkpoint's (its images, classes or index hash): logged; False refuses with one line. Another class count is always refused (the head has a row per class)
 config.init_backbone = None     # a backbone/model.pt path, or a released name ("facenet:vggface2", "insightface:ms1mv3_r50": python tools/weights.py list, docs/weights.md) to start from (fine-tuning); names are fetched into $ARCSCALE_CACHE (default ~/.cache/arcscale). A missing file is refused before any data, naming this key and the path looked at
+# Fine-tuning (docs/training.md, "Fine-tuning"): a fresh head for the new identities is the default (a
+# facenet-style file's `logits` is reused by head="softmax" when its shape matches).
+config.head_only_epochs = 0     # train the head alone for the first N epochs: the backbone runs in eval mode without gradients (weights and BatchNorm statistics untouched, no optimizer state for it), then is unfrozen at the epoch boundary; a run that ends inside this phase leaves the backbone bit-identical to its init
+config.freeze_bn = False        # every BatchNorm of the backbone in eval mode throughout: running statistics never change (its affine weights still train); works with DDP, AMP and gradient_acc
+config.backbone_lr_scale = 1.0  # the backbone's learning rate relative to the head's (0.1: the backbone learns at a tenth of the schedule's lr); 0 = backbone weights fixed
+config.freeze_stages = 0        # the first K stages of the backbone frozen for the whole run (weights and BatchNorm statistics): iresnet 4 (stem+layer1, layer2, layer3, layer4), mbf 4 (each ends before a downsample), inception_resnet_v1 4 (stem, repeat_1, mixed_6a+repeat_2, mixed_7a+repeat_3+block8), tiny 5 (its conv blocks); the embedding layer always trains
 config.log_level = "INFO"
 
 # ---------------------------------------------------------------- knowledge distillation (distill.py, docs/training.md)

@@ -221,6 +221,9 @@ class JointOptimizer:
         self.scaler = scaler if scaler is not None else compat.grad_scaler(self.device.type, enabled=False)
         self.clip_grad_norm = float(clip_grad_norm)
         lr = backbone_optimizer.param_groups[0]["lr"]
+        # Each backbone group's lr relative to the schedule's (a group's "lr_scale" key; config key
+        # backbone_lr_scale). Kept here, not read back from a loaded state: the config decides on resume.
+        self.lr_scales = [float(group.get("lr_scale", 1.0)) for group in backbone_optimizer.param_groups]
         self.head_group: dict[str, Any] | None = None
         if head is not None:
             self.head_group = {"params": [], "lr": lr, "name": "partial_fc", "optimizer": head.row_optimizer.name,
@@ -232,9 +235,12 @@ class JointOptimizer:
         return list(self.backbone_optimizer.param_groups) + ([] if self.head_group is None else [self.head_group])
 
     def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every group (backbone and head)."""
-        for group in self.param_groups:
-            group["lr"] = lr
+        """Set the learning rate of every group: ``lr`` times the group's scale (backbone groups built with an
+        ``lr_scale``; the head's is 1)."""
+        for group, scale in zip(self.backbone_optimizer.param_groups, self.lr_scales):
+            group["lr"] = lr * scale
+        if self.head_group is not None:
+            self.head_group["lr"] = lr
 
     def _backbone_params(self) -> list[torch.Tensor]:
         return [param for group in self.backbone_optimizer.param_groups for param in group["params"]
@@ -252,11 +258,12 @@ class JointOptimizer:
         per call: the decision, the loss and the gradient norm come back together.
         """
         scaler, head = self.scaler, self.head
+        params = self._backbone_params()  # none while the backbone is frozen (fine-tuning's head-only epochs)
         if scaler.is_enabled():
-            scaler.unscale_(self.backbone_optimizer)
+            if params:  # GradScaler records no inf check for an optimizer without gradients
+                scaler.unscale_(self.backbone_optimizer)
             if head is not None:
                 head.unscale_(devices.loss_scale(scaler, self.device).reciprocal())  # a power of 2: exact
-        params = self._backbone_params()
         if self.clip_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
         else:  # the norm only (it is the backbone's finite check); nothing to scale
@@ -286,13 +293,18 @@ class JointOptimizer:
         if stepped:
             # Every gradient is finite on every rank, the scaler's own flags included: GradScaler.step would only
             # read them on the host once more (it still does where they could not be seen above).
-            if found_inf is None and scaler.is_enabled():
+            if not params:
+                pass  # nothing of the backbone's to move, and no optimizer state made for it
+            elif found_inf is None and scaler.is_enabled():
                 scaler.step(self.backbone_optimizer)
             else:
                 self.backbone_optimizer.step()
             if head is not None:
                 head.step(self.head_group["lr"])
-            scaler.update()
+            if params or not scaler.is_enabled():
+                scaler.update()
+            else:  # no inf check was recorded (update() would assert): the scale stays as it is
+                scaler.update(devices.loss_scale(scaler, self.device))
         elif scaler.is_enabled():
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
         return StepOutcome(stepped, not loss_bad, not grads_bad, values[-2], values[-1], agreed, averages[0],
@@ -336,18 +348,24 @@ TORCH_OPTIMIZERS = {
 }
 
 
-def build_joint_optimizer(name: str, backbone_params: Iterable[torch.Tensor], head: "RowUpdatedHead | None", lr: float,
+def build_joint_optimizer(name: str, backbone_params: Iterable[torch.Tensor] | Iterable[dict], head: "RowUpdatedHead | None", lr: float,
                           momentum: float = 0.9, weight_decay: float = 5e-4,
                           betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                           clip_grad_norm: float = 0.0, scaler: torch.amp.GradScaler | None = None) -> JointOptimizer:
     """The backbone's torch optimizer and the head's row optimizer with the same settings, as one
     ``JointOptimizer``; the optimizer name and settings are checked here, once (by ``RowOptimizer``).
-    ``head=None``: the backbone optimizer alone (its parameters may include a replicated head's)."""
+    ``head=None``: the backbone optimizer alone (its parameters may include a replicated head's).
+    ``backbone_params``: tensors, or param groups (dicts with ``params`` and an ``lr_scale`` relative to the
+    lr ``set_lr`` gives); parameters that do not require grad (frozen stages) are left out."""
     if head is not None:
         head.configure_optimizer(name, momentum=momentum, weight_decay=weight_decay, betas=betas, eps=eps)
         hyper = head.row_optimizer.hyper
     else:
         hyper = RowOptimizer(name, momentum=momentum, weight_decay=weight_decay, betas=betas, eps=eps).hyper
-    params = [param for param in backbone_params if param.requires_grad]
+    given = list(backbone_params)
+    groups = given if given and isinstance(given[0], dict) else [{"params": given}]
+    groups = [{**group, "params": [param for param in group["params"] if param.requires_grad]} for group in groups]
+    groups = [group for group in groups if group["params"]] or groups[:1]
+    params = groups if len(groups) > 1 or "lr_scale" in groups[0] else groups[0]["params"]
     backbone = TORCH_OPTIMIZERS[name](params, lr, hyper)
     return JointOptimizer(backbone, head, scaler=scaler, clip_grad_norm=clip_grad_norm)

@@ -276,3 +276,43 @@ def test_without_a_partial_fc_head_it_is_the_standard_gradscaler_sequence():
     outcome = joint.step(loss=1.0)
     assert not outcome.stepped and not outcome.grads_finite and scaler.get_scale() == 2.0 ** 126
     assert all(torch.equal(param, old) for param, old in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_a_frozen_backbone_steps_the_head_alone(fp16):
+    # Fine-tuning's head-only epochs: the backbone gets no gradients (an enabled GradScaler records no inf
+    # check for its optimizer, and update() would assert); the head moves, the backbone and its state do not.
+    backbone, head, scaler, joint = setup(fp16=fp16, clip=5.0)
+    before, head_before = copy.deepcopy(backbone.state_dict()), head.weight.detach().clone()
+    scale = scaler.get_scale() if fp16 else None
+    for seed in range(3):
+        images, labels = batch(seed)
+        with torch.no_grad():
+            embeddings = backbone(images)
+        loss = head(embeddings.requires_grad_(True), labels)
+        scaler.scale(loss).backward()
+        joint.set_lr(0.1)
+        outcome = joint.step(loss=loss.detach())
+        joint.zero_grad()
+        assert outcome.stepped
+    assert all(torch.equal(before[key], value) for key, value in backbone.state_dict().items())
+    assert joint.backbone_optimizer.state_dict()["state"] == {}
+    assert not torch.equal(head.weight, head_before)
+    if fp16:
+        assert scaler.get_scale() == scale
+    forward_backward(backbone, head, scaler, 5)  # unfrozen: the backbone steps as before
+    joint.step(loss=1.0)
+    assert not torch.equal(before["weight"], backbone.weight)
+
+
+def test_lr_scale_per_backbone_group():
+    torch.manual_seed(0)
+    backbone, extra = torch.nn.Linear(IN, D), torch.nn.Linear(D, D)
+    groups = [{"params": list(backbone.parameters()), "lr_scale": 0.1}, {"params": list(extra.parameters()), "lr_scale": 1.0}]
+    joint = build_joint_optimizer("sgd", groups, make_head(), lr=0.5)
+    joint.set_lr(0.2)
+    assert [group["lr"] for group in joint.param_groups] == pytest.approx([0.02, 0.2, 0.2])
+    restored = build_joint_optimizer("sgd", [{**group, "lr_scale": 0.5} for group in groups], make_head(), lr=0.5)
+    restored.load_state_dict(joint.state_dict())  # the config's scale wins over the checkpoint's
+    restored.set_lr(0.2)
+    assert restored.param_groups[0]["lr"] == pytest.approx(0.1)

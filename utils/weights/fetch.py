@@ -4,6 +4,7 @@ check of a cached file before it is ever loaded. Every failure is one line namin
 where the file belongs. Nothing is fetched at import."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -11,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import IO
+from typing import IO, Iterator
 
 from utils.run.checkpoint import CheckpointError
 from utils.weights.registry import Released
@@ -141,8 +142,45 @@ def _remove(path: str) -> None:
         pass
 
 
+@contextlib.contextmanager
+def download_lock(target: str, log: IO[str] | None = None) -> Iterator[None]:
+    """Hold ``target.lock`` (an exclusive flock) while one process downloads ``target``: under torchrun every
+    rank of a node resolves the same name at once, and the first to get here fetches while the others wait,
+    then find the file in the cache. Where flock is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # no flock: concurrent downloads still land whole (a temporary name per process)
+        yield
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    path, said = target + ".lock", False
+    while True:  # the holder removes the lock file when done: a lock taken on a removed file is taken again
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if not said:
+                print(f"{os.path.basename(target)}: another process is downloading it; waiting for {target}",
+                      file=log or sys.stderr, flush=True)
+                said = True
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        _remove(path)  # before the unlock: a waiter then sees a removed file and takes a fresh one
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
 def fetch(entry: Released, log: IO[str] | None = None) -> str:
-    """The path of ``entry``'s file: the cache (checked), else a download; one line when neither works."""
+    """The path of ``entry``'s file: the cache (checked), else a download (one process at a time per file:
+    :func:`download_lock`); one line when neither works."""
     target = cached_path(entry)
     if os.path.isfile(target):
         check_cached(entry, target, log)
@@ -150,4 +188,8 @@ def fetch(entry: Released, log: IO[str] | None = None) -> str:
     if not entry.downloadable:
         raise WeightsUnavailable(f"{entry.name}: not in the cache and not downloadable by a script: get "
                                  f"{entry.file_name} from {entry.page}, and place it at {target}")
-    return download(entry, target, log)
+    with download_lock(target, log):
+        if os.path.isfile(target):  # another process (a rank beside this one) fetched it while this one waited
+            check_cached(entry, target, log)
+            return target
+        return download(entry, target, log)

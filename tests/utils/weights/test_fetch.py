@@ -185,3 +185,41 @@ def test_every_registered_network_exists_and_takes_the_registered_input():
             size = input_spec(get_model(entry.network)).image_size
         assert entry.input.startswith(f"{size[0]}x{size[1]} RGB"), entry.name
         assert entry.downloadable == entry.name.startswith("facenet:")
+
+
+class CountingSlowHandler(QuietHandler):
+    """Counts GETs in a file beside the served folder and sends slowly: two fetchers overlap for sure."""
+
+    def do_GET(self) -> None:
+        count = os.path.join(os.path.dirname(self.directory), "gets")
+        with open(count, "a") as handle:
+            handle.write("GET\n")
+        import time
+
+        time.sleep(1.0)
+        super().do_GET()
+
+
+def _resolve_on_rank(rank, world_size, entry, cache):
+    import torch.distributed as dist
+
+    from utils.weights import registry as ranks_registry
+    from utils.weights.resolve import resolve_init_backbone as resolve
+
+    os.environ["ARCSCALE_CACHE"] = cache
+    ranks_registry.REGISTRY[entry.name] = entry
+    dist.barrier()  # both ranks resolve at the same moment, as torchrun's ranks do at start
+    path = resolve(entry.name, "tiny", log=io.StringIO())
+    with open(path, "rb") as handle:
+        return path, hashlib.sha256(handle.read()).hexdigest()
+
+
+def test_two_ranks_resolving_at_once_download_the_file_once(served, port):
+    from tests.spawn_helpers import run_ranks
+
+    slow = served["serve"](CountingSlowHandler)
+    entry = dataclasses.replace(served["entry"], url=f"http://127.0.0.1:{slow}/test.pt")
+    results = run_ranks(_resolve_on_rank, 2, port, entry, str(served["cache"]), timeout=120)
+    assert results[0] == results[1] == (cached_path(entry), served["sha256"])
+    gets = served["cache"].parent / "gets"
+    assert gets.read_text().count("GET") == 1
