@@ -41,7 +41,7 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
 
     def state_of(guard: divergence.DivergenceGuard, step: int) -> dict:
-        backbone, head, optimizer, scaler, _ = guard.parts
+        backbone, head, optimizer, scaler = guard.parts[:4]
         return {"backbone": backbone.state_dict(), "head": head_state_dict(head), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step}
 

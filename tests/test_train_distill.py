@@ -66,8 +66,9 @@ def test_one_rank_partial_fc_cosine_trains_the_projection_and_exports_the_studen
     assert projection.shape == (16, 32)
     from distill import seeded_projection
     assert not torch.equal(projection, seeded_projection(32, 16, seed=2048).weight)  # it was trained
-    assert len(state["optimizer"]["backbone"]["param_groups"][0]["params"]) == \
-        len(list(get_model("tiny", num_features=32).parameters())) + 1  # backbone + projection
+    groups = state["optimizer"]["backbone"]["param_groups"]  # the backbone's, then the projection's own group
+    assert len(groups[0]["params"]) == len(list(get_model("tiny", num_features=32).parameters()))
+    assert groups[-1]["name"] == "distill" and len(groups[-1]["params"]) == 1 and groups[-1]["lr"] == groups[0]["lr"]
     assert sha256(teacher_file) == digest and os.path.getmtime(teacher_file) == mtime
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(output / "tensorboard")).Reload()
