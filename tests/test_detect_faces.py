@@ -248,7 +248,10 @@ def test_ctrl_c_stops_the_workers_with_one_line_and_the_next_run_resumes(tmp_pat
     process = subprocess.Popen([sys.executable, "tools/detect_faces.py", str(raw), str(out), "--mode", "arcface",
                                 "--workers", "2", "--batch", "2"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+                               env=dict(os.environ, OMP_NUM_THREADS="1"),
+                               # as from a terminal: a shell without job control (CI, `cmd &`) starts its
+                               # background commands with SIGINT ignored, and Python keeps an ignored SIGINT
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     journal = out / detect_faces.JOURNAL
     try:
         deadline = time.time() + 120
