@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -416,4 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A rank that dies in C++ (std::terminate, a segfault: SIGABRT/SIGSEGV) prints every thread's Python stack
+    # first, so a crash in a backend's teardown names where it happened instead of one bare line.
+    faulthandler.enable()
     sys.exit(main())
