@@ -37,6 +37,7 @@ from utils.config.rules import ConfigError, ignored_keys_warning
 from utils.data.errors import DatasetError
 from utils.data.workers import start_logged
 from utils.run.divergence import DivergenceGuard, embedding_similarity
+from utils.run.exit import leave
 from utils.run.lock import release_output
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
@@ -420,4 +421,6 @@ if __name__ == "__main__":
     # A rank that dies in C++ (std::terminate, a segfault: SIGABRT/SIGSEGV) prints every thread's Python stack
     # first, so a crash in a backend's teardown names where it happened instead of one bare line.
     faulthandler.enable()
-    sys.exit(main())
+    # After main() returns (done, stopped, or a one-line error) nothing is left to run: leave without the
+    # interpreter's finalization, where a backend thread running DDP's Python hook can abort the process.
+    leave(main())

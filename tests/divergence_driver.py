@@ -61,4 +61,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.run.exit import leave
+
+    leave(main())  # as train.py ends (utils/run/exit.py: no abort at exit on 2 ranks)
