@@ -37,7 +37,7 @@ from utils.config.rules import ConfigError, ignored_keys_warning
 from utils.data.errors import DatasetError
 from utils.data.workers import start_logged
 from utils.run.divergence import DivergenceGuard, embedding_similarity
-from utils.run.exit import leave
+from utils.run.exit import leave, wait_for_peers
 from utils.run.lock import release_output
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         message = message or one_line(exc)
         logger.error("error: %s", message, extra={"console": False})  # training.log; the console gets stderr
         print(f"error: {message}", file=sys.stderr, flush=True)
+        wait_for_peers(ctx)  # an error every rank reached: each says its line before torchrun stops the rest
         return 2
     finally:
         release_output(cfg.output)  # the folder's lock (a later run in this process or another may take it)

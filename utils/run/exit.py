@@ -10,13 +10,23 @@ every output then exits -6 and torchrun reports it failed. ``destroy_process_gro
 it: the DDP reducer (which holds the hook) outlives it. Nothing is left to do at that point, so the
 process skips finalization; what a normal exit would still do (our atexit hooks: the output lock,
 leftover DataLoader workers; ``logging.shutdown``; multiprocessing's children) runs first.
+
+Leaving at once has one cost on several ranks: torchrun stops every rank as soon as one exits non-zero,
+so after an error that every rank reached (a locked output folder, a bad resume), the fastest rank's
+exit could kill the others before they print their own line. :func:`wait_for_peers` lets the ranks
+leave together, bounded by a few seconds for a rank that will never come.
 """
 from __future__ import annotations
 
 import atexit
 import os
 import sys
+import time
 from typing import NoReturn
+
+import torch.distributed as dist
+
+from utils.devices import device as devices
 
 
 def leave(code: int) -> NoReturn:
@@ -29,3 +39,22 @@ def leave(code: int) -> NoReturn:
         except (OSError, ValueError, AttributeError):  # a closed or replaced stream has nothing to flush
             pass
     os._exit(code)
+
+
+def wait_for_peers(ctx: devices.DeviceContext, timeout_s: float = 5.0) -> bool:
+    """Before an error exit on several ranks: count this rank as leaving in the rendezvous store and wait
+    (at most ``timeout_s``) until every rank has. False when some did not come (one stuck in a collective,
+    one already dead) or the store does not answer; never raises."""
+    if not ctx.distributed:
+        return True
+    deadline = time.monotonic() + timeout_s
+    try:
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"arcscale/leaving/{restart}/", devices.store_client(timeout_s))
+        arrived = store.add("count", 1)
+        while arrived < ctx.world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+            arrived = store.add("count", 0)
+        return arrived >= ctx.world_size
+    except (RuntimeError, KeyError, ValueError):  # torch's DistNetworkError/DistStoreError; no store address
+        return False

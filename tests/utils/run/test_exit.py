@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+from tests.spawn_helpers import run_ranks
+
 REPO = Path(__file__).resolve().parents[3]
 
 # A 2-rank gloo group (FileStore). Rank 0's all-reduce gets a Python callback (like the DDP comm hook's
@@ -84,3 +87,33 @@ def test_leave_exits_with_its_code_while_a_backend_thread_still_runs_python_work
     assert "Fatal Python error" not in left.stderr and "terminate called" not in left.stderr
     assert (tmp_path / "leave" / "atexit_ran").exists()  # every atexit handler ran
     assert "last log line" in (tmp_path / "leave" / "run.log").read_text()  # logging was shut down (flushed)
+
+
+def _leaving(rank: int, world_size: int, comes: tuple) -> tuple:
+    """One rank's wait_for_peers: rank r arrives after ``comes[r]`` seconds (None: never)."""
+    import time
+
+    import torch
+
+    from utils.devices.device import DeviceContext
+    from utils.run.exit import wait_for_peers
+
+    ctx = DeviceContext("cpu", torch.device("cpu"), rank, rank, world_size, "gloo")
+    if comes[rank] is None:
+        time.sleep(4.0)  # stays away past the others' timeout
+        return None, 0.0
+    time.sleep(comes[rank])
+    start = time.monotonic()
+    together = wait_for_peers(ctx, timeout_s=3.0)
+    return together, time.monotonic() - start
+
+
+@pytest.mark.timeout(120)
+def test_wait_for_peers_waits_for_the_last_rank_and_gives_up_on_one_that_never_comes(port):
+    # rank 1 comes 0.8 s late: rank 0 waits for it (it cannot be told "together" sooner), rank 1 finds it there
+    (first, first_waited), (last, last_waited) = run_ranks(_leaving, 2, port, (0.0, 0.8))
+    assert first and last
+    assert first_waited >= 0.6 and last_waited < first_waited
+    # rank 1 never comes: rank 0 gives up after its timeout and says so
+    (alone, alone_waited), (_, _) = run_ranks(_leaving, 2, free_port(), (0.0, None))
+    assert alone is False and alone_waited >= 2.9
