@@ -37,7 +37,7 @@ config.kd_weight = 1.0          # weight of the distillation term in the loss (t
 # train_0.rec/.idx ... train_<N-1>) or globs ("/data/wf/train_*.rec"), read as one dataset without copying;
 # source i's labels are offset by the classes of the sources before it (a table at start says which).
 config.rec = "synthetic"
-config.rec_weights = None       # several sources: each source's share of every epoch's samples, one number > 0 per entry of rec (normalised); None = in proportion to its images (a plain shuffle of the union)
+config.rec_weights = None       # several sources: each source's share of every epoch's samples, one number > 0 per entry of rec (normalised); None = in proportion to its images (a plain shuffle of the union); with sampler="pk": each source's share of the P x K identity groups
 config.rec_identity_map = None  # several sources: a CSV file of source,label,global_id rows merging identities that occur in several sources (source = the rec entry as written, or its position); None = all distinct
 config.num_classes = None       # read from the data; a value that disagrees is an error
 config.num_image = None         # read from the data; a value that disagrees is an error

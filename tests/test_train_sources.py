@@ -5,6 +5,7 @@ source, and resuming on another source list is refused saying what changed unles
 Real subprocess runs of the tiny config of tests/test_train_stops.py."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -111,3 +112,31 @@ def test_rec_weights_train_an_epoch_of_the_union_size_and_are_recorded(tmp_path,
                              output=str(output), max_steps=None, num_epoch=2)
     refused = run_to_end(train_args(changed, "resume=True"), tmp_path)
     assert_one_line_error(refused, f"source {A}: sampling share 0.5000 -> 0.7500", "resume_data_changed=True")
+
+
+@pytest.mark.timeout(300)
+def test_a_triplet_run_over_weighted_sources_trains_and_checkpoints(tmp_path, identity_cache):  # noqa: F811
+    # The mxnet-written pack A (480 images, 40 identities) and a generated set of 8 identities x 3 images (fewer
+    # than K = 4: drawn with replacement), half of the samples each: P = 2 identities x K = 4 per step.
+    from utils.data.synthetic import make_identity_set
+
+    small = make_identity_set(str(tmp_path / "small"), 8, 3, 0, 0, seed=1, image_size=112)
+    config = sources_config(tmp_path, "triplet", identity_cache, [A, small], rec_weights=[1, 1], max_steps=4,
+                            save_every_steps=2, keep_checkpoints=0, loss="triplet", sampler="pk",
+                            images_per_identity=4, triplet_mining="semihard", triplet_margin=0.2)
+    launched = run_to_end(train_args(config), tmp_path)
+    assert launched.proc.returncode == 0, launched.output[-3000:]
+    output = tmp_path / "out_triplet"
+    log = training_log(output)
+    assert [s["step"] for s in logged_steps(log)] == [1, 2, 3, 4] and "504 images, 48 classes" in log
+    assert "63 steps/epoch" in log  # an epoch is the union's 504 samples, as without weights
+    assert len(re.findall(r"step \d+ triplets \| active", log)) == 4
+    assert sorted(checkpoints(output)) == [2, 4]
+    state = load(checkpoints(output)[4])
+    assert state["head"] == {} and state["sampler"] == {"epoch": 0, "seed": 0, "consumed": 32,
+                                                        "images_per_identity": 4}
+    assert [(s["num_images"], s["num_classes"], s["share"]) for s in state["data"]["sources"]] == \
+        [(480, 40, 0.5), (24, 8, 0.5)]
+    earlier = load(checkpoints(output)[2])["backbone"]
+    assert any(not (earlier[key] == value).all() for key, value in state["backbone"].items())  # it trained
+    assert (output / "model.pt").is_file()

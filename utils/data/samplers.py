@@ -1,4 +1,5 @@
-"""Sample order for training: the resumable seeded shuffle and the P x K identity sampler.
+"""Sample order for training: the resumable seeded shuffle and the P x K identity sampler, each also weighted
+per source (``rec_weights``).
 
 Both split a global sample stream across ranks and keep their position as ``consumed`` global
 samples, so a checkpoint continues mid-epoch on another world size. ``build_sampler`` picks the
@@ -105,6 +106,15 @@ class ResumableDistributedSampler(Sampler[int]):
         self._resume_epoch = self.epoch
 
 
+def weighted_quotas(weights: Any, total: int) -> np.ndarray:
+    """``total`` split in proportion to ``weights`` by largest remainders: the quotas add up to ``total`` exactly."""
+    exact = np.asarray(weights, dtype=np.float64) / float(np.sum(weights)) * int(total)
+    quotas = np.floor(exact).astype(np.int64)
+    for extra in np.argsort(-(exact - quotas), kind="stable")[:int(total) - int(quotas.sum())]:
+        quotas[extra] += 1
+    return quotas
+
+
 class WeightedSourceSampler(ResumableDistributedSampler):
     """``rec_weights``: an epoch of ``num_samples`` samples (the union's size) of which source i gives its
     weight's share (largest-remainder rounding, so the quotas add up exactly).
@@ -121,11 +131,7 @@ class WeightedSourceSampler(ResumableDistributedSampler):
         starts = np.asarray(source_starts, dtype=np.int64)
         super().__init__(int(starts[-1]), rank, world_size, seed, batch_size=batch_size, accumulation=accumulation)
         self.starts, self.sizes = starts[:-1], np.diff(starts)
-        exact = np.asarray(weights, dtype=np.float64) / float(np.sum(weights)) * self.num_samples
-        quotas = np.floor(exact).astype(np.int64)
-        for extra in np.argsort(-(exact - quotas), kind="stable")[:self.num_samples - int(quotas.sum())]:
-            quotas[extra] += 1
-        self.quotas = quotas
+        self.quotas = weighted_quotas(weights, self.num_samples)
 
     def _source_samples(self, source: int) -> np.ndarray:
         size, quota = int(self.sizes[source]), int(self.quotas[source])
@@ -162,6 +168,36 @@ def dataset_labels(dataset: Any) -> np.ndarray:
     if labels.shape != (len(dataset),):
         raise DatasetError(f"{root or type(dataset).__name__}: {labels.shape[0]} labels for {len(dataset)} samples")
     return labels
+
+
+def identity_groups(rng: np.random.Generator, labels: np.ndarray, k: int, num_groups: int) -> np.ndarray:
+    """Groups of K positions into ``labels``, one identity each, at least ``num_groups`` of them (whole rounds).
+
+    Rounds, each a shuffled order of all identities; identity i's r-th appearance takes the next K of its images in
+    a shuffled cycle (fewer than K images: some repeat, drawn with replacement). Round r+1 starts with M = n // 2
+    identities absent from round r's last M, so ANY M consecutive groups hold M distinct identities.
+    """
+    identities, image_counts = np.unique(labels, return_counts=True)
+    n, half = len(identities), len(identities) // 2
+    # Images grouped by identity (np.unique's order), shuffled within each identity.
+    images = np.lexsort((rng.random(len(labels)), labels))
+    starts = np.concatenate([[0], np.cumsum(image_counts)[:-1]])
+    num_rounds = -(-int(num_groups) // n)
+    rounds, recent = [], np.zeros(n, dtype=bool)
+    for r in range(num_rounds):
+        order = rng.permutation(n)
+        if r:
+            # Keep the previous round's last M identities out of this round's first M.
+            fresh, stale = order[~recent[order]], order[recent[order]]
+            rest = np.concatenate([fresh[half:], stale])
+            order = np.concatenate([fresh[:half], rng.permutation(rest)])
+            recent[:] = False
+        recent[order[n - half:]] = True
+        rounds.append(order)
+    groups = np.concatenate(rounds)                              # identity slot of each group
+    appearance = np.repeat(np.arange(num_rounds), n)             # = round: once per round
+    offsets = (appearance[:, None] * k + np.arange(k)[None, :]) % image_counts[groups][:, None]
+    return images[starts[groups][:, None] + offsets]
 
 
 class PKSampler(ResumableDistributedSampler):
@@ -222,26 +258,7 @@ class PKSampler(ResumableDistributedSampler):
 
     def _build_stream(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch, 0x504B])
-        n, k, half = len(self.identities), self.k, len(self.identities) // 2
-        # Images grouped by identity (np.unique's order), shuffled within each identity.
-        images = np.lexsort((rng.random(len(self.labels)), self.labels))
-        starts = np.concatenate([[0], np.cumsum(self.image_counts)[:-1]])
-        num_rounds = -(-(-(-len(self.labels) // k)) // n)  # ceil(ceil(N / K) / n)
-        rounds, recent = [], np.zeros(n, dtype=bool)
-        for r in range(num_rounds):
-            order = rng.permutation(n)
-            if r:
-                # Keep the previous round's last M identities out of this round's first M.
-                fresh, stale = order[~recent[order]], order[recent[order]]
-                rest = np.concatenate([fresh[half:], stale])
-                order = np.concatenate([fresh[:half], rng.permutation(rest)])
-                recent[:] = False
-            recent[order[n - half:]] = True
-            rounds.append(order)
-        groups = np.concatenate(rounds)                              # identity slot of each group
-        appearance = np.repeat(np.arange(num_rounds), n)             # = round: once per round
-        offsets = (appearance[:, None] * k + np.arange(k)[None, :]) % self.image_counts[groups][:, None]
-        return images[starts[groups][:, None] + offsets].reshape(-1)
+        return identity_groups(rng, self.labels, self.k, -(-len(self.labels) // self.k)).reshape(-1)
 
     def _indices(self) -> torch.Tensor:
         rest = self.stream()[self.consumed:self.epoch_samples]
@@ -270,11 +287,61 @@ class PKSampler(ResumableDistributedSampler):
                            "follows a different order", state["images_per_identity"], self.k)
 
 
+class WeightedPKSampler(PKSampler):
+    """``sampler="pk"`` with ``rec_weights``: P x K global batches in which source i gives its weight's share of
+    the identity groups, hence of the samples (every group is K samples).
+
+    The stream covers ceil(num_images / K) groups, split over the sources by largest remainders. Source i's
+    groups are its own P x K stream (:func:`identity_groups` over the identities of its samples, seeded by
+    (seed, epoch, i)); its j-th group gets the key (j + u) / q_i, u uniform in [0, 1), and the sources' groups are
+    merged in key order. So every prefix of the stream, an epoch's or a resumed one's, holds each source's share
+    to within two groups, the mix is random, and the order depends only on (labels, sources, weights, K, seed,
+    epoch): ranks, world size and resume work as for :class:`PKSampler`. A global batch of P groups holds at most
+    min(P, (P + 2S) q_i / Q + 2) of source i's (S sources, Q groups): its identities are distinct while that is at
+    most half of the source's identities, which the constructor checks. A group holds images of one source only:
+    an identity that ``rec_identity_map`` merges across sources is drawn by each source that holds it, from that
+    source's images, and those samples count toward that source's share (two of its groups may meet in one
+    batch: the triplet loss sees one identity with 2K images).
+    """
+
+    def __init__(self, labels: Any, source_starts: Any, weights: list[float], images_per_identity: int,
+                 batch_size: int, rank: int, world_size: int, seed: int, names: list[str] | None = None) -> None:
+        super().__init__(labels, images_per_identity, batch_size, rank, world_size, seed)
+        self.starts = np.asarray(source_starts, dtype=np.int64)
+        if len(self.starts) != len(weights) + 1 or self.starts[-1] != len(self.labels):
+            raise DatasetError(f"pk sampler: source starts {self.starts.tolist()} do not cover {len(self.labels)} "
+                               f"samples in {len(weights)} sources")
+        total = -(-len(self.labels) // self.k)
+        self.group_quotas = weighted_quotas(weights, total)
+        names = names or [f"source {i}" for i in range(len(weights))]
+        for i, quota in enumerate(self.group_quotas.tolist()):
+            identities = len(np.unique(self.labels[self.starts[i]:self.starts[i + 1]]))
+            most = min(self.p, (self.p + 2 * len(weights)) * quota // total + 2)
+            if quota and most > identities // 2:
+                raise DatasetError(f"config keys 'rec_weights' and 'sampler'='pk': {names[i]} has {identities} "
+                                   f"identities; at a share of {weights[i] / sum(weights):.2%} a global batch of P={self.p} "
+                                   f"identities holds up to {most} of them, which needs at least {2 * most} "
+                                   f"(lower its weight, K or the batch size)")
+
+    def _build_stream(self) -> np.ndarray:
+        mix = np.random.default_rng([self.seed, self.epoch, 0x574B])
+        keys, groups = [], []
+        for i, quota in enumerate(self.group_quotas.tolist()):
+            if quota:
+                rng = np.random.default_rng([self.seed, self.epoch, i, 0x5750])
+                low, high = self.starts[i], self.starts[i + 1]
+                groups.append(low + identity_groups(rng, self.labels[low:high], self.k, quota)[:quota])
+                keys.append((np.arange(quota) + mix.random(quota)) / quota)
+        order = np.argsort(np.concatenate(keys), kind="stable")
+        return np.concatenate(groups)[order].reshape(-1)
+
+
 SAMPLERS = ("random", "pk")
 
 
 def build_sampler(cfg: Any, dataset: Any, rank: int, world_size: int) -> ResumableDistributedSampler:
-    """The sampler ``cfg.sampler`` names: "random" (seeded shuffle) or "pk" (P identities x K images)."""
+    """The sampler ``cfg.sampler`` names: "random" (seeded shuffle) or "pk" (P identities x K images), each
+    weighted per source when the dataset has ``rec_weights``."""
     kind = cfg.get("sampler", "random")
     weights = getattr(dataset, "source_weights", None)
     if kind == "random":
@@ -283,11 +350,12 @@ def build_sampler(cfg: Any, dataset: Any, rank: int, world_size: int) -> Resumab
             return WeightedSourceSampler(dataset.source_starts, weights, rank, world_size, cfg.seed, **steps)
         return ResumableDistributedSampler(len(dataset), rank, world_size, cfg.seed, **steps)
     if kind == "pk":
+        pk = (cfg.get("images_per_identity", 0), int(cfg.batch_size), rank, world_size, int(cfg.seed))
         if weights is not None:
-            raise DatasetError("config keys 'rec_weights' and 'sampler'='pk': the pk sampler draws identities "
-                               "uniformly over the union; drop rec_weights (or use sampler='random')")
-        sampler = PKSampler(dataset_labels(dataset), cfg.get("images_per_identity", 0), int(cfg.batch_size), rank,
-                            world_size, int(cfg.seed))
+            names = [source.name for source in dataset.sources]
+            sampler = WeightedPKSampler(dataset_labels(dataset), dataset.source_starts, weights, *pk, names=names)
+        else:
+            sampler = PKSampler(dataset_labels(dataset), *pk)
         sampler.accumulation = int(cfg.get("gradient_acc", 1))
         return sampler
     raise DatasetError(f"config key 'sampler'={kind!r}: expected one of {', '.join(SAMPLERS)}")

@@ -20,11 +20,11 @@ def _labels(seed=0, identities=30):
     return labels[rng.permutation(len(labels))]
 
 
-def _global_batches(labels, k, batch_size, world_size, seed=1, epoch=0, state=None):
+def _global_batches(labels, k, batch_size, world_size, seed=1, epoch=0, state=None, make=PKSampler):
     """Per global batch, the concatenation of every rank's slice; checks len() on the way."""
     per_rank = []
     for rank in range(world_size):
-        sampler = PKSampler(labels, k, batch_size, rank, world_size, seed)
+        sampler = make(labels, k, batch_size, rank, world_size, seed)
         if state is not None:
             sampler.load_state_dict(state)
         sampler.set_epoch(epoch)
@@ -243,6 +243,111 @@ def test_loader_over_weighted_sources_draws_each_within_one_percent(insightface_
     labels = np.concatenate(labels)
     share_d = float((labels >= 40).mean())  # D's classes follow A's 40
     assert len(labels) == 3 * 2 * (246 // 16) * 16 and abs(share_d - 0.5) < 0.01, share_d
-    cfg.sampler = "pk"
-    with pytest.raises(DatasetError, match="rec_weights"):
+    # P x K over the same weights: D's 3 identities cannot fill half of every batch of P=4 distinct identities
+    cfg.sampler, cfg.images_per_identity = "pk", 4
+    with pytest.raises(DatasetError, match=f"'rec_weights' and 'sampler'='pk': {cfg.rec[1]} has 3 identities"):
         get_dataloader(cfg, 0, 1)
+
+
+# ---------------------------------------------------------------- rec_weights with sampler="pk"
+
+def _three_sources(seed=0, shared=0):
+    """Labels of 3 sources back to back (40, 24, 60 identities; about 400, 80, 130 images), their starts.
+    ``shared``: the first identities of source 1 carry source 0's ids (merged by an identity map)."""
+    rng = np.random.default_rng(seed)
+    labels, starts, first = [], [0], 0
+    for identities, most in ((40, 20), (24, 6), (60, 4)):
+        ids = first + np.arange(identities)
+        if shared and len(labels) == 1:
+            ids[:shared] = np.arange(shared)
+        labels.append(rng.permutation(np.repeat(ids, rng.integers(1, most, identities))))
+        starts.append(starts[-1] + len(labels[-1]))
+        first += identities
+    return np.concatenate(labels), starts
+
+
+def _weighted_pk(starts, weights):
+    from utils.data.samplers import WeightedPKSampler
+
+    return lambda labels, *args: WeightedPKSampler(labels, starts, weights, *args)
+
+
+def _check_pk_batches(labels, starts, batches, k):
+    """Every global batch is P distinct identities x K images, each group of one identity from one source."""
+    counts = {(int(source), int(label)): 0 for source, label in zip(np.searchsorted(starts, np.arange(len(labels)),
+                                                                                    side="right") - 1, labels)}
+    for source, label in zip(np.searchsorted(starts, np.arange(len(labels)), side="right") - 1, labels):
+        counts[(int(source), int(label))] += 1
+    for batch in batches:
+        groups = batch.reshape(-1, k)
+        assert (labels[groups] == labels[groups[:, :1]]).all()
+        sources = np.searchsorted(starts, groups, side="right") - 1
+        assert (sources == sources[:, :1]).all()                               # a group never mixes sources
+        for group, source in zip(groups, sources[:, 0]):
+            assert len(set(group.tolist())) == min(k, counts[(int(source), int(labels[group[0]]))])
+    return np.searchsorted(starts, batches.reshape(-1), side="right") - 1
+
+
+def test_weighted_pk_gives_each_source_its_share_in_p_times_k_batches():
+    labels, starts = _three_sources()
+    weights = [0.2, 0.5, 0.3]  # the 80-image source gets half of every epoch
+    drawn = []
+    for epoch in range(3):
+        batches = _global_batches(labels, 4, 8, 2, seed=5, epoch=epoch, make=_weighted_pk(starts, weights))
+        assert len(batches) == len(labels) // 16                  # an epoch is the union's size in samples
+        for batch in batches:
+            assert len(set(labels[batch.reshape(-1, 4)[:, 0]].tolist())) == 4   # P distinct identities
+        sources = _check_pk_batches(labels, starts, batches, 4)
+        shares = np.bincount(sources, minlength=3) / len(sources)
+        assert np.abs(shares - weights).max() < 0.01, shares      # within 1% in every epoch
+        drawn.append(batches)
+    assert not np.array_equal(drawn[0], drawn[1])
+    assert np.array_equal(drawn[2], _global_batches(labels, 4, 8, 2, seed=5, epoch=2, make=_weighted_pk(starts, weights)))
+    assert not np.array_equal(drawn[2], _global_batches(labels, 4, 8, 2, seed=6, epoch=2,
+                                                        make=_weighted_pk(starts, weights)))
+    # the down-weighted 400-image source's ~30 groups an epoch are one round: that many of its 40 identities
+    firsts = labels[drawn[0].reshape(-1, 4)[:, 0]]
+    assert 25 <= (firsts < 40).sum() == len(set(firsts[firsts < 40].tolist())) <= 40
+
+
+def test_weighted_pk_is_the_same_stream_on_any_world_size_and_resumes_mid_epoch():
+    labels, starts = _three_sources(seed=1)
+    make = _weighted_pk(starts, [1, 3, 2])
+    one = _global_batches(labels, 4, 16, 1, seed=9, epoch=1, make=make)
+    assert np.array_equal(one, _global_batches(labels, 4, 8, 2, seed=9, epoch=1, make=make))
+    assert np.array_equal(one, _global_batches(labels, 4, 4, 4, seed=9, epoch=1, make=make))
+    # 3 global batches of 16 drawn on 2 ranks; the rest of the epoch on 2 ranks again, and on 3 ranks of 8
+    runners = [make(labels, 4, 8, rank, 2, 9) for rank in range(2)]
+    for sampler in runners:
+        sampler.set_epoch(1)
+        for _ in range(3):
+            sampler.advance(16)
+    state = runners[0].state_dict()
+    assert state == {"epoch": 1, "seed": 9, "consumed": 48, "images_per_identity": 4}
+    again = _global_batches(labels, 4, 8, 2, seed=0, epoch=1, state=state, make=make)
+    assert np.array_equal(again, one.reshape(-1, 16)[3:])
+    resumed = _global_batches(labels, 4, 8, 3, seed=0, epoch=1, state=state, make=make)
+    assert len(resumed) == (len(labels) // 24 * 24 - 48) // 24
+    assert np.array_equal(resumed.reshape(-1), one.reshape(-1)[48:48 + resumed.size])
+    _check_pk_batches(labels, starts, resumed, 4)
+    for batch in resumed:
+        assert len(set(labels[batch.reshape(-1, 4)[:, 0]].tolist())) == 6
+
+
+def test_weighted_pk_draws_a_merged_identity_from_each_source_s_own_images():
+    # source 1's first 10 identities are source 0's (an identity map merged them): a group still takes one
+    # source's images, so each source's samples keep its weight
+    labels, starts = _three_sources(seed=2, shared=10)
+    weights = [1, 1, 1]
+    batches = _global_batches(labels, 2, 8, 1, seed=3, epoch=0, make=_weighted_pk(starts, weights))
+    sources = _check_pk_batches(labels, starts, batches, 2)
+    assert np.abs(np.bincount(sources, minlength=3) / len(sources) - 1 / 3).max() < 0.01
+    merged = np.isin(labels[batches.reshape(-1)], np.arange(10))
+    assert set(sources[merged].tolist()) == {0, 1}                  # the merged identities come from both
+
+
+def test_weighted_pk_refuses_a_source_too_small_for_its_share():
+    labels, starts = _three_sources()
+    with pytest.raises(DatasetError, match=r"'rec_weights' and 'sampler'='pk': source 1 has 24 identities; at a "
+                                           r"share of 80.\d+% a global batch of P=16 identities holds up to 16"):
+        _weighted_pk(starts, [1, 8, 1])(labels, 4, 64, 0, 1, 0)
