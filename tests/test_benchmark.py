@@ -110,14 +110,18 @@ def test_data_shards_row_reads_the_same_records_as_a_list_of_shards(capsys):
     from utils.data.datasets import RecordDataset
     from utils.data.sources import build_sources
 
-    benchmark.main(["data", "--num-images", "24", "--batch-size", "4", "--workers", "0", "--repeat", "1",
+    benchmark.main(["data", "--num-images", "24", "--batch-size", "4", "--workers", "0", "1", "--repeat", "1",
                     "--shards", "3"])
     out = capsys.readouterr().out
-    row = re.search(rf"DataLoader batch 4, 0 worker\(s\), 3 shards\s+{NUMBER} images/s\s+\(x{NUMBER} of one pack, "
-                    rf"best of 1 alternating passes\)", out)
-    assert row, out
-    positive(row.group(1))
-    positive(row.group(2))
+    for workers in (0, 1):
+        row = re.search(rf"DataLoader batch 4, {workers} worker\(s\), 3 shards\s+{NUMBER} images/s\s+\(x{NUMBER} of "
+                        rf"one pack, best of 1 alternating passes; open per reading process: at most (\d+) \.rec of 3, "
+                        rf"(\d+) \.idx\)", out)
+        assert row, out
+        positive(row.group(1))
+        positive(row.group(2))
+        # a process that read the 24 images in shuffled order holds one descriptor per shard, no index file
+        assert (int(row.group(3)), int(row.group(4))) == (3, 0), row.group(0)
     # the shards hold exactly the pack's records: the same images and, read as a list, the same classes
     folder = tempfile.mkdtemp()
     pack = RecordDataset(make_identity_set(f"{folder}/set", 4, 6, 0, 0, seed=0), flip=False)

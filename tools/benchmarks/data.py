@@ -7,7 +7,9 @@
 Stages, each on the same records: raw ``read_idx``; a bare ``cv2.imdecode`` loop over bytes already
 in memory (the reference); read + unpack + decode + flip as one worker does (``dataset[i]``);
 the full DataLoader (uint8 batches, drop_last) with each worker count: its first batch is untimed
-warm-up, so the set needs at least two batches of images.
+warm-up, so the set needs at least two batches of images. With ``--shards N`` the row of the shards also says
+what each reading process (a worker, or the benchmark itself with 0 workers) holds open after its pass: one
+descriptor per shard it read at most, and no index file (indexes are read into memory once).
 """
 from __future__ import annotations
 
@@ -78,8 +80,48 @@ def write_shards(data, count: int, out_dir: str, shards: int) -> None:
         write_property(f"{name}.property", len(classes), data.image_size)
 
 
-def _loader_rate(root: str, workers: int, batch_size: int) -> float:
-    """Images/s of the training DataLoader over ``root`` (a pack or a folder of shards); the first batch untimed."""
+def _child_pids() -> list[int]:
+    """This process's children (DataLoader workers), from /proc (Linux)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid():
+                children.append(int(entry))
+    return children
+
+
+def open_pack_files(root: str, workers: int) -> tuple[int, int] | None:
+    """(most .rec descriptors one reading process holds, .idx descriptors in all of them) under ``root``: the
+    DataLoader's worker processes, or this process with 0 workers; None without /proc (not Linux)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    folder = os.path.realpath(root) + os.sep
+    most, indexes = 0, 0
+    for pid in (_child_pids() if workers else [os.getpid()]):
+        targets = []
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+        mine = [target for target in targets if target.startswith(folder)]
+        most = max(most, sum(target.endswith(".rec") for target in mine))
+        indexes += sum(target.endswith(".idx") for target in mine)
+    return most, indexes
+
+
+def _loader_rate(root: str, workers: int, batch_size: int) -> tuple[float, tuple[int, int] | None]:
+    """Images/s of the training DataLoader over ``root`` (a pack or a folder of shards), the first batch untimed,
+    and what :func:`open_pack_files` finds open after the pass (the workers persist until the loader goes)."""
     from easydict import EasyDict
 
     from dataset import get_dataloader
@@ -96,8 +138,9 @@ def _loader_rate(root: str, workers: int, batch_size: int) -> float:
     for images, _ in batches:
         seen += images.shape[0]
     rate = seen / (time.perf_counter() - start)
+    files = open_pack_files(root, workers)
     del batches, loader
-    return rate
+    return rate, files
 
 
 def run(args: argparse.Namespace) -> None:
@@ -147,7 +190,7 @@ def run(args: argparse.Namespace) -> None:
 
         single, one_pack = None, {}
         for workers in args.workers:
-            rate = one_pack[workers] = _loader_rate(root, workers, args.batch_size)
+            rate = one_pack[workers] = _loader_rate(root, workers, args.batch_size)[0]
             single = single if single is not None else rate
             print(f"DataLoader batch {args.batch_size}, {workers} worker(s)   {rate:10.0f} images/s  "
                   f"(x{rate / single:.2f} of the first worker count)")
@@ -155,9 +198,13 @@ def run(args: argparse.Namespace) -> None:
             sharded = os.path.join(scratch, "shards")
             write_shards(data, len(data), sharded, args.shards)
             for workers in args.workers:  # alternating passes, best of each: a busy machine's noise is one-sided
-                pack_rate, rate = one_pack[workers], 0.0
+                pack_rate, rate, files = one_pack[workers], 0.0, None
                 for _ in range(args.repeat):
-                    rate = max(rate, _loader_rate(sharded, workers, args.batch_size))
-                    pack_rate = max(pack_rate, _loader_rate(root, workers, args.batch_size))
+                    shard_rate, files = _loader_rate(sharded, workers, args.batch_size)
+                    rate = max(rate, shard_rate)
+                    pack_rate = max(pack_rate, _loader_rate(root, workers, args.batch_size)[0])
+                opened = "not measured (no /proc)" if files is None else \
+                    f"at most {files[0]} .rec of {args.shards}, {files[1]} .idx"
                 print(f"DataLoader batch {args.batch_size}, {workers} worker(s), {args.shards} shards  {rate:10.0f} "
-                      f"images/s  (x{rate / pack_rate:.2f} of one pack, best of {args.repeat} alternating passes)")
+                      f"images/s  (x{rate / pack_rate:.2f} of one pack, best of {args.repeat} alternating passes; "
+                      f"open per reading process: {opened})")
