@@ -351,3 +351,34 @@ def test_weighted_pk_refuses_a_source_too_small_for_its_share():
     with pytest.raises(DatasetError, match=r"'rec_weights' and 'sampler'='pk': source 1 has 24 identities; at a "
                                            r"share of 80.\d+% a global batch of P=16 identities holds up to 16"):
         _weighted_pk(starts, [1, 8, 1])(labels, 4, 64, 0, 1, 0)
+
+
+def test_weighted_pk_every_prefix_holds_the_shares_and_every_window_of_p_is_distinct():
+    # What lets a resume at any position, with any batch size the constructor accepts, keep both promises.
+    from utils.data.samplers import WeightedPKSampler
+
+    checked = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        sizes = [rng.integers(1, 15, int(n)) for n in rng.integers(6, 40, int(rng.integers(2, 5)))]
+        labels = np.concatenate([first + np.repeat(np.arange(len(c)), c)
+                                 for first, c in zip(np.cumsum([0] + [len(c) for c in sizes[:-1]]), sizes)])
+        starts = np.cumsum([0] + [int(c.sum()) for c in sizes])
+        k = int(rng.choice([2, 3, 4]))
+        try:
+            sampler = WeightedPKSampler(labels, starts, list(rng.random(len(sizes)) + 0.05), k,
+                                        k * int(rng.integers(2, 7)), 0, 1, seed)
+        except DatasetError:
+            continue
+        checked += 1
+        sampler.set_epoch(seed)
+        groups = sampler.stream().reshape(-1, k)
+        sources = np.searchsorted(starts, groups[:, 0], side="right") - 1
+        drawn = np.cumsum(np.eye(len(sizes))[sources], axis=0)
+        due = np.arange(1, len(groups) + 1)[:, None] * sampler.group_quotas / len(groups)
+        assert np.abs(drawn - due).max() <= 2
+        assert (drawn[-1] == sampler.group_quotas).all()
+        firsts = labels[groups[:, 0]]
+        windows = np.lib.stride_tricks.sliding_window_view(firsts, sampler.p)
+        assert all(len(set(window.tolist())) == sampler.p for window in windows)
+    assert checked >= 12
