@@ -318,10 +318,11 @@ class WeightedPKSampler(PKSampler):
             identities = len(np.unique(self.labels[self.starts[i]:self.starts[i + 1]]))
             most = min(self.p, (self.p + 2 * len(weights)) * quota // total + 2)
             if quota and most > identities // 2:
+                share = weights[i] / sum(weights)
                 raise DatasetError(f"config keys 'rec_weights' and 'sampler'='pk': {names[i]} has {identities} "
-                                   f"identities; at a share of {weights[i] / sum(weights):.2%} a global batch of P={self.p} "
-                                   f"identities holds up to {most} of them, which needs at least {2 * most} "
-                                   f"(lower its weight, K or the batch size)")
+                                   f"identities; at a share of {share:.2%} a global batch of P={self.p} identities "
+                                   f"holds up to {most} of them, which needs at least {2 * most} (lower its weight, "
+                                   f"K or the batch size)")
 
     def _build_stream(self) -> np.ndarray:
         mix = np.random.default_rng([self.seed, self.epoch, 0x574B])

@@ -302,7 +302,8 @@ def test_weighted_pk_gives_each_source_its_share_in_p_times_k_batches():
         assert np.abs(shares - weights).max() < 0.01, shares      # within 1% in every epoch
         drawn.append(batches)
     assert not np.array_equal(drawn[0], drawn[1])
-    assert np.array_equal(drawn[2], _global_batches(labels, 4, 8, 2, seed=5, epoch=2, make=_weighted_pk(starts, weights)))
+    assert np.array_equal(drawn[2], _global_batches(labels, 4, 8, 2, seed=5, epoch=2,
+                                                    make=_weighted_pk(starts, weights)))
     assert not np.array_equal(drawn[2], _global_batches(labels, 4, 8, 2, seed=6, epoch=2,
                                                         make=_weighted_pk(starts, weights)))
     # the down-weighted 400-image source's ~30 groups an epoch are one round: that many of its 40 identities
