@@ -20,8 +20,10 @@ import torch
 
 from pfc import PartialFCError
 
-# Group entries that describe the group rather than the optimizer's settings: this run's values stand.
-OWN_KEYS = ("params", "param_names", "lr_scale", "name", "lr", "initial_lr")
+# Group entries that say what the group is, not where the optimizer was: this run's values stand. The rest
+# (lr included, as torch's load_state_dict restores it; the trainer sets every group's lr before each step
+# from its lr_scale) comes from the saved group that held the group's parameters.
+OWN_KEYS = ("params", "param_names", "lr_scale", "name")
 
 
 def group_names(groups: list[dict[str, Any]]) -> list[list[str]] | None:
