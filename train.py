@@ -148,13 +148,17 @@ def build_optimizer(cfg: Any, backbone: torch.nn.Module, head: torch.nn.Module, 
     unscaling, clipping and the all-rank finite check. The backbone's group learns at ``backbone_lr_scale``
     times the head's lr."""
     partial_fc = head if isinstance(head, PartialFC) else None
-    params = [{"params": list(backbone.parameters()), "lr_scale": float(cfg.backbone_lr_scale), "name": "backbone"}]
-    if partial_fc is None and cfg.backbone_lr_scale != 1.0:
-        params.append({"params": list(head.parameters()), "lr_scale": 1.0, "name": "head"})
-    elif partial_fc is None:  # one group, as checkpoints made before backbone_lr_scale hold it
-        params[0]["params"] += list(head.parameters())
-    if distill is not None:  # a new layer: the head's lr, whatever backbone_lr_scale says; last, so older groups load
-        params.append({"params": list(distill.parameters()), "lr_scale": 1.0, "name": "distill"})
+    # The same named groups whatever the scales: a resume with another backbone_lr_scale or freeze_stages
+    # finds each parameter's saved momentum by its name (pfc/optim_state.py).
+    modules = [("backbone", backbone, float(cfg.backbone_lr_scale))] + ([("head", head, 1.0)] if partial_fc is None
+                                                                       else [])
+    if distill is not None:  # the projection: the head's lr, whatever backbone_lr_scale says
+        modules.append(("distill", distill, 1.0))
+    params = [{"params": [param for _, param in module.named_parameters()], "lr_scale": scale, "name": name,
+               "param_names": [f"{name}.{key}" for key, _ in module.named_parameters()]}
+              for name, module, scale in modules]
+    groups = [(name, scale) for name, _, scale in modules] + ([("partial_fc", 1.0)] if partial_fc is not None else [])
+    logger.info("optimizer %s: %s", cfg.optimizer, ", ".join(f"{name} at {scale:g} x the lr" for name, scale in groups))
     return build_joint_optimizer(cfg.optimizer, params, partial_fc, lr, momentum=cfg.momentum,
                                  weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                  clip_grad_norm=cfg.clip_grad_norm, scaler=scaler)
@@ -281,7 +285,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         if review_resume(cfg, resume_path, resume_state, plan, schedule, ctx):
             return {}  # the checkpoint is the run's end: nothing to train, verify or write again
         step, epoch, plan = restore_checkpoint(resume_path, resume_state, ctx, plan, parts, data.fingerprint,
-                                               cfg.resume_data_changed)
+                                               cfg.resume_data_changed, cfg)
         guard.load_state_dict(resume_state.get("divergence"))
         del resume_state
     saver = CheckpointSaver(cfg, ctx, plan, parts, data.fingerprint, resume_path, step, guard.state_dict)

@@ -20,7 +20,7 @@ config.init_backbone = None     # a backbone/model.pt path, or a released name (
 # facenet-style file's `logits` is reused by head="softmax" when its shape matches).
 config.head_only_epochs = 0     # train the head alone for the first N epochs: the backbone runs in eval mode without gradients (weights and BatchNorm statistics untouched, no optimizer state for it), then is unfrozen at the epoch boundary; a run that ends inside this phase leaves the backbone bit-identical to its init
 config.freeze_bn = False        # every BatchNorm of the backbone in eval mode throughout: running statistics never change (its affine weights still train); works with DDP, AMP and gradient_acc
-config.backbone_lr_scale = 1.0  # the backbone's learning rate relative to the head's (0.1: the backbone learns at a tenth of the schedule's lr); 0 = backbone weights fixed
+config.backbone_lr_scale = 1.0  # the backbone's learning rate relative to the head's (0.1: the backbone learns at a tenth of the schedule's lr); 0 = backbone weights fixed; a resume may change it (and freeze_stages, head_only_epochs): every parameter keeps its optimizer state
 config.freeze_stages = 0        # the first K stages of the backbone frozen for the whole run (weights and BatchNorm statistics): iresnet 4 (stem+layer1, layer2, layer3, layer4), mbf 4 (each ends before a downsample), inception_resnet_v1 4 (stem, repeat_1, mixed_6a+repeat_2, mixed_7a+repeat_3+block8), tiny 5 (its conv blocks); the embedding layer always trains
 config.log_level = "INFO"
 

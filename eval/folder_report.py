@@ -24,7 +24,7 @@ def _model_lines(label: str, model: dict) -> list[str]:
     lines = [f"## {label}", "",
              f"`{model['path']}` (sha256 {model['sha256'][:12]}), faces: {model['face_preparation']}, "
              f"{model['photos_with_face']} photos with a face (embedded now: {model['embedded_now']}, "
-             f"from the cache: {model['from_cache']})", "",
+             f"from the cache: {model['from_cache']})", ""] + ([model["model"], ""] if "model" in model else []) + [
              f"### 1:1 verification: {one['genuine_pairs']} genuine, {one['impostor_pairs']} impostor pairs", "",
              "| FAR | TAR | FAR reached | threshold (cosine) |", "|---|---|---|---|"]
     for row in one["tar_at_far"]:
@@ -52,8 +52,9 @@ def _model_lines(label: str, model: dict) -> list[str]:
                       "| FPIR | DIR |", "|---|---|"]
             lines += [f"| {row['fpir']:.0e} | {_number(row['dir'])}"
                       f"{'' if row['measurable'] else ' (too few unknown probes)'} |" for row in ident["dir_at_fpir"]]
-    if model["warnings"]:
-        lines += ["", "Warnings:", ""] + [f"- {warning}" for warning in model["warnings"]]
+    warnings = model.get("weights_warnings", []) + model["warnings"]
+    if warnings:
+        lines += ["", "Warnings:", ""] + [f"- {warning}" for warning in warnings]
     return lines + [""]
 
 

@@ -133,7 +133,7 @@ def folder_warnings(photos, loose: list[str], failed: dict[str, str], root: str,
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate every model on the folder and write DIR; returns the report."""
-    from eval.verification import load_model
+    from eval.model_info import load_model
     from utils.config.paths import ensure_output_dir
     from utils.devices import device as devices
 
@@ -152,9 +152,13 @@ def run(args: argparse.Namespace) -> dict:
     curves = {}
     failed: dict[str, str] = {}
     for path, label in zip(args.model, model_labels(args.model)):
-        model = load_model(path, args.network, device, args.embedding_size)
-        report["models"][label], curves[label] = evaluate_model(model, path, args.root, photos, unknown_photos, args,
-                                                                preparer, device)
+        loaded = load_model(path, args.network, device, args.embedding_size)
+        print(loaded.line, flush=True)  # what is evaluated, before any number
+        for warning in loaded.warnings:
+            print(f"warning: {label}: {warning}", file=sys.stderr, flush=True)
+        report["models"][label], curves[label] = evaluate_model(loaded.model, loaded.path, args.root, photos,
+                                                                unknown_photos, args, preparer, device)
+        report["models"][label].update(model=loaded.line, weights_warnings=loaded.warnings)
         failed.update(curves[label]["failed"])
     first = curves[next(iter(curves))]
     write_pairs(os.path.join(out, PAIRS), first["pairs"], first["genuine"])
@@ -198,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="ROOT/<identity>/<photo>")
     parser.add_argument("--model", action="append", required=True,
-                        help="model.pt, a training checkpoint or an .onnx file; repeat to compare models")
+                        help="model.pt, a training checkpoint, an .onnx file or a released name (facenet:vggface2); "
+                             "repeat to compare models")
     parser.add_argument("--out", required=True, help="output folder (report.json, report.md, faceless.txt, ...)")
     parser.add_argument("--network", default=None, help="backbone name; default: read from the file")
     parser.add_argument("--embedding-size", type=int, default=None, help="default: read from the file")

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m eval.ijb``: evaluate a model on IJB-B/C; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m eval.ijb", description="IJB-B / IJB-C 1:1 and 1:N evaluation.")
     parser.add_argument("--model", "--model-prefix", dest="model", required=True,
-                        help="model.pt, a training checkpoint, or an .onnx file")
+                        help="model.pt, a training checkpoint, an .onnx file, or a released name (facenet:vggface2)")
     parser.add_argument("--network", default=None,
                         help="backbone name; default: read from the file (not needed for .onnx)")
     parser.add_argument("--embedding-size", type=int, default=None, help="default: read from the file")
@@ -177,15 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from eval.verification import load_model
+    from eval.model_info import load_model
     from utils.devices import device as devices
     protocol = Protocol(not args.no_flip, not args.no_norm_score, not args.no_detector_score)
     try:
         ctx = devices.setup(args.device)
         if ctx.is_main:
             print(f"protocol: {protocol.describe()}", flush=True)
-        model = load_model(args.model, args.network, ctx.device, args.embedding_size)
-        report = evaluate_ijb(model, args.image_path, args.target, ctx.device, protocol, args.batch_size,
+        loaded = load_model(args.model, args.network, ctx.device, args.embedding_size)
+        if ctx.is_main:  # what is evaluated, before any number
+            print(loaded.line, flush=True)
+            for warning in loaded.warnings:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        report = evaluate_ijb(loaded.model, args.image_path, args.target, ctx.device, protocol, args.batch_size,
                               args.result_dir, args.job, args.identification, args.plot, not args.no_progress)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

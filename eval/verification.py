@@ -322,26 +322,6 @@ class VerificationCallback:
 
 # ----------------------------------------------------------------------------- command line
 
-def load_model(path: str, network: str | None, device: torch.device, embedding_size: int | None = None) -> Any:
-    """A torch backbone (model.pt or training checkpoint, via utils.weights.load) or an .onnx model.
-
-    ``network`` and ``embedding_size`` default to what the file says (a training checkpoint's config,
-    else the registered network whose keys and shapes the state_dict has). ``path`` may be a released
-    weights name (``facenet:vggface2``; utils.weights.registry), fetched into the cache when needed."""
-    from utils.weights.registry import is_registry_name
-    if is_registry_name(path):
-        from utils.weights.resolve import resolve_weights
-        path = resolve_weights(path, "--model")
-    if not os.path.isfile(path):
-        raise VerificationError(f"{path}: model file not found")
-    if path.endswith(".onnx"):
-        from eval.embed import OnnxEmbedder
-        return OnnxEmbedder(path, device)
-    from utils.weights.load import load_backbone_file
-    backbone, _, _ = load_backbone_file(path, network or None, embedding_size, map_location="cpu")
-    return backbone.to(device).eval()
-
-
 def format_table(rows: list[tuple[str, int, VerificationResult]]) -> list[str]:
     """The summary table; VAL@FAR=1e-3 comes with the FAR its fitted thresholds actually reached on the
     test folds (a collapsed model shows VAL 1.0 at FAR 1.0, not a perfect score)."""
@@ -393,7 +373,13 @@ def main(argv: list[str] | None = None) -> int:
             raise VerificationError(f"{missing[0]}: verification file not found (target stems: {', '.join(targets)})")
         if args.batch_size <= 0:
             raise VerificationError(f"--batch-size must be positive, got {args.batch_size}")
-        model = load_model(args.model, args.network, ctx.device, args.embedding_size)
+        from eval.model_info import load_model
+        loaded = load_model(args.model, args.network, ctx.device, args.embedding_size)
+        model = loaded.model
+        if ctx.is_main:  # what is evaluated, before any number
+            print(loaded.line, flush=True)
+            for warning in loaded.warnings:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         from backbones.common import input_spec
         image_size = tuple(args.image_size) if args.image_size else input_spec(model).image_size
         rows = []

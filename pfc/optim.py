@@ -322,9 +322,11 @@ class JointOptimizer:
         return {"backbone": self.backbone_optimizer.state_dict(), "head": head}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load a ``state_dict()``; a plain torch optimizer state (older checkpoints) loads the backbone."""
+        """Load a ``state_dict()``; a plain torch optimizer state (older checkpoints) loads the backbone.
+        The backbone optimizer's state is matched to this run's groups by parameter name (pfc/optim_state.py):
+        another grouping (``backbone_lr_scale``, ``freeze_stages``) keeps every parameter's momentum."""
         if isinstance(state, Mapping) and "param_groups" in state and "state" in state:
-            self.backbone_optimizer.load_state_dict(state)
+            self._load_backbone(state)
             return
         if not isinstance(state, Mapping) or not isinstance(state.get("backbone"), Mapping):
             raise PartialFCError("JointOptimizer: not an optimizer state (expected a JointOptimizer.state_dict() "
@@ -334,9 +336,26 @@ class JointOptimizer:
         if mine is not None and head.get("optimizer", mine) != mine:
             raise PartialFCError(f"JointOptimizer: checkpoint optimizer is {head['optimizer']!r}, this run uses "
                                  f"{mine!r} (config key 'optimizer')")
-        self.backbone_optimizer.load_state_dict(state["backbone"])
+        self._load_backbone(state["backbone"])
         if self.head_group is not None and "lr" in head:
             self.head_group["lr"] = head["lr"]
+
+    def _load_backbone(self, saved: Mapping[str, Any]) -> None:
+        from pfc.optim_state import remap_state
+
+        remapped, notes = remap_state(saved, self.backbone_optimizer)
+        self.backbone_optimizer.load_state_dict(remapped)
+        for note in notes:
+            logger.info("optimizer state: %s", note)
+
+
+def _trainable(group: dict) -> dict:
+    """``group`` without the parameters that do not require grad (and without their names)."""
+    keep = [param.requires_grad for param in group["params"]]
+    trimmed = {**group, "params": [param for param, kept in zip(group["params"], keep) if kept]}
+    if "param_names" in group:
+        trimmed["param_names"] = [name for name, kept in zip(group["param_names"], keep) if kept]
+    return trimmed
 
 
 TORCH_OPTIMIZERS = {
@@ -355,8 +374,9 @@ def build_joint_optimizer(name: str, backbone_params: Iterable[torch.Tensor] | I
     """The backbone's torch optimizer and the head's row optimizer with the same settings, as one
     ``JointOptimizer``; the optimizer name and settings are checked here, once (by ``RowOptimizer``).
     ``head=None``: the backbone optimizer alone (its parameters may include a replicated head's).
-    ``backbone_params``: tensors, or param groups (dicts with ``params`` and an ``lr_scale`` relative to the
-    lr ``set_lr`` gives); parameters that do not require grad (frozen stages) are left out."""
+    ``backbone_params``: tensors, or param groups (dicts with ``params``, an ``lr_scale`` relative to the
+    lr ``set_lr`` gives and optionally ``param_names``, by which a resume finds each parameter's saved state);
+    parameters that do not require grad (frozen stages) are left out."""
     if head is not None:
         head.configure_optimizer(name, momentum=momentum, weight_decay=weight_decay, betas=betas, eps=eps)
         hyper = head.row_optimizer.hyper
@@ -364,7 +384,7 @@ def build_joint_optimizer(name: str, backbone_params: Iterable[torch.Tensor] | I
         hyper = RowOptimizer(name, momentum=momentum, weight_decay=weight_decay, betas=betas, eps=eps).hyper
     given = list(backbone_params)
     groups = given if given and isinstance(given[0], dict) else [{"params": given}]
-    groups = [{**group, "params": [param for param in group["params"] if param.requires_grad]} for group in groups]
+    groups = [_trainable(group) for group in groups]
     groups = [group for group in groups if group["params"]] or groups[:1]
     params = groups if len(groups) > 1 or "lr_scale" in groups[0] else groups[0]["params"]
     backbone = TORCH_OPTIMIZERS[name](params, lr, hyper)

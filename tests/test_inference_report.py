@@ -10,7 +10,8 @@ import torch
 import train
 from backbones import get_model
 from tests.test_train import write_config
-from tools.inference import COLLAPSED_COSINE, main, untrained_reasons
+from eval.model_info import COLLAPSED_COSINE, untrained_reasons
+from tools.inference import main
 from utils.data.synthetic import make_identity_set
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +39,7 @@ def test_untrained_tiny_on_whole_photos_says_everything_it_used_and_warns(tiny_f
     assert main(["--model", tiny_files["untrained"], "--img", first, "--img2", second]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0] == (f"model: {tiny_files['untrained']}: network 'tiny' (read from the file), embedding size 32, "
+    assert lines[0] == (f"model: {tiny_files['untrained']} (backbone state_dict): network 'tiny' (read from the file), embedding size 32, "
                         f"input 112x112 RGB, pixels (x - 127.5) / 127.5")
     assert lines[1].startswith(f"image 1: {first}: whole frame ") and lines[1].endswith(
         " resized to 112x112 (no face detection)")

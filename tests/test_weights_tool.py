@@ -66,11 +66,14 @@ def test_the_pretrained_weights_page_lists_every_name_with_its_network():
 
 
 def test_the_evaluation_and_export_clis_take_a_registered_name(served, tmp_path, monkeypatch, capsys):
-    from eval.verification import load_model
+    from eval.model_info import load_model
     from tools.torch2onnx import main as export
 
-    model = load_model("facenet:test", None, torch.device("cpu"))
-    assert type(model).__name__ == "TinyFaceNet" and model.features.num_features == 16
+    loaded = load_model("facenet:test", None, torch.device("cpu"))
+    model = loaded.model
+    assert loaded.line.startswith(f"model: {loaded.path} (registered name 'facenet:test', its cached file; backbone "
+                                  f"state_dict): network 'tiny' (read from the file), embedding size 16")
+    assert os.path.isfile(loaded.path) and type(model).__name__ == "TinyFaceNet" and model.features.num_features == 16
     monkeypatch.chdir(tmp_path)
     assert export(["facenet:test", "--no-verify"]) == 0
     assert (tmp_path / "test.onnx").is_file() and "exported tiny to test.onnx" in capsys.readouterr().out

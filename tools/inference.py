@@ -17,7 +17,8 @@ pick the threshold on your own validation pairs (0.3 is a common starting point 
 Every answer says what it used: the weights file, the network (and whether it was named or read from
 the file), the embedding and input size, and per image the detected face (box, probability, how many
 faces, which one was taken) or the whole frame. Warnings (stderr) for the demo's ``tiny`` network, for
-weights that look untrained (``untrained_reasons``) and for whole photos of another size than the crop.
+weights that look untrained and for whole photos of another size than the crop. The model line and the first
+two warnings come from eval/model_info.py, as in every evaluation CLI.
 
 Instead of ``--threshold``, take the one ``python -m eval.folders`` measured on your own people at a FAR:
 
@@ -37,14 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from eval.model_info import cosine, load_model  # noqa: E402
+
 
 DEFAULT_THRESHOLD = 0.3  # a common starting point for ArcFace models; not fitted to any one model
-# Six probe inputs with nothing in common (noise, a colour gradient, black, white, a checkerboard, a half-white
-# frame): a model whose embeddings of every pair of them have at least this cosine similarity gives (almost)
-# the same answer for every input. Measured lowest pair: a freshly initialised inception_resnet_v1 0.9976
-# (flagged); tiny after 8 training steps 0.78, fresh tiny 0.66, fresh mbf 0.64 (not flagged: fresh networks
-# other than inception_resnet_v1 are caught by their BatchNorm statistics, utils.weights.inspect).
-COLLAPSED_COSINE = 0.99
 
 
 class InferenceError(ValueError):
@@ -167,51 +164,6 @@ def threshold_from_report(path: str, far: float, model_path: str) -> tuple[float
     return float(row["threshold"]), settings, description
 
 
-def cosine(first: np.ndarray, second: np.ndarray) -> float:
-    """Cosine similarity of two embeddings."""
-    return float(np.dot(first, second) / (np.linalg.norm(first) * np.linalg.norm(second)))
-
-
-PROBES = ("noise", "a colour gradient", "black", "white", "a checkerboard", "a half-white frame")
-
-
-def probe_images(image_size: tuple[int, int]) -> list[torch.Tensor]:
-    """The ``PROBES``: uint8 RGB [1, 3, H, W] inputs with nothing in common."""
-    height, width = image_size
-    noise = torch.randint(0, 256, (3, height, width), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    rows = torch.linspace(0, 255, height)[:, None].expand(height, width)
-    cols = torch.linspace(0, 255, width)[None, :].expand(height, width)
-    gradient = torch.stack([rows, cols, 255 - rows]).round().to(torch.uint8)
-    black = torch.zeros(3, height, width, dtype=torch.uint8)
-    squares = (torch.arange(height)[:, None] * 8 // height + torch.arange(width)[None, :] * 8 // width) % 2
-    half = black.clone()
-    half[:, :, : width // 2] = 255
-    images = [noise, gradient, black, black + 255, (squares * 255).to(torch.uint8).expand(3, height, width), half]
-    return [image[None].contiguous() for image in images]
-
-
-def untrained_reasons(model, state: dict | None, image_size: tuple[int, int], device: torch.device) -> list[str]:
-    """Why the weights look untrained (empty when they do not): every BatchNorm still at its initial
-    statistics, or every pair of the unrelated ``PROBES`` embedded (almost) identically (``COLLAPSED_COSINE``)."""
-    from utils.weights.inspect import batchnorm_at_init
-
-    reasons = []
-    at_init, total = batchnorm_at_init(state) if state is not None else (0, 0)
-    if total and at_init == total:
-        reasons.append(f"all {total} BatchNorm layers still hold their initial statistics (mean 0, variance 1): "
-                       f"the weights never saw training data")
-    features = [embed(model, image, device) for image in probe_images(image_size)]
-    if not all(np.linalg.norm(feature) for feature in features):
-        reasons.append("the embedding of a probe input is all zeros")
-        return reasons
-    lowest = min(cosine(a, b) for i, a in enumerate(features) for b in features[i + 1:])
-    if lowest >= COLLAPSED_COSINE:
-        reasons.append(f"{len(PROBES)} unrelated inputs ({', '.join(PROBES)}) get embeddings whose pairwise cosine "
-                       f"similarities are all >= {lowest:.4f} (rule: >= {COLLAPSED_COSINE}): the embedding hardly "
-                       f"depends on the input")
-    return reasons
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``tools/inference.py``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,35 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_for_inference(args: argparse.Namespace, device: torch.device) -> tuple[object, dict | None, str]:
-    """(model on ``device``, its backbone state_dict or None for .onnx, the 'model:' line). ``--model`` may be
-    a released weights name (``facenet:vggface2``), fetched into the cache when needed."""
-    from utils.weights.registry import is_registry_name
-    shown = args.model
-    if is_registry_name(args.model):
-        from utils.weights.resolve import resolve_weights
-        args.model = resolve_weights(args.model, "--model")
-        shown = f"{shown} = {args.model}"
-    if not os.path.isfile(args.model):
-        raise InferenceError(f"{args.model}: model file not found")
-    if args.model.endswith(".onnx"):
-        from eval.embed import OnnxEmbedder
-
-        model = OnnxEmbedder(args.model, device)
-        spec = model.input_spec
-        return model, None, f"model: {shown} (ONNX), input {spec.image_size[0]}x{spec.image_size[1]}"
-    from backbones.common import input_spec
-    from utils.weights.load import load_backbone_file
-
-    model, network, embedding_size = load_backbone_file(args.model, args.network or None, args.embedding_size)
-    state = model.state_dict()  # read for its BatchNorm statistics (untrained_reasons), before any move
-    spec = input_spec(model)
-    named = "--network" if args.network else "read from the file"
-    line = (f"model: {shown}: network '{network}' ({named}), embedding size {embedding_size}, input "
-            f"{spec.image_size[0]}x{spec.image_size[1]} RGB, pixels (x - {spec.mean:g}) / {spec.std:g}")
-    return model.to(device).eval(), state, line
-
-
 def main(argv: list[str] | None = None) -> int:
     """Embed one image (or compare two) from the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -290,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             from utils.config.paths import ensure_output_file
             ensure_output_file(args.save, "--save")  # checked before the model loads
         device = devices.setup(args.device).device
-        model, state, model_line = load_for_inference(args, device)  # resolves a registered name in args.model
+        loaded = load_model(args.model, args.network, device, args.embedding_size)
+        model, args.model = loaded.model, loaded.path  # a registered name is now its cached file
         if args.threshold_from is not None:
             threshold, settings, measured = threshold_from_report(args.threshold_from, args.far, args.model)
             if settings["flip"] != args.flip:
@@ -317,16 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                                     f"with tools/align_faces.py)")
         features = [embed(model, image, device, args.flip) for image, _ in read]
         lines = [f"image {index + 1}: {path}: {words}" for index, (path, (_, words)) in enumerate(zip(paths, read))]
-        if "network 'tiny'" in model_line:
-            warnings.insert(0, "network 'tiny' is ArcScale's small CPU demo network, trained on generated faces: "
-                               "its answers on real photos mean little")
-        reasons = untrained_reasons(model, state, size, device)
-        if reasons:
-            warnings.insert(0, f"the weights look untrained: {'; '.join(reasons)}")
+        warnings = loaded.warnings + warnings
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(model_line)
+    print(loaded.line)
     print("\n".join(lines))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -22,6 +22,10 @@ BOOKKEEPING = frozenset({"resume", "config_path", "config_name", "overwrite", "o
 # Keys the LR curve or the run's length depend on.
 SCHEDULE_KEYS = frozenset({"lr", "lr_per_512", "num_epoch", "max_steps", "warmup_epoch", "lr_schedule", "lr_steps",
                            "lr_gamma", "lr_power", "batch_size", "gradient_acc"})
+# Fine-tuning keys: they apply from the resume point; the optimizer keeps every parameter's state (by name).
+FINETUNE_KEYS = frozenset({"backbone_lr_scale", "freeze_stages", "head_only_epochs", "freeze_bn"})
+FINETUNE_NOTE = ("; fine-tuning keys apply from the resume point, every parameter the optimizer still holds keeps "
+                 "its state (momentum)")
 
 
 def changed_keys(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
@@ -71,6 +75,8 @@ def review_resume(cfg: Any, path: str, state: dict, plan: RunPlan, schedule: Any
             listing = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
             note = _schedule_note(state["config"], state, plan, schedule) if any(
                 key in SCHEDULE_KEYS for key, _, _ in changes) else ""
+            if any(key in FINETUNE_KEYS for key, _, _ in changes):
+                note += FINETUNE_NOTE
             logger.warning("resume: %d config key(s) differ from %s: %s%s", len(changes), os.path.basename(path),
                            listing, note)
     if reached < plan.total_steps:

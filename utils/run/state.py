@@ -312,11 +312,29 @@ def backbone_mismatch(path: str, state: dict, backbone: torch.nn.Module) -> str:
             f"{holds}: {again}, or start a new `output` from its backbone with init_backbone={path!r}")
 
 
+# Config keys that decide which parameters the optimizer holds and how it groups them.
+OPTIMIZER_KEYS = ("freeze_stages", "backbone_lr_scale", "head", "loss", "optimizer", "network", "embedding_size")
+
+
+def optimizer_mismatch(path: str, state: dict, problem: Exception, config: Any = None) -> str:
+    """One line for a checkpoint whose optimizer state cannot be placed on this run's parameters: what
+    differs, each config key that shapes the optimizer with the checkpoint's and this run's value, and the
+    two ways on."""
+    saved, ours = state.get("config") or {}, config or {}
+    differing = [(key, saved.get(key), ours.get(key)) for key in OPTIMIZER_KEYS
+                 if key in saved and key in ours and saved.get(key) != ours.get(key)]
+    keys = "".join(f"; config key '{key}' is {new!r} here, {old!r} in the checkpoint" for key, old, new in differing)
+    back = " ".join(f"--set {key}={old!r}" for key, old, _ in differing) or "the config it was trained with"
+    return (f"{path}: {problem}{keys}: resume with {back}, or start a new `output` from its backbone with "
+            f"init_backbone={path!r} (a fresh optimizer)")
+
+
 def restore_checkpoint(path, state, ctx, plan, parts, data: dict | None = None,
-                       data_changed_ok: bool = False) -> tuple[int, int, Any]:
+                       data_changed_ok: bool = False, config: Any = None) -> tuple[int, int, Any]:
     """Load every part of a training checkpoint, after checking it was trained on ``data`` (the run's data
     fingerprint, see :func:`check_resume_data`); returns (step, epoch) converted to the current plan, and
-    the plan for the rest of the run (``RunPlan.resumed_at``: it ends where the loader really ends)."""
+    the plan for the rest of the run (``RunPlan.resumed_at``: it ends where the loader really ends).
+    ``config`` (this run's) names the keys that differ when the optimizer state cannot be placed."""
     if data is not None:
         check_resume_data(path, state, data, data_changed_ok)
     backbone, head, optimizer, scaler, sampler, *extra = parts
@@ -332,7 +350,10 @@ def restore_checkpoint(path, state, ctx, plan, parts, data: dict | None = None,
     except RuntimeError:
         raise TrainingError(backbone_mismatch(path, state, backbone)) from None
     load_head_state(head, state["head"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:  # the state cannot be placed on this run's parameters (pfc/optim_state.py, torch)
+        raise TrainingError(optimizer_mismatch(path, state, exc, config)) from None
     scaler.load_state_dict(state["scaler"])
     sampler.load_state_dict(state["sampler"])
     step, epoch, samples = resume_position(state["progress"], plan)

@@ -263,6 +263,12 @@ def closest_network(state: Mapping[str, torch.Tensor]) -> tuple[str, float] | No
 def read_backbone_state(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(backbone state_dict, training config or None) of a file; tensors memory-mapped, so a training
     checkpoint with a large head costs no memory here."""
+    return extract_backbone_state(read_weights_file(path), path)
+
+
+def read_weights_file(path: str) -> Any:
+    """What ``torch.load(weights_only=True)`` reads from a weights file, tensors memory-mapped where the
+    format allows; a CheckpointError (one line) for a missing or unreadable file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
@@ -274,7 +280,7 @@ def read_backbone_state(path: str) -> tuple[dict[str, torch.Tensor], dict | None
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read with torch.load(weights_only=True): {describe_load_failure(exc)}") from exc
-    return extract_backbone_state(obj, path)
+    return obj
 
 
 def _describe(path: str, state: Mapping[str, torch.Tensor], config: Mapping | None,
