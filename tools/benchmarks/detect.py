@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "batch mode (its per-photo loop where the batch mode fails on these photos)")
     parser.add_argument("--breakdown", action="store_true",
                         help="then, per photo, the time in each of the three networks and in everything else "
-                             "(ArcScale's detector, and the onnxruntime one with --onnx)")
+                             "(ArcScale's detector, and the onnxruntime one with --onnx), and the networks' "
+                             "GFLOP/s against this machine's GEMM and convolution rates (detect_rates.py)")
 
 
 def _photo_paths(items: list[str]) -> list[str]:
@@ -322,7 +323,15 @@ def run(args: argparse.Namespace) -> None:
     if args.batch:
         _folder(ours, reference if not args.onnx else None, photos, args)
     if args.breakdown:
-        _print_breakdown("torch (ArcScale)", paths, breakdown(ours, photos, args.rounds))
+        from tools.benchmarks.detect_rates import machine_rates, network_flops, print_rates
+
+        flops = [network_flops(ours, photo) for photo in photos]
+        rates = machine_rates()
+        medians = breakdown(ours, photos, args.rounds)
+        _print_breakdown("torch (ArcScale)", paths, medians)
+        print_rates(flops, medians, rates)
         if args.onnx:
-            _print_breakdown("onnxruntime (ArcScale)", paths, breakdown(onnx_detector, photos, args.rounds))
+            medians = breakdown(onnx_detector, photos, args.rounds)
+            _print_breakdown("onnxruntime (ArcScale)", paths, medians)
+            print_rates(flops, medians, rates)
     print(f"load average at the end: {_load()}")
