@@ -12,7 +12,8 @@ facenet-pytorch is timed in the same run when it is importable (it is never a re
 venv works: ``python -m venv --system-site-packages /tmp/fnvenv && /tmp/fnvenv/bin/pip install --no-deps
 facenet-pytorch==2.4.1``, then run this command with ``/tmp/fnvenv/bin/python``). It imports torchvision
 for ``batched_nms`` and ``to_tensor`` only; when torchvision is absent this benchmark gives it exact
-stand-ins (``utils.faces.mtcnn.nms``, tensors in and out, numpy inside: the same NMS both detectors then use) for the run only.
+stand-ins (``utils.faces.mtcnn.nms``, tensors in and out, numpy inside: the same NMS both detectors then use)
+for the run only.
 Rounds alternate which detector goes first; each photo's time is the median over rounds, as wall-clock time and
 as this process's CPU time (on a shared machine the CPU time is the steadier figure: it leaves out the time the
 process waited for a core). Both detectors' boxes are compared, so a speed figure never comes from a different

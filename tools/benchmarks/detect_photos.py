@@ -4,8 +4,8 @@
 fixture photos (four portraits, the six-face group photo; the blank is left out): photo ``i`` of ``SIZES``
 comes from source ``i % 5`` (``SOURCES``' order), cut to the size's aspect ratio by the largest crop centred on
 its faces (the middle of the union of the faces' boxes in ``expected.json``, the crop moved inside the photo
-where it would leave it), then resampled to the size with OpenCV (INTER_AREA when it shrinks, INTER_CUBIC when it grows). The files are
-named ``NN_<source>_<w>x<h>.png`` so a folder listing keeps ``SIZES``' order.
+where it would leave it), then resampled to the size with OpenCV (INTER_AREA when it shrinks, INTER_CUBIC
+when it grows). The files are named ``NN_<source>_<w>x<h>.png`` so a folder listing keeps ``SIZES``' order.
 """
 from __future__ import annotations
 
