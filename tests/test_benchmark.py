@@ -732,6 +732,77 @@ def test_detect_torchvision_stand_ins_are_exact_and_removed_afterwards(monkeypat
     assert torch.equal(to_tensor(image), torch.from_numpy(image).permute(2, 0, 1).float() / 255)
 
 
+@pytest.mark.timeout(120)
+def test_detect_sized_photo_set_is_cut_around_the_faces_of_the_real_photos(facenet_fixtures, tmp_path):
+    from tools.benchmarks import detect_photos
+    from utils.faces.mtcnn import MTCNN
+
+    paths = detect_photos.make_photo_set(f"{facenet_fixtures}/images", str(tmp_path / "set"))
+    assert len(paths) == 18 and sorted(os.listdir(tmp_path / "set")) == [os.path.basename(p) for p in paths]
+    assert paths[0].endswith("00_angelina_jolie_320x240.png") and paths[-1].endswith("17_multiface_800x800.png")
+    detector = MTCNN()
+    for path, (width, height) in zip(paths, detect_photos.SIZES):
+        image = cv2.imread(path)
+        assert image.shape == (height, width, 3), path
+        assert len(detector.detect(image[:, :, ::-1].copy())[0]) >= 1, path  # every crop kept a face
+    # photo 0: angelina_jolie (512x630) cut to 4:3 = 512x384 rows 15..399 (centred on her face, rows 69-345),
+    # then shrunk to 320x240 with INTER_AREA
+    source = cv2.imread(f"{facenet_fixtures}/images/angelina_jolie.png")
+    expected = cv2.resize(source[15:399, 0:512], (320, 240), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(cv2.imread(paths[0]), expected)
+
+
+@pytest.mark.timeout(120)
+def test_detect_batch_times_detect_batch_against_the_reference_loop_and_breakdown_rates(facenet_fixtures,
+                                                                                        monkeypatch, capsys):
+    from tools.benchmarks import detect as detect_bench
+    from utils.faces.mtcnn import MTCNN
+
+    other, calls = MTCNN(), []
+
+    def reference(image):
+        calls.append(image.shape)
+        return other.detect(image)[0]
+
+    def batch_mode(images):  # like facenet-pytorch's: it stacks the photos, so mixed sizes fail
+        return np.stack(images)
+
+    reference.detect_many = batch_mode
+    monkeypatch.setattr(detect_bench, "_reference_detector", lambda: reference)
+    photos = [f"{facenet_fixtures}/images/{name}.png" for name in ("shea_whigham", "blank")]
+    benchmark.main(["detect", "--images", *photos, "--rounds", "1", "--warmup", "0", "--batch", "--breakdown"])
+    out = capsys.readouterr().out
+    ours = re.search(rf"^  arcscale\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}/s  MTCNN.detect_batch$", out, re.MULTILINE)
+    theirs = re.search(rf"^  facenet-pytorch\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}/s  per-photo loop \(its batch mode "
+                       rf"failed: ValueError\)$", out, re.MULTILINE)
+    assert ours and theirs, out
+    assert float(ours.group(3)) == pytest.approx(2 / (positive(ours.group(1)) / 1000), rel=0.05)
+    ratio = re.search(rf"throughput ArcScale / facenet-pytorch \(CPU\): {NUMBER}x", out)
+    assert float(ratio.group(1)) == pytest.approx(positive(theirs.group(1)) / positive(ours.group(1)), rel=0.02)
+    assert calls.count((512, 527, 3)) >= 3  # the table's rounds, then the loop of the folder rounds (warm-up + 1)
+    rates = re.search(rf"fp32 GEMM {NUMBER} GFLOP/s, 3x3 convolution {NUMBER} GFLOP/s", out)
+    assert positive(rates.group(1)) and positive(rates.group(2))
+    rnet = re.search(rf"^  rnet:\s+{NUMBER} GFLOP in\s+{NUMBER} ms =\s+{NUMBER} GFLOP/s", out, re.MULTILINE)
+    assert float(rnet.group(3)) == pytest.approx(float(rnet.group(1)) / float(rnet.group(2)) * 1000, rel=0.05)
+
+
+def test_detect_network_flops_are_the_layers_multiply_adds(facenet_fixtures):
+    from tools.benchmarks.detect_rates import network_flops
+    from utils.faces.mtcnn import MTCNN
+
+    detector = MTCNN()
+    seen = []
+    rnet = detector.rnet.forward
+    detector.rnet.forward = lambda x: seen.append(len(x)) or rnet(x)
+    photo = cv2.imread(f"{facenet_fixtures}/images/paul_rudd.png")[:, :, ::-1].copy()
+    flops = network_flops(detector, photo)
+    # RNet per 24x24 crop: three convolutions and the three dense layers
+    per_crop = 2 * (22 * 22 * 28 * 27 + 9 * 9 * 48 * 252 + 3 * 3 * 64 * 192 + 576 * 128 + 128 * 2 + 128 * 4)
+    assert flops["rnet"] == per_crop * sum(seen) and sum(seen) > 0
+    assert flops["pnet"] > 0 and flops["onet"] > 0
+    assert not any(module._forward_hooks for module in detector.rnet.modules())  # the hooks are removed
+
+
 def test_detect_missing_images_is_a_one_line_error(tmp_path):
     assert one_line_error(["detect", "--images", str(tmp_path / "nowhere")]) == (
         f"--images {tmp_path / 'nowhere'}: no such file or folder")

@@ -5,12 +5,15 @@ onnxruntime, ``--onnx``) on the same photos.
     python tools/benchmark.py detect --images DIR_OR_FILES --rounds 9 --threads 2
     python tools/benchmark.py detect --onnx DIR                   # torch vs onnxruntime (tools/mtcnn2onnx.py DIR)
     python tools/benchmark.py detect --breakdown [--onnx DIR]     # where the time goes: PNet, RNet, ONet, the rest
+    python tools/benchmark.py detect --make-set DIR               # write the 18 sized photos (detect_photos.py)
+    python tools/benchmark.py detect --images DIR --batch         # then the whole folder: detect_batch vs the reference
 
 facenet-pytorch is timed in the same run when it is importable (it is never a requirement; a throw-away
 venv works: ``python -m venv --system-site-packages /tmp/fnvenv && /tmp/fnvenv/bin/pip install --no-deps
 facenet-pytorch==2.4.1``, then run this command with ``/tmp/fnvenv/bin/python``). It imports torchvision
 for ``batched_nms`` and ``to_tensor`` only; when torchvision is absent this benchmark gives it exact
-pure-torch stand-ins (``utils.faces.mtcnn.nms``, the same NMS both detectors then use) for the run only.
+stand-ins (``utils.faces.mtcnn.nms``, tensors in and out, numpy inside: the same NMS both detectors then use)
+for the run only.
 Rounds alternate which detector goes first; each photo's time is the median over rounds, as wall-clock time and
 as this process's CPU time (on a shared machine the CPU time is the steadier figure: it leaves out the time the
 process waited for a core). Both detectors' boxes are compared, so a speed figure never comes from a different
@@ -45,9 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", default=None, metavar="DIR",
                         help="compare with ArcScale's detector under onnxruntime (DIR from tools/mtcnn2onnx.py, the "
                              "same --threads) instead of facenet-pytorch")
+    parser.add_argument("--make-set", default=None, metavar="DIR",
+                        help="write the 18 photos from 320x240 to 800x800 made from the fixture photos "
+                             "(tools/benchmarks/detect_photos.py says how) into DIR, then time them")
+    parser.add_argument("--batch", action="store_true",
+                        help="then the whole list of photos at once: MTCNN.detect_batch against facenet-pytorch's "
+                             "batch mode (its per-photo loop where the batch mode fails on these photos)")
     parser.add_argument("--breakdown", action="store_true",
                         help="then, per photo, the time in each of the three networks and in everything else "
-                             "(ArcScale's detector, and the onnxruntime one with --onnx)")
+                             "(ArcScale's detector, and the onnxruntime one with --onnx), and the networks' "
+                             "GFLOP/s against this machine's GEMM and convolution rates (detect_rates.py)")
 
 
 def _photo_paths(items: list[str]) -> list[str]:
@@ -123,6 +133,7 @@ def _reference_detector():
         boxes, _ = reference.detect(image)
         return np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32)
 
+    detect.detect_many = reference.detect  # its batch mode: a list of photos in one call
     return detect
 
 
@@ -208,6 +219,30 @@ def _timed(function, image: np.ndarray) -> tuple[float, float, np.ndarray]:
     return time.perf_counter() - wall, time.process_time() - cpu, boxes
 
 
+def _folder(ours, reference, photos: list[np.ndarray], args: argparse.Namespace) -> None:
+    """Print the whole list's time: ArcScale's ``detect_batch`` against facenet-pytorch's batch mode or loop."""
+    from tools.benchmarks.detect_photos import reference_batch, time_folder
+
+    found = ours.detect_batch(photos)
+    for index, (photo, (boxes, _, _)) in enumerate(zip(photos, found)):
+        single = ours.detect(photo)[0]
+        if single.shape != boxes.shape or (len(boxes) and np.abs(single - boxes).max() > 1e-4):
+            raise SystemExit(f"error: detect_batch's boxes of photo {index} differ from detect's")
+    detectors = {"arcscale": (ours.detect_batch, "MTCNN.detect_batch")}
+    state = None
+    if reference is not None and hasattr(reference, "detect_many"):
+        function, state = reference_batch(reference.detect_many, reference)
+        detectors["facenet-pytorch"] = (function, "")
+    result = time_folder(detectors, photos, args.rounds, max(args.warmup, 1))
+    print(f"folder of {len(photos)} photos at once (CPU ms, wall ms, photos per CPU second; median of {args.rounds}):")
+    for name, (cpu, wall, label) in result.items():
+        label = label or (state["mode"] if state else "")
+        print(f"  {name:<16} {cpu * 1000:>9.1f} {wall * 1000:>9.1f} {len(photos) / cpu:>8.1f}/s  {label}")
+    if "facenet-pytorch" in result:
+        print(f"  throughput ArcScale / facenet-pytorch (CPU): "
+              f"{result['facenet-pytorch'][0] / result['arcscale'][0]:.2f}x")
+
+
 def run(args: argparse.Namespace) -> None:
     """Time MTCNN detection per photo (and the reference implementation when installed)."""
     if args.rounds < 1 or args.warmup < 0 or args.threads < 1:
@@ -217,7 +252,12 @@ def run(args: argparse.Namespace) -> None:
 
     from utils.faces.mtcnn import MTCNN
 
-    paths = _photo_paths(args.images)
+    if args.make_set:
+        from tools.benchmarks.detect_photos import make_photo_set
+
+        paths = make_photo_set(FIXTURE_IMAGES, args.make_set)
+    else:
+        paths = _photo_paths(args.images)
     photos = [_read(path) for path in paths]
     torch.set_num_threads(args.threads)
     ours = MTCNN(device="cpu")
@@ -281,8 +321,18 @@ def run(args: argparse.Namespace) -> None:
         line += f" {wall_ref * 1000:>11.1f} {cpu_ref * 1000:>10.1f} {sum(wall_medians['arcscale']) / wall_ref:>10.2f} " \
                 f"{sum(cpu_medians['arcscale']) / cpu_ref:>9.2f}"
     print(line)
+    if args.batch:
+        _folder(ours, reference if not args.onnx else None, photos, args)
     if args.breakdown:
-        _print_breakdown("torch (ArcScale)", paths, breakdown(ours, photos, args.rounds))
+        from tools.benchmarks.detect_rates import machine_rates, network_flops, print_rates
+
+        flops = [network_flops(ours, photo) for photo in photos]
+        rates = machine_rates()
+        medians = breakdown(ours, photos, args.rounds)
+        _print_breakdown("torch (ArcScale)", paths, medians)
+        print_rates(flops, medians, rates)
         if args.onnx:
-            _print_breakdown("onnxruntime (ArcScale)", paths, breakdown(onnx_detector, photos, args.rounds))
+            medians = breakdown(onnx_detector, photos, args.rounds)
+            _print_breakdown("onnxruntime (ArcScale)", paths, medians)
+            print_rates(flops, medians, rates)
     print(f"load average at the end: {_load()}")

@@ -51,26 +51,28 @@ def cell_bounds(index, length, size: int):
     return index * length // size, ((index + 1) * length + size - 1) // size
 
 
-def area_resize(table: torch.Tensor, image_inds: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor,
-                heights: torch.Tensor, widths: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """K rectangles (image ``image_inds[k]``, top-left ``y0, x0``, size ``heights x widths``) area-resampled to
-    [K, C, out_h, out_w] float32 (channels_last memory); bit-identical to one ``interpolate(rect, (out_h, out_w),
-    mode="area")`` per rectangle. ``table`` is ``summed_area_table`` of the images."""
+def area_resize(table: torch.Tensor, image_inds, y0, x0, heights, widths, out_h: int, out_w: int) -> torch.Tensor:
+    """K rectangles (image ``image_inds[k]``, top-left ``y0, x0``, size ``heights x widths``; integer numpy arrays
+    or CPU tensors) area-resampled to [K, C, out_h, out_w] float32 (channels_last memory); bit-identical to one
+    ``interpolate(rect, (out_h, out_w), mode="area")`` per rectangle. ``table`` is ``summed_area_table`` of the
+    images. The gather indices are worked out in numpy (small arrays: a few calls instead of dozens in torch)."""
     _, rows, cols, channels = table.shape
+    image_inds, y0, x0, heights, widths = (np.asarray(v, dtype=np.int64) for v in (image_inds, y0, x0, heights,
+                                                                                    widths))
     count = len(image_inds)
-    rs, re = cell_bounds(torch.arange(out_h, device=heights.device), heights[:, None], out_h)
-    cs, ce = cell_bounds(torch.arange(out_w, device=widths.device), widths[:, None], out_w)
+    rs, re = cell_bounds(np.arange(out_h), heights[:, None], out_h)
+    cs, ce = cell_bounds(np.arange(out_w), widths[:, None], out_w)
     base = image_inds[:, None] * rows + y0[:, None]
     top, bottom = ((base + rs) * cols)[:, :, None], ((base + re) * cols)[:, :, None]
     left, right = (cs + x0[:, None])[:, None, :], (ce + x0[:, None])[:, None, :]
-    pixels = table.view(-1, channels)  # one row of channel sums per pixel: each gather copies C values at once
-
-    def corner(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-        return pixels.index_select(0, (row + col).flatten()).view(count, out_h, out_w, channels)
-
-    total = corner(bottom, right).sub_(corner(top, right)).sub_(corner(bottom, left)).add_(corner(top, left))
+    # the four corners' rows of channel sums in one gather: each copies C values at once
+    index = np.stack([bottom + right, top + right, bottom + left, top + left]).reshape(-1)
+    corners = table.view(-1, channels).index_select(0, torch.from_numpy(index).to(table.device))
+    corners = corners.view(4, count, out_h, out_w, channels)
+    total = corners[0].sub_(corners[1]).sub_(corners[2]).add_(corners[3])
     cells = total.to(torch.float32)
-    cells.div_((re - rs).to(torch.float32)[:, :, None, None]).div_((ce - cs).to(torch.float32)[:, None, :, None])
+    divisors = torch.from_numpy(np.concatenate([re - rs, ce - cs], axis=1).astype(np.float32)).to(table.device)
+    cells.div_(divisors[:, :out_h, None, None]).div_(divisors[:, None, out_h:, None])
     return cells.permute(0, 3, 1, 2)
 
 

@@ -32,7 +32,7 @@ _PACKED_LEVEL_PIXELS = 4096  # pyramid levels this small (h x w) share one PNet 
 # ---------------------------------------------------------------------------------------------- box arithmetic
 
 
-def _areas(boxes: torch.Tensor, plus: float) -> torch.Tensor:
+def _areas(boxes: np.ndarray, plus: float) -> np.ndarray:
     """(x2 - x1 + plus) * (y2 - y1 + plus) of x1,y1,x2,y2 boxes."""
     sides = boxes[:, 2:] - boxes[:, :2]
     if plus:
@@ -40,25 +40,23 @@ def _areas(boxes: torch.Tensor, plus: float) -> torch.Tensor:
     return sides[:, 0] * sides[:, 1]
 
 
-def _overlap(a: torch.Tensor, area_a: torch.Tensor, b: torch.Tensor, area_b: torch.Tensor, plus: float,
-             mode: str) -> torch.Tensor:
-    """Pairwise overlap [len(a), len(b)] of x1,y1,x2,y2 boxes (with their ``_areas``); each value is computed
-    with the reference's operations in the reference's order. The coordinates are transposed to contiguous
-    rows first: broadcasting [n, 1] against [m] rows is ~10x faster than against strided columns."""
-    at, bt = a.t().contiguous(), b.t().contiguous()
-    width = torch.minimum(at[2, :, None], bt[2]) - torch.maximum(at[0, :, None], bt[0])
-    height = torch.minimum(at[3, :, None], bt[3]) - torch.maximum(at[1, :, None], bt[1])
+def _overlap(at: np.ndarray, area_a: np.ndarray, bt: np.ndarray, area_b: np.ndarray, plus: float,
+             mode: str) -> np.ndarray:
+    """Pairwise overlap [len(a), len(b)] of boxes given as coordinate rows ``at`` [4, n], ``bt`` [4, m] (with
+    their ``_areas``); each value is computed with the reference's operations in the reference's order."""
+    width = np.minimum(at[2, :, None], bt[2]) - np.maximum(at[0, :, None], bt[0])
+    height = np.minimum(at[3, :, None], bt[3]) - np.maximum(at[1, :, None], bt[1])
     if plus:
         width += plus
         height += plus
-    inter = width.clamp_(min=0).mul_(height.clamp_(min=0))
+    inter = np.maximum(width, 0, out=width)
+    inter *= np.maximum(height, 0, out=height)
     if mode == "min":
-        return inter.div_(torch.minimum(area_a[:, None], area_b[None]))
-    return inter.div_(area_a[:, None] + area_b[None] - inter)
+        return np.divide(inter, np.minimum(area_a[:, None], area_b[None]), out=inter)
+    return np.divide(inter, area_a[:, None] + area_b[None] - inter, out=inter)
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, groups: torch.Tensor | None = None,
-        mode: str = "union") -> torch.Tensor:
+def nms(boxes, scores, threshold: float, groups=None, mode: str = "union"):
     """Greedy NMS within each group; indices of the kept boxes, highest score first.
 
     ``union`` is torchvision's ``batched_nms`` (IoU, areas without +1); ``min`` is MTCNN's "Min"
@@ -66,63 +64,71 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, groups: tor
     overlap with a kept, higher-scored box of its group is above ``threshold``. Exact greedy result,
     computed block-wise: within a block the kept set is the fixed point of "kept = no kept earlier box
     suppresses it", found by iterating the suppression matrix (it settles after the longest chain).
+    numpy arrays in, an int64 numpy array out; torch tensors in, a torch tensor out (on their device).
+    The detector's candidate lists are small: in numpy each step costs ~1 us instead of torch's ~5-10 us.
     """
-    if scores.numel() <= 1:  # nothing to suppress (a pyramid's small levels often have 0 or 1 candidate)
-        return torch.zeros(scores.numel(), dtype=torch.long, device=scores.device)
+    if isinstance(scores, torch.Tensor):
+        kept = nms(boxes.cpu().numpy(), scores.cpu().numpy(), threshold,
+                   None if groups is None else groups.cpu().numpy(), mode)
+        return torch.from_numpy(kept).to(scores.device)
+    if len(scores) <= 1:  # nothing to suppress (a pyramid's small levels often have 0 or 1 candidate)
+        return np.zeros(len(scores), dtype=np.int64)
     plus = 1.0 if mode == "min" else 0.0
-    order = torch.sort(scores, descending=True, stable=True).indices
+    order = np.argsort(-scores, kind="stable")  # descending; equal scores keep their input order
     boxes = boxes[order]
     areas = _areas(boxes, plus)
+    rows = np.ascontiguousarray(boxes.T)  # contiguous coordinate rows broadcast ~10x faster than columns
     groups = groups[order] if groups is not None else None
-    kept: list[torch.Tensor] = []
+    kept: list[np.ndarray] = []
     for start in range(0, len(order), _NMS_BLOCK):
         block = slice(start, start + _NMS_BLOCK)
-        alive = torch.ones(len(order[block]), dtype=torch.bool, device=boxes.device)
+        alive = np.ones(len(order[block]), dtype=bool)
         if kept:
-            previous = torch.cat(kept)
-            suppress = _overlap(boxes[previous], areas[previous], boxes[block], areas[block], plus, mode) > threshold
+            previous = np.concatenate(kept)
+            suppress = _overlap(rows[:, previous], areas[previous], rows[:, block], areas[block], plus,
+                                mode) > threshold
             if groups is not None:
                 suppress &= groups[previous][:, None] == groups[block][None]
             alive &= ~suppress.any(0)
-        suppress = _overlap(boxes[block], areas[block], boxes[block], areas[block], plus, mode) > threshold
-        suppress.triu_(diagonal=1)
+        suppress = _overlap(rows[:, block], areas[block], rows[:, block], areas[block], plus, mode) > threshold
+        suppress = np.triu(suppress, 1)
         if groups is not None:
             suppress &= groups[block][:, None] == groups[block][None]
         keep = alive
         while True:
             update = alive & ~(suppress & keep[:, None]).any(0)
-            if torch.equal(update, keep):
+            if np.array_equal(update, keep):
                 break
             keep = update
-        kept.append(torch.nonzero(keep).flatten() + start)
-    return order[torch.cat(kept)]
+        kept.append(np.flatnonzero(keep) + start)
+    return order[np.concatenate(kept)]
 
 
-def _regress(boxes: torch.Tensor, reg: torch.Tensor, plus: float) -> torch.Tensor:
+def _regress(boxes: np.ndarray, reg: np.ndarray, plus: float) -> np.ndarray:
     """Box regression: each side moves by its offset times the box size (PNet stage without +1)."""
     w = boxes[:, 2] - boxes[:, 0] + plus
     h = boxes[:, 3] - boxes[:, 1] + plus
-    return torch.stack([boxes[:, 0] + reg[:, 0] * w, boxes[:, 1] + reg[:, 1] * h,
-                        boxes[:, 2] + reg[:, 2] * w, boxes[:, 3] + reg[:, 3] * h], dim=1)
+    return np.stack([boxes[:, 0] + reg[:, 0] * w, boxes[:, 1] + reg[:, 1] * h,
+                     boxes[:, 2] + reg[:, 2] * w, boxes[:, 3] + reg[:, 3] * h], axis=1)
 
 
-def _square(boxes: torch.Tensor) -> torch.Tensor:
+def _square(boxes: np.ndarray) -> np.ndarray:
     """Grow each box to a square around its centre (side = the longer side)."""
     h = boxes[:, 3] - boxes[:, 1]
     w = boxes[:, 2] - boxes[:, 0]
-    side = torch.maximum(w, h)
+    side = np.maximum(w, h)
     x1 = boxes[:, 0] + w * 0.5 - side * 0.5
     y1 = boxes[:, 1] + h * 0.5 - side * 0.5
-    return torch.stack([x1, y1, x1 + side, y1 + side], dim=1)
+    return np.stack([x1, y1, x1 + side, y1 + side], axis=1)
 
 
-def _crop_boxes(boxes: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, ...]:
+def _crop_boxes(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, ...]:
     """Integer crop windows of float boxes as the reference cuts them: truncate, clip to the image."""
-    whole = boxes.trunc().to(torch.int64)
-    x0 = whole[:, 0].clamp(min=1) - 1
-    y0 = whole[:, 1].clamp(min=1) - 1
-    wc = whole[:, 2].clamp(max=width) - x0
-    hc = whole[:, 3].clamp(max=height) - y0
+    whole = np.trunc(boxes).astype(np.int64)
+    x0 = np.maximum(whole[:, 0], 1) - 1
+    y0 = np.maximum(whole[:, 1], 1) - 1
+    wc = np.minimum(whole[:, 2], width) - x0
+    hc = np.minimum(whole[:, 3], height) - y0
     return x0, y0, wc, hc
 
 
@@ -247,13 +253,13 @@ class MTCNN:
             shortest *= self.factor
         return scales
 
-    def _proposals(self, integral: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """PNet over the pyramid: rows [x1, y1, x2, y2, score, 4 offsets] and their image indices."""
+    def _proposals(self, integral: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """PNet over the pyramid: rows [x1, y1, x2, y2, score] (numpy float32) and their image indices."""
         height, width = integral.shape[1] - 1, integral.shape[2] - 1
         batch, device = len(integral), integral.device
         scales = self._scales(height, width)
         sizes = [(int(height * scale + 1), int(width * scale + 1)) for scale in scales]
-        scale_of = torch.tensor(scales, dtype=torch.float32, device=device)
+        scale_of = np.array(scales, dtype=np.float32)
         # The small levels at the pyramid's end are packed side by side into one PNet input: for them the
         # fixed cost of a pass (resampling, three convolutions, screening) outweighs the work.
         packed = next((i for i, (h, w) in enumerate(sizes) if h * w <= _PACKED_LEVEL_PIXELS and self.pnet.packs),
@@ -264,8 +270,8 @@ class MTCNN:
             heads = torch.cat([self.pnet.heads(area_resize_images(integral, level_h, level_w, rows=band)
                                                .sub_(127.5).mul_(0.0078125))
                                for band in self.pnet.row_bands(level_h, level_w, batch)], dim=1)
-            columns = torch.arange(heads.shape[2], device=device)
-            found = self._candidates(heads, None, torch.full_like(columns, level), columns, scale_of)
+            columns = np.arange(heads.shape[2])
+            found = self._candidates(heads, None, np.full_like(columns, level), columns, scale_of)
             for parts, part in zip((rows, owners, levels), found):
                 parts.append(part)
         if packed < len(sizes):
@@ -274,14 +280,12 @@ class MTCNN:
             for (level_h, level_w), start in zip(sizes[packed:], layout.starts):
                 data[:, :, :level_h, start:start + level_w] = area_resize_images(integral, level_h, level_w)
             heads = self.pnet.heads(data.sub_(127.5).mul_(0.0078125), torch.from_numpy(layout.outside).to(device))
-            owner = torch.from_numpy(layout.owner).to(device)
-            found = self._candidates(heads, torch.from_numpy(layout.valid).to(device), owner + packed,
-                                     torch.from_numpy(layout.column).to(device), scale_of)
+            found = self._candidates(heads, torch.from_numpy(layout.valid).to(device), layout.owner + packed,
+                                     layout.column, scale_of)
             for parts, part in zip((rows, owners, levels), found):
                 parts.append(part)
         if not rows:
-            return (torch.zeros(0, 5, device=integral.device),
-                    torch.zeros(0, dtype=torch.long, device=integral.device))
+            return np.zeros((0, 5), np.float32), np.zeros(0, np.int64)
         # The reference's NMS 0.5 per scale and image, run on a few consecutive scales at a time grouped by
         # (scale, image): fewer calls, and no more than ~_NMS_LEVEL_BOXES boxes in one pairwise matrix. The
         # survivors are put back scale by scale (the stable sort), the order ties are broken in below.
@@ -291,44 +295,44 @@ class MTCNN:
             while stop < len(rows) and count + len(rows[stop]) <= _NMS_LEVEL_BOXES:
                 count += len(rows[stop])
                 stop += 1
-            found, owner, level = (torch.cat(parts[start:stop]) for parts in (rows, owners, levels))
+            found, owner, level = (np.concatenate(parts[start:stop]) for parts in (rows, owners, levels))
             pick = nms(found[:, :4], found[:, 4], 0.5, level * batch + owner)
-            pick = pick[torch.sort(level[pick], stable=True).indices]
+            pick = pick[np.argsort(level[pick], kind="stable")]
             kept_rows.append(found[pick])
             kept_owners.append(owner[pick])
             start = stop
-        found, owner = torch.cat(kept_rows), torch.cat(kept_owners)
+        found, owner = np.concatenate(kept_rows), np.concatenate(kept_owners)
         pick = nms(found[:, :4], found[:, 4], 0.7, owner)
         found, owner = found[pick], owner[pick]
         boxes = _regress(found[:, :4], found[:, 5:9], 0.0)
-        return torch.cat([_square(boxes), found[:, 4:5]], dim=1), owner
+        return np.concatenate([_square(boxes), found[:, 4:5]], axis=1), owner
 
-    def _candidates(self, heads: torch.Tensor, valid: torch.Tensor | None, column_level: torch.Tensor,
-                    column: torch.Tensor, scale_of: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _candidates(self, heads: torch.Tensor, valid: torch.Tensor | None, column_level: np.ndarray,
+                    column: np.ndarray, scale_of: np.ndarray) -> tuple[np.ndarray, ...]:
         """PNet cells above the first threshold: rows [x1, y1, x2, y2, score, 4 offsets] in the image, their
-        image index and pyramid level. ``heads`` [N, h, w, 6]; ``valid`` [h, w] (None: every cell) and per
-        output column its level and its column in that level's own output (packed levels differ)."""
-        reg, logits = heads[..., :4], heads[..., 4:]
+        image index and pyramid level (numpy). ``heads`` [N, h, w, 6]; ``valid`` [h, w] (None: every cell) and
+        per output column its level and its column in that level's own output (packed levels differ)."""
+        logits = heads[..., 4:]
         # A softmax over the whole map costs more than PNet's last layers: screen the cells with a cheap
         # sigmoid of the logit difference (a margin above float rounding), then take the softmax of the few
-        # candidates and apply the threshold to it.
+        # candidates and apply the threshold to it; the few candidates go on in numpy.
         screen = torch.sigmoid(logits[..., 1] - logits[..., 0]) >= self.thresholds[0] - 1e-4
         if valid is not None:
             screen &= valid
-        where = screen.nonzero()
-        face = torch.softmax(logits[screen], dim=1)[:, 1]
+        where = screen.nonzero().cpu().numpy()
+        picked = heads[screen]
+        face = torch.softmax(picked[:, 4:], dim=1)[:, 1].cpu().numpy()
         passed = face >= self.thresholds[0]
-        where, face = where[passed], face[passed]
+        where, face, offsets = where[passed], face[passed], picked[:, :4].cpu().numpy()[passed]
         level = column_level[where[:, 2]]
-        cells = torch.stack([column[where[:, 2]], where[:, 1]], dim=1).to(face.dtype)  # (x, y), stride 2
+        cells = np.stack([column[where[:, 2]], where[:, 1]], axis=1).astype(np.float32)  # (x, y), stride 2
         scale = scale_of[level][:, None]
-        offsets = reg[where[:, 0], where[:, 1], where[:, 2]]
-        found = torch.cat([((2 * cells + 1) / scale).floor(), ((2 * cells + 12) / scale).floor(), face[:, None],
-                           offsets], dim=1)
+        found = np.concatenate([np.floor((2 * cells + 1) / scale), np.floor((2 * cells + 12) / scale),
+                                face[:, None], offsets], axis=1)
         return found, where[:, 0], level
 
-    def _refine(self, net: nn.Module, integral: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor,
-                size: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def _refine(self, net: nn.Module, integral: torch.Tensor, boxes: np.ndarray, owner: np.ndarray,
+                size: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
         """``net`` on the [size x size] crops of the boxes that cut at least one pixel; (outputs, that mask).
 
         Crops and network run in chunks of ``_NET_CHUNK`` boxes: the same results, and each chunk reuses the
@@ -345,37 +349,36 @@ class MTCNN:
             outputs.append(net(data.sub_(127.5).mul_(0.0078125)))
         if not outputs:  # no box cuts a pixel of the image: empty outputs of the right widths
             widths = (4, 2) if size == 24 else (4, 10, 2)  # RNet's outputs, ONet's
-            return tuple(boxes.new_zeros(0, w) for w in widths), valid
-        return tuple(torch.cat(parts) for parts in zip(*outputs)), valid
+            return tuple(np.zeros((0, w), np.float32) for w in widths), valid
+        return tuple(torch.cat(parts).cpu().numpy() for parts in zip(*outputs)), valid
 
     @torch.inference_mode()
     def _detect_equal(self, arrays: list[np.ndarray]) -> list[Detection]:
         integral = summed_area_table(torch.from_numpy(np.stack(arrays)).to(self.device))
         boxes, owner = self._proposals(integral)
-        landmarks = torch.zeros(0, 5, 2, device=self.device)
+        landmarks = np.zeros((0, 5, 2), np.float32)
         if len(boxes):
             (reg, probs), valid = self._refine(self.rnet, integral, boxes, owner, 24)
             boxes, owner = boxes[valid], owner[valid]
             keep = probs[:, 1] > self.thresholds[1]
-            boxes = torch.cat([boxes[keep, :4], probs[keep, 1:2]], dim=1)
+            boxes = np.concatenate([boxes[keep, :4], probs[keep, 1:2]], axis=1)
             owner, reg = owner[keep], reg[keep]
             pick = nms(boxes[:, :4], boxes[:, 4], 0.7, owner)
             boxes, owner, reg = boxes[pick], owner[pick], reg[pick]
-            boxes = torch.cat([_square(_regress(boxes, reg, 1.0)), boxes[:, 4:5]], dim=1)
+            boxes = np.concatenate([_square(_regress(boxes, reg, 1.0)), boxes[:, 4:5]], axis=1)
             if len(boxes):
                 (reg, points, probs), valid = self._refine(self.onet, integral, boxes, owner, 48)
                 boxes, owner = boxes[valid], owner[valid]
                 keep = probs[:, 1] > self.thresholds[2]
-                boxes = torch.cat([boxes[keep, :4], probs[keep, 1:2]], dim=1)
+                boxes = np.concatenate([boxes[keep, :4], probs[keep, 1:2]], axis=1)
                 owner, reg, points = owner[keep], reg[keep], points[keep]
                 w = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
                 h = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
-                landmarks = torch.stack([w * points[:, :5] + boxes[:, 0:1] - 1,
-                                         h * points[:, 5:] + boxes[:, 1:2] - 1], dim=2)
-                boxes = torch.cat([_regress(boxes, reg, 1.0), boxes[:, 4:5]], dim=1)
+                landmarks = np.stack([w * points[:, :5] + boxes[:, 0:1] - 1,
+                                      h * points[:, 5:] + boxes[:, 1:2] - 1], axis=2)
+                boxes = np.concatenate([_regress(boxes, reg, 1.0), boxes[:, 4:5]], axis=1)
                 pick = nms(boxes[:, :4], boxes[:, 4], 0.7, owner, mode="min")
                 boxes, owner, landmarks = boxes[pick], owner[pick], landmarks[pick]
-        boxes, owner, landmarks = boxes.cpu().numpy(), owner.cpu().numpy(), landmarks.cpu().numpy()
         results = []
         for i in range(len(arrays)):
             mine = owner == i

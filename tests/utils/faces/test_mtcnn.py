@@ -205,8 +205,8 @@ def test_nms_equals_one_box_at_a_time_greedy(monkeypatch, mode, threshold, block
 
 def test_candidates_entirely_outside_the_image_are_dropped_not_an_error(detector, photos, monkeypatch):
     # PNet's regression can push a candidate off the image; the reference would misalign its crops there
-    outside = torch.tensor([[900.0, 900.0, 940.0, 940.0, 0.99]])
-    monkeypatch.setattr(detector, "_proposals", lambda table: (outside, torch.tensor([0])))
+    outside = np.array([[900.0, 900.0, 940.0, 940.0, 0.99]], np.float32)
+    monkeypatch.setattr(detector, "_proposals", lambda table: (outside, np.array([0])))
     boxes, probs, landmarks = detector.detect(photos["blank"])
     assert boxes.shape == (0, 4) and probs.shape == (0,) and landmarks.shape == (0, 5, 2)
 
