@@ -311,3 +311,15 @@ def test_resume_inside_the_head_only_phase_with_head_only_epochs_0_trains_the_ba
     assert sorted(loaded) == sorted(expected) and all(torch.equal(loaded[name], expected[name]) for name in expected)
     before, after = backbone_state(saved), backbone_state(output / "model.pt")
     assert [key for key in differing(before, after, before) if not is_buffer(key)]  # the backbone trained from step 7
+
+
+@pytest.mark.parametrize("head", ["softmax", "combined"])
+def test_resume_with_another_optimizer_is_one_line_naming_the_key(tmp_path, identity_cache, head):
+    # SGD's momentum laid onto AdamW (or the reverse) is not a state to continue from: refused, nothing written.
+    saved, config, launched, output = resume_with(tmp_path, identity_cache, dict(optimizer="sgd"),
+                                                  dict(optimizer="adamw", lr=0.001), head=head)
+    line = assert_one_line_error(launched, "written by another optimizer",
+                                 "config key 'optimizer' is 'adamw' here, 'sgd' in the checkpoint",
+                                 "resume with --set optimizer='sgd'", "init_backbone=")
+    assert launched.proc.returncode == 2 and saved.name in line
+    assert sorted(checkpoints(output)) == [6] and not (output / "model.pt").exists()

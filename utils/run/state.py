@@ -343,6 +343,12 @@ def restore_checkpoint(path, state, ctx, plan, parts, data: dict | None = None,
         raise TrainingError(f"{path}: the checkpoint was trained {'with' if 'distill' in state else 'without'} a "
                             f"teacher and the config has {'none' if distill is None else 'one'}: resume with the "
                             f"config it was trained with, or start a new `output` with init_backbone={path!r}")
+    saved_optimizer = (state.get("config") or {}).get("optimizer")
+    if config is not None and saved_optimizer and config.get("optimizer") != saved_optimizer:
+        # SGD's momentum and Adam's moments are different state: loading one into the other would fail in torch
+        # at the first step, or (same keys) silently mean something else
+        raise TrainingError(optimizer_mismatch(path, state, "the optimizer state was written by another optimizer",
+                                               config))
     if distill is not None:
         distill.load_state_dict(state["distill"])
     try:
