@@ -148,7 +148,6 @@ def test_the_rollbacks_and_lr_factor_survive_a_resume_on_two_ranks(tmp_path, ide
     # 80 samples done: the 2-rank run's one remaining step (of 16) runs at a tenth of the rewound schedule's LR
     lr = final["optimizer"]["backbone"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(rewound_lr(config, 2, 5 / 6, before["rewind"], 0.1), rel=1e-6)
-    assert lr != pytest.approx(expected_lr(config, 2, 0, 80, 0.1), rel=1e-3)  # not the schedule as it was
     assert "divergence history from the checkpoint: 1 rollback(s), lr x0.1 in force, samples skipped: [" \
         in training_log(output)
 
