@@ -124,7 +124,7 @@ class Detectors:
                                   f"the level of the state rolled back to, by more than "
                                   f"divergence_relapse_margin={cfg.divergence_relapse_margin:g} x that level, "
                                   f"{self.finite_steps - self.probation_until + cfg.divergence_warmup_steps} "
-                                  f"step(s) after it"))
+                                  f"step(s) after the rollback"))
         if not warm:
             self.reference = self.ema  # the level the rise margin is a fraction of: the smoothed loss after warm-up
             return signals
