@@ -294,7 +294,8 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
     writer, wandb_run = open_summary_writers(cfg, ctx)
     autocast = devices.autocast(ctx, fp16, bf16)
     loss_meter, timer, start_step, results, ended = RunningMean(), StepTimer(), step, {}, ""
-    guard.begin(step, plan.samples_seen(epoch, sampler), writer)
+    guard.begin(step, plan.samples_seen(epoch, sampler), writer,  # the fraction of the run done: a rollback's rewind
+                lambda: plan.position(epoch, sampler.consumed) / plan.total_steps)
 
     def checkpoint() -> None:  # the loop's end and a stop both call this; the saver writes each state once
         saver.save(step, epoch, sampler.consumed if sampler.epoch == epoch else 0, bad_record_count(loader))
@@ -318,7 +319,7 @@ def train(cfg: Any, ctx: devices.DeviceContext, stop: StopRequest, deaths: Worke
         if ended:
             break
         for index in range(steps_to_run):
-            current_lr = schedule.lr(plan.position(epoch, sampler.consumed)) * guard.lr_factor
+            current_lr = guard.lr(schedule, plan.position(epoch, sampler.consumed), plan.total_steps)  # x LR factor
             optimizer.set_lr(current_lr)
             loss, similarity = forward_backward(model, head, scaler, autocast, micro_batches, cfg, ctx, distill)
             micro_batches, fetch_error, next_wait = fetch_step(batches, shape.micro_batches(index + 1), deaths, watch,

@@ -115,6 +115,9 @@ config.divergence_rise_window = 10    # ... for this many steps in a row
 config.divergence_scale_floor = 1.0   # fp16: the grad scale below this ...
 config.divergence_scale_window = 20   # ... for this many steps in a row
 config.divergence_collapse_threshold = 0.95  # collapse: mean cosine similarity between different embeddings of the batch at or above this
+config.divergence_relapse_margin = 0.05  # relapse: on probation (the first divergence_warmup_steps finite steps after a rollback)
+                                        # the smoothed loss, started at the restored state's loss level, above that level by more
+                                        # than this x it: the lowered LR still makes things worse, so it is cut again at once
 
 # ---------------------------------------------------------------- precision and DDP
 config.fp16 = False             # autocast fp16 + GradScaler (apex O1 equivalent)

@@ -40,6 +40,18 @@ def expected_lr(config: str, world_size: int, epoch: int, samples: int, factor: 
     return make_schedule(cfg, plan).lr(plan.position(epoch, samples)) * factor
 
 
+def rewound_lr(config: str, world_size: int, done: float, rewind: list, factor: float) -> float:
+    """The LR when ``done`` of the run is done after a rollback's ``rewind`` (schedule fraction restored, fraction
+    done at the rollback): the schedule goes on from the snapshot's point, compressed into the rest of the run."""
+    from utils.config.load import load_config
+    from utils.run.plan import make_plan, make_schedule
+
+    cfg = load_config(config)
+    plan = make_plan(cfg, 96, world_size)
+    restored, at = rewind
+    return make_schedule(cfg, plan).lr(plan.total_steps * (restored + (done - at) * (1 - restored) / (1 - at))) * factor
+
+
 def assert_equal_states(expected, actual, where: str) -> None:
     if isinstance(expected, torch.Tensor):
         assert torch.equal(expected, actual), where
@@ -90,7 +102,8 @@ def check_rollback(output: Path, dump: Path, ranks: int, global_batch: int, last
                                 {key: value for key, value in state["backbone"].items() if "running" not in key},
                                 f"rank {rank} backbone parameters")
             assert_equal_states(saved["optimizer"], state["optimizer"], f"rank {rank} optimizer")
-    # The steps after the rollback run at a tenth of the scheduled LR (the optimizer holds it, the log says it).
+    # The schedule goes on from the snapshot's point, at a tenth (the optimizer holds it, the log says it).
+    assert final["divergence"]["rewind"] == rollback["schedule"] == [to_step / last_step, 8 / last_step]
     step9 = load(checkpoints(output)[9])["optimizer"]["backbone"]["param_groups"][0]["lr"]
     return dict(final=final, to_step=to_step, lr9=step9, log=log)
 
@@ -99,7 +112,8 @@ def check_rollback(output: Path, dump: Path, ranks: int, global_batch: int, last
 def test_a_rollback_on_one_rank_restores_the_checkpointed_state_bit_for_bit(one_rank_rollback):
     run = one_rank_rollback
     result = check_rollback(run["output"], run["dump"], 1, 8)
-    assert result["lr9"] == pytest.approx(expected_lr(run["config"], 1, 0, 8 * 8, 0.1), rel=1e-6)
+    # step 9 runs at the LR of the step rolled back to, times 0.1
+    assert result["lr9"] == pytest.approx(expected_lr(run["config"], 1, 0, result["to_step"] * 8, 0.1), rel=1e-6)
     assert [s["lr"] for s in logged_steps(result["log"]) if s["step"] == 9][0] == pytest.approx(result["lr9"], rel=1e-5)
 
 
@@ -109,8 +123,9 @@ def test_a_rollback_on_two_ranks_restores_the_checkpointed_state_bit_for_bit(tmp
     launched = run_to_end(driver_args(config, "8", tmp_path / "dump", ranks=2), tmp_path)
     assert launched.proc.returncode == 0, launched.output[-3000:]
     result = check_rollback(tmp_path / "out_rb2", tmp_path / "dump", 2, 16)
-    # epoch 1 holds steps 7-12: step 9 starts 32 samples into it
-    assert result["lr9"] == pytest.approx(expected_lr(config, 2, 1, 32, 0.1), rel=1e-6)
+    # epochs of 6 steps: step 9 runs at the LR of the step rolled back to, times 0.1
+    epoch, step_in_epoch = divmod(result["to_step"], 6)
+    assert result["lr9"] == pytest.approx(expected_lr(config, 2, epoch, step_in_epoch * 16, 0.1), rel=1e-6)
 
 
 @pytest.mark.timeout(300)
@@ -129,9 +144,10 @@ def test_the_rollbacks_and_lr_factor_survive_a_resume_on_two_ranks(tmp_path, ide
     assert final["world_size"] == 2 and final["progress"]["global_batch"] == 16
     assert final["divergence"]["rollbacks"] == before["rollbacks"] and len(before["rollbacks"]) == 1
     assert final["divergence"]["lr_factor"] == before["lr_factor"] == pytest.approx(0.1)
-    # 80 samples done: the 2-rank run's one remaining step (of 16) runs at a tenth of the scheduled LR
+    assert final["divergence"]["rewind"] == before["rewind"] == before["rollbacks"][0]["schedule"]
+    # 80 samples done: the 2-rank run's one remaining step (of 16) runs at a tenth of the rewound schedule's LR
     lr = final["optimizer"]["backbone"]["param_groups"][0]["lr"]
-    assert lr == pytest.approx(expected_lr(config, 2, 0, 80, 0.1), rel=1e-6)
+    assert lr == pytest.approx(rewound_lr(config, 2, 5 / 6, before["rewind"], 0.1), rel=1e-6)
     assert "divergence history from the checkpoint: 1 rollback(s), lr x0.1 in force, samples skipped: [" \
         in training_log(output)
 

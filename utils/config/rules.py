@@ -91,7 +91,7 @@ RULES: dict[str, Rule] = {
     "divergence_lr_factor": _num(0, 1, low_open=True), "divergence_warmup_steps": _int(1),
     "divergence_spike_factor": _num(0, low_open=True), "divergence_rise_margin": _num(0, low_open=True),
     "divergence_rise_window": _int(1), "divergence_scale_floor": _num(0), "divergence_scale_window": _int(1),
-    "divergence_collapse_threshold": _num(0, 1, low_open=True),
+    "divergence_collapse_threshold": _num(0, 1, low_open=True), "divergence_relapse_margin": _num(0, low_open=True),
     "head_only_epochs": _int(0), "backbone_lr_scale": _num(0), "freeze_stages": _int(0),
 }
 TEACHER_KEYS = ("network", "weights")  # config key 'teacher': dict(network=..., weights=...)

@@ -14,13 +14,18 @@ so every rank fires the same signal at the same step with no collective of its o
   margin relative to the minimum would fire on the noise of a low late-training loss);
 - ``scale``: the fp16 grad scale below ``divergence_scale_floor`` for ``divergence_scale_window`` steps;
 - ``collapse``: the batch's embeddings nearly identical (mean cosine similarity between different
-  samples >= ``divergence_collapse_threshold``).
+  samples >= ``divergence_collapse_threshold``);
+- ``relapse``: on probation (the first ``divergence_warmup_steps`` finite steps after a rollback), the smoothed
+  loss, started at the restored state's loss level, above that level by more than ``divergence_relapse_margin``
+  x it: the lowered LR is still too high for that state, and is cut again at once instead of training on.
 
 Spike, rise and collapse are judged after ``divergence_warmup_steps`` finite steps of history. The rollback
 keeps an in-memory copy (host memory) of the backbone, the head's rows, the optimizer and the scaler, taken at the first healthy step (no detector counting, the loss within 2 spreads of its
 median) once ``snapshot_every_steps`` steps have passed since the last; it restores
 that copy, multiplies the LR by ``divergence_lr_factor`` for the rest of the run and keeps the data position
-where it is, so the batches between the snapshot and the divergence are skipped (not trained on again).
+where it is, so the batches between the snapshot and the divergence are skipped (not trained on again). The
+LR schedule goes on from the snapshot's point, compressed into the steps that are left (a state rolled back to
+step 0 warms up again instead of meeting the lowered LR at full strength on a half-decayed schedule).
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ logger = logging.getLogger("arcscale.train")
 
 SPIKE_HISTORY = 50  # finite losses the spike detector's median is taken over
 EMA_DECAY = 0.9     # the rise detector's smoothing: ema = 0.9 * ema + 0.1 * loss
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the probation (relapse) and the schedule rewind
 
 
 def embedding_similarity(embeddings: torch.Tensor) -> torch.Tensor:
@@ -79,6 +84,8 @@ class Detectors:
         self.finite_steps = 0
         self.reference = math.nan  # the smoothed loss when warm-up ended
         self.rise_from = 0  # finite steps before the rise is judged (again, after a rollback)
+        self.probation_until = 0  # finite steps up to which a relapse is judged (after a rollback)
+        self.level = math.nan  # the loss level of the restored state on probation (nan: its first finite loss)
 
     def check(self, step: int, outcome: Any, scale: float | None, similarity: float) -> list[Signal]:
         """This step's signals (empty: healthy)."""
@@ -104,9 +111,20 @@ class Detectors:
                 signals.append(Signal("spike", step, loss, f"loss spike {loss:.4f} > median {median:.4f} of the last "
                                       f"{len(self.recent)} steps + divergence_spike_factor="
                                       f"{cfg.divergence_spike_factor:g} x spread {spread:.4f}"))
+        probation = self.finite_steps < self.probation_until
+        if probation and math.isnan(self.level):
+            self.level = loss  # the restored state's own loss
         self.recent.append(loss)
         self.finite_steps += 1
-        self.ema = loss if math.isnan(self.ema) else EMA_DECAY * self.ema + (1 - EMA_DECAY) * loss
+        if math.isnan(self.ema):  # on probation the smoothing starts at the level (a single noisy batch is no relapse)
+            self.ema = self.level if probation else loss
+        self.ema = EMA_DECAY * self.ema + (1 - EMA_DECAY) * loss
+        if probation and self.ema > self.level * (1 + cfg.divergence_relapse_margin):
+            signals.append(Signal("relapse", step, self.ema, f"smoothed loss {self.ema:.4f} above {self.level:.4f}, "
+                                  f"the level of the state rolled back to, by more than "
+                                  f"divergence_relapse_margin={cfg.divergence_relapse_margin:g} x that level, "
+                                  f"{self.finite_steps - self.probation_until + cfg.divergence_warmup_steps} "
+                                  f"step(s) after the rollback"))
         if not warm:
             self.reference = self.ema  # the level the rise margin is a fraction of: the smoothed loss after warm-up
             return signals
@@ -126,13 +144,16 @@ class Detectors:
                                   f"divergence_collapse_threshold={cfg.divergence_collapse_threshold:g}"))
         return signals
 
-    def restart(self) -> None:
+    def restart(self, level: float) -> None:
         """After a rollback: the counters, the smoothing and the running minimum start again from the restored
         state's losses, and the rise is judged again after ``divergence_warmup_steps`` (a state rolled back to
-        may go through the loss's early bump again: against the old minimum that would look like a rise). The
-        spike detector's history and the level after warm-up are kept, so a spike is seen again at once."""
+        may go through the loss's early bump again: against the old minimum that would look like a rise). Those
+        steps are the restored state's probation: its smoothed loss must stay within the relapse margin of
+        ``level`` (the state's loss level; nan: its first finite loss). The spike detector's history and the level
+        after warm-up are kept, so a spike is seen again at once."""
         self.ema, self.lowest, self.rising, self.low_scale, self.nonfinite = math.nan, math.inf, 0, 0, 0
         self.rise_from = self.finite_steps + self.cfg.divergence_warmup_steps
+        self.probation_until, self.level = self.rise_from, level
 
     def baseline(self) -> tuple[float, float]:
         """The median of the recent finite losses and their spread: 1.4826 x the median absolute deviation (the
@@ -147,6 +168,8 @@ class Detectors:
         returning to."""
         if self.rising or self.low_scale or self.nonfinite or not math.isfinite(loss):
             return False
+        if self.finite_steps < self.probation_until:  # the state (or the lowered LR) has yet to prove itself
+            return False
         if len(self.recent) < 2:
             return True
         median, spread = self.baseline()
@@ -156,7 +179,8 @@ class Detectors:
         """Plain numbers (a weights_only checkpoint holds them)."""
         return {"recent": list(self.recent), "ema": self.ema, "lowest": self.lowest, "rising": self.rising,
                 "low_scale": self.low_scale, "nonfinite": self.nonfinite, "finite_steps": self.finite_steps,
-                "reference": self.reference, "rise_from": self.rise_from}
+                "reference": self.reference, "rise_from": self.rise_from,
+                "probation_until": self.probation_until, "level": self.level}
 
     def load_state_dict(self, state: dict) -> None:
         """Inverse of :meth:`state_dict`."""
@@ -165,6 +189,8 @@ class Detectors:
         self.rising, self.low_scale = int(state["rising"]), int(state["low_scale"])
         self.nonfinite, self.finite_steps = int(state["nonfinite"]), int(state["finite_steps"])
         self.reference, self.rise_from = float(state["reference"]), int(state["rise_from"])
+        # a version-1 checkpoint has no probation: none is in force after it
+        self.probation_until, self.level = int(state.get("probation_until", 0)), float(state.get("level", math.nan))
 
 
 def copy_tree(obj: Any, device: str | torch.device | None = "cpu") -> Any:
@@ -191,8 +217,8 @@ class DivergenceGuard:
 
     ``parts`` is the trainer's (backbone, head, optimizer, scaler, sampler[, distillation or None]). What survives a checkpoint
     (:meth:`state_dict`): the rollbacks taken (step, signal, snapshot step, skipped samples), the LR factor
-    in force and the detectors' statistics; all in samples and steps, so a resume on another world size
-    or an elastic restart keeps them.
+    in force, the schedule's rewind (fractions of the run) and the detectors' statistics; all in samples, steps
+    and fractions, so a resume on another world size or an elastic restart keeps them.
     """
 
     def __init__(self, cfg: Any, parts: tuple) -> None:
@@ -206,6 +232,24 @@ class DivergenceGuard:
         self.snapshot_due = False  # an interval has passed: the next healthy step is copied
         self.writer: Any = None
         self.last: dict[str, float] = {}
+        self.progress: Any = None  # () -> the fraction of the run done (the schedule's position / its length)
+        self.rewind: tuple[float, float] | None = None  # the last rollback's (schedule fraction restored, fraction at it)
+
+    def lr(self, schedule: Any, position: float, total_steps: int) -> float:
+        """The LR of the step at ``position`` (of ``total_steps``): ``schedule`` read where the last rollback's
+        rewind puts it, times the LR factor in force. After a rollback the schedule goes on from the snapshot's
+        point, its rest compressed into the steps that are left (the run still ends where it was planned to)."""
+        if self.rewind is None:  # position itself: not position / total x total, whose last bit may differ
+            return schedule.lr(position) * self.lr_factor
+        return schedule.lr(total_steps * self.schedule_fraction(position / total_steps)) * self.lr_factor
+
+    def schedule_fraction(self, done: float) -> float:
+        """Where in the schedule (a fraction) the run is when ``done`` of it is done: itself until a rollback,
+        then a straight line from the snapshot's schedule point at the rollback to the schedule's end at the run's."""
+        if self.rewind is None or self.rewind[1] >= 1:
+            return done
+        restored, at = self.rewind
+        return restored + (done - at) * (1 - restored) / (1 - at)
 
     # ---------------------------------------------------------------- per step
     def shared(self, similarity: torch.Tensor) -> list[torch.Tensor]:
@@ -216,9 +260,10 @@ class DivergenceGuard:
             return [similarity, devices.loss_scale(scaler, optimizer.device)]
         return [similarity]
 
-    def begin(self, step: int, samples: int, writer: Any = None) -> None:
-        """Before the first step (after a resume): TensorBoard's writer, and the first snapshot."""
-        self.writer = writer
+    def begin(self, step: int, samples: int, writer: Any = None, progress: Any = None) -> None:
+        """Before the first step (after a resume): TensorBoard's writer, ``progress`` (a callable giving the
+        fraction of the run done; None: the schedule is never rewound), and the first snapshot."""
+        self.writer, self.progress = writer, progress
         if self.policy == "rollback":
             self.take_snapshot(step, samples)
 
@@ -231,6 +276,8 @@ class DivergenceGuard:
         self.last = {"train/grad_norm": outcome.grad_norm, "train/embedding_similarity": similarity,
                      **({} if scale is None else {"train/loss_scale": scale})}
         signals = self.detectors.check(step, outcome, scale, similarity)
+        if self.snapshot is not None and math.isnan(self.snapshot["level"]) and math.isfinite(outcome.mean_loss):
+            self.snapshot["level"] = outcome.mean_loss  # a copy taken before any finite step: its state's own loss
         for signal in signals:
             self.scalar(f"divergence/{signal.name}", signal.value, samples)
         if step % self.cfg.snapshot_every_steps == 0:
@@ -268,7 +315,8 @@ class DivergenceGuard:
     def take_snapshot(self, step: int, samples: int) -> None:
         """Copy the training state into host memory (each rank its own: the head's shard, its RNG-free state)."""
         backbone, head, optimizer, scaler = self.parts[:4]
-        self.snapshot = {"step": step, "samples": samples,
+        self.snapshot = {"step": step, "samples": samples, "level": self.detectors.ema,  # nan before any step
+                         "schedule": self.schedule_fraction(self.progress()) if self.progress else None,
                          "backbone": copy_tree(module_tensors(backbone)), "head": copy_tree(module_tensors(head)),
                          "distill": copy_tree(module_tensors(self.distill)) if self.distill is not None else None,
                          "optimizer": copy_tree(optimizer.state_dict()),
@@ -289,7 +337,7 @@ class DivergenceGuard:
         optimizer.load_state_dict(copy_tree(snapshot["optimizer"], None))  # fresh tensors: the snapshot stays as is
         if snapshot["scaler"] is not None:
             scaler.load_state_dict(snapshot["scaler"])
-        self.detectors.restart()
+        self.detectors.restart(snapshot["level"])
 
     def rollback(self, signal: Signal, seen: str, samples: int) -> None:
         """Restore the snapshot, lower the LR for the rest of the run, skip the samples trained since the snapshot."""
@@ -298,11 +346,17 @@ class DivergenceGuard:
         self.lr_factor *= self.cfg.divergence_lr_factor
         record = {"step": signal.step, "signal": signal.name, "to_step": self.snapshot["step"],
                   "skipped": [self.snapshot["samples"], samples], "lr_factor": self.lr_factor}
+        rewound = ""
+        if self.progress is not None and self.snapshot["schedule"] is not None:
+            self.rewind = (float(self.snapshot["schedule"]), float(self.progress()))
+            record["schedule"] = list(self.rewind)
+            rewound = (f"; the LR schedule goes on from its point at step {record['to_step']} "
+                       f"({100 * self.rewind[0]:.1f}% of it), compressed into the rest of the run")
         self.rollbacks.append(record)
         logger.warning("step %d: training diverges: %s; rollback %d of max_rollbacks=%d: back to the state of step %d, "
-                       "samples [%d, %d) skipped, lr x%g from now on", signal.step, seen, len(self.rollbacks),
+                       "samples [%d, %d) skipped, lr x%g from now on%s", signal.step, seen, len(self.rollbacks),
                        self.cfg.max_rollbacks, record["to_step"], record["skipped"][0], record["skipped"][1],
-                       self.lr_factor)
+                       self.lr_factor, rewound)
         self.scalar("divergence/rollbacks", len(self.rollbacks), samples)
         self.scalar("divergence/lr_factor", self.lr_factor, samples)
 
@@ -315,7 +369,7 @@ class DivergenceGuard:
     def state_dict(self) -> dict:
         """What a checkpoint keeps: rollbacks, LR factor, detectors (plain numbers, world-size independent)."""
         return {"version": STATE_VERSION, "lr_factor": self.lr_factor, "rollbacks": [dict(r) for r in self.rollbacks],
-                "detectors": self.detectors.state_dict()}
+                "rewind": None if self.rewind is None else list(self.rewind), "detectors": self.detectors.state_dict()}
 
     def load_state_dict(self, state: dict | None) -> None:
         """A checkpoint's entry (None: a checkpoint from before divergence handling, nothing to restore)."""
@@ -323,6 +377,8 @@ class DivergenceGuard:
             return
         self.lr_factor = float(state["lr_factor"])
         self.rollbacks = [dict(r) for r in state["rollbacks"]]
+        rewind = state.get("rewind")  # version 1: the schedule was never rewound
+        self.rewind = None if rewind is None else (float(rewind[0]), float(rewind[1]))
         self.detectors.load_state_dict(state["detectors"])
         if self.rollbacks:
             logger.info("divergence history from the checkpoint: %d rollback(s), lr x%g in force, samples skipped: %s",

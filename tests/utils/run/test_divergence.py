@@ -12,7 +12,7 @@ import torch
 from pfc.optim import StepOutcome
 from tests.pfc.test_optim import forward_backward, setup
 from utils.config.load import load_config
-from utils.run.divergence import Detectors, DivergenceGuard, embedding_similarity, module_tensors
+from utils.run.divergence import Detectors, DivergenceGuard, Signal, embedding_similarity, module_tensors
 from utils.run.state import TrainingError
 from utils.config.rules import BASE_CONFIG
 
@@ -204,3 +204,81 @@ def test_signals_and_step_values_reach_tensorboard(tmp_path):
     assert [e.step for e in events.Scalars("train/grad_norm")] == [24, 48, 72]
     assert [e.step for e in events.Scalars("train/embedding_similarity")] == [24, 48, 72]
     assert all(e.value == pytest.approx(0.1) for e in events.Scalars("train/embedding_similarity"))
+
+
+def test_a_relapse_fires_on_probation_after_a_rollback_only():
+    """After a rollback the smoothed loss may not climb above the restored state's level by the margin during
+    divergence_warmup_steps; a fresh run's climb (the demo's early bump at too high an LR) is no relapse."""
+    cfg = config(divergence_warmup_steps=5, divergence_relapse_margin=0.05)
+    assert [n for _, n in fired(Detectors(cfg), [20.0, 24.0, 25.0, 25.0])] == []  # no probation at the start
+    detectors = Detectors(cfg)
+    fired(detectors, [20.0, 19.0, 18.0, 17.0, 16.0, 15.0])
+    detectors.restart(10.0)
+    # 10 -> ema 10.1, 10.3, 10.57 (> 10.5) at the 3rd step after the rollback
+    assert fired(detectors, [11.0, 12.0, 13.0, 13.0]) == [(3, "relapse"), (4, "relapse")]
+    detectors.restart(10.0)
+    assert fired(detectors, [10.4, 10.4, 10.4, 10.4, 10.4]) == []  # within the margin: the lower LR holds
+    detectors.restart(10.0)
+    assert fired(detectors, [10.0] * 5 + [12.0] * 3) == []  # probation over: a later climb is the rise detector's
+
+
+def test_a_restored_state_on_a_noisy_plateau_does_not_relapse():
+    """The level is the smoothed loss at the snapshot and the probation's smoothing starts there, so 10% batch
+    noise late in training (the loss flat) gives no relapse at the default margin, over 50 seeds."""
+    for seed in range(50):
+        rng = random.Random(seed)
+        detectors = Detectors(config())
+        losses = [(0.2 + 20 * math.exp(-step / 40)) * (1 + 0.1 * (rng.random() - 0.5)) for step in range(400)]
+        assert fired(detectors, losses[:300]) == []
+        detectors.restart(detectors.ema)
+        assert fired(detectors, losses[300:]) == [], seed
+
+
+def test_each_relapse_is_another_rollback_with_the_factor_cumulative_and_no_snapshot_on_probation():
+    backbone, head, scaler, joint = setup()
+    parts = (backbone, head, joint, scaler, None)
+    guard = DivergenceGuard(config(divergence_warmup_steps=3, snapshot_every_steps=2, divergence_lr_factor=0.5,
+                                   max_rollbacks=3), parts)
+    guard.begin(0, 0)
+    train_steps(parts, guard, range(1, 5))
+    snapshot_step = guard.snapshot["step"]
+    assert snapshot_step == 4 and guard.snapshot["level"] == pytest.approx(guard.detectors.ema)
+    at_snapshot = state_of(parts)
+    train_steps(parts, guard, [5], spike_at=5)
+    assert guard.lr_factor == 0.5 and guard.detectors.level == guard.snapshot["level"]
+    guard.detectors.level /= 2  # the restored state's loss now reads as twice its level: the lower LR "makes it worse"
+    train_steps(parts, guard, [6])
+    assert [r["signal"] for r in guard.rollbacks] == ["spike", "relapse"]
+    assert guard.lr_factor == 0.25 and guard.snapshot["step"] == snapshot_step  # no copy of a state on probation
+    assert_same(at_snapshot, state_of(parts))
+    train_steps(parts, guard, range(7, 13))  # probation passed at the true level: copies resume
+    assert guard.snapshot["step"] > snapshot_step and len(guard.rollbacks) == 2
+
+
+def test_the_schedule_rewinds_to_the_snapshot_and_the_rewind_survives_a_checkpoint():
+    """After a rollback the LR schedule goes on from the snapshot's point, compressed into the rest of the run:
+    a rollback at 30% of a 100-step run to a snapshot at 10% reads the schedule at 10% right after, at its end
+    when the run ends; the same after load_state_dict (fractions: another world size reads them alike)."""
+    from utils.run.schedule import PolyWarmupLR
+
+    backbone, head, scaler, joint = setup()
+    parts = (backbone, head, joint, scaler, None)
+    guard = DivergenceGuard(config(divergence_lr_factor=0.1), parts)
+    done = {"fraction": 0.0}
+    guard.begin(0, 0, progress=lambda: done["fraction"])
+    schedule = PolyWarmupLR(1.0, 100, 10)
+    assert guard.lr(schedule, 37.0, 100) == schedule.lr(37.0)  # no rollback: the schedule as it is, bit for bit
+    done["fraction"] = 0.1
+    guard.take_snapshot(10, 640)
+    done["fraction"] = 0.3
+    guard.rollback(Signal("spike", 30, 99.0, "test"), "test", 1920)
+    assert guard.rollbacks[0]["schedule"] == [0.1, 0.3]
+    assert guard.lr(schedule, 30.0, 100) == pytest.approx(0.1 * schedule.lr(10.0))
+    assert guard.lr(schedule, 65.0, 100) == pytest.approx(0.1 * schedule.lr(55.0))  # half of the rest: half of 90
+    assert guard.lr(schedule, 100.0, 100) == 0.0
+    resumed = DivergenceGuard(config(divergence_lr_factor=0.1), parts)
+    resumed.load_state_dict(guard.state_dict())
+    for position in (30.0, 65.0, 100.0):
+        assert resumed.lr(schedule, position, 100) == guard.lr(schedule, position, 100)
+    half = PolyWarmupLR(1.0, 50, 5)  # the same run on twice the global batch: the same fractions of the run
+    assert resumed.lr(half, 32.5, 50) == pytest.approx(guard.lr(schedule, 65.0, 100))
