@@ -17,7 +17,6 @@ import faulthandler
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -37,7 +36,7 @@ from utils.config.rules import ConfigError, ignored_keys_warning
 from utils.data.errors import DatasetError
 from utils.data.workers import start_logged
 from utils.run.divergence import DivergenceGuard, embedding_similarity
-from utils.run.exit import leave, wait_for_peers
+from utils.run.exit import leave, say_error, wait_for_peers
 from utils.run.lock import release_output
 from utils.run.log import RunningMean, StepTimer, attach_log_file, setup_logging
 from utils.run.plan import make_plan, make_schedule
@@ -393,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if type(exc).__module__.split(".")[0] not in OUR_PACKAGES:
             raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        say_error(one_line(exc))
         return 2
     setup_logging(ctx.rank, None, cfg.log_level)  # training.log joins once the output folder is accepted
     ignored = ignored_keys_warning(cfg.ignored_keys, cfg.config_path)
@@ -415,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2  # the watchdog has said it (missing ranks) and is ending the process
         message = message or one_line(exc)
         logger.error("error: %s", message, extra={"console": False})  # training.log; the console gets stderr
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        say_error(message)
         wait_for_peers(ctx)  # an error every rank reached: each says its line before torchrun stops the rest
         return 2
     finally:

@@ -41,6 +41,14 @@ def leave(code: int) -> NoReturn:
     os._exit(code)
 
 
+def say_error(message: str) -> None:
+    """``error: <message>`` on stderr as ONE write of the whole line: under ``PYTHONUNBUFFERED=1`` (common in
+    job scripts) ``print`` writes the text and its newline separately, and ranks that share a terminal or
+    pipe then run their lines together. One write of a line under PIPE_BUF (4 KiB) is atomic."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def wait_for_peers(ctx: devices.DeviceContext, timeout_s: float = 5.0) -> bool:
     """Before an error exit on several ranks: count this rank as leaving in the rendezvous store and wait
     (at most ``timeout_s``) until every rank has. False when some did not come (one stuck in a collective,

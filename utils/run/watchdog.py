@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import sys
 import threading
 import time
 from collections import deque
@@ -39,6 +38,7 @@ import torch.distributed as dist
 from utils.devices import device as devices
 
 from utils.devices import memory
+from utils.run.exit import say_error
 
 logger = logging.getLogger("arcscale.train")
 
@@ -208,7 +208,7 @@ class StepWatch:
         self.exiting.set()
         if self._reports(missing):
             logger.error("error: %s", message, extra={"console": False})  # training.log; stderr below
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            say_error(message)
         else:
             logger.warning("leaving as well: %s", message)
         for handler in logging.getLogger().handlers:

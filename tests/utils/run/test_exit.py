@@ -117,3 +117,38 @@ def test_wait_for_peers_waits_for_the_last_rank_and_gives_up_on_one_that_never_c
     # rank 1 never comes: rank 0 gives up after its timeout and says so
     (alone, alone_waited), (_, _) = run_ranks(_leaving, 2, free_port(), (0.0, None))
     assert alone is False and alone_waited >= 2.9
+
+
+class RecordingStream:
+    """A stderr that keeps each write call (as an unbuffered stream passes them to the OS)."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_say_error_writes_the_whole_line_in_one_call(monkeypatch):
+    # print() writes the text and the newline apart; two ranks sharing a pipe then ran their lines together
+    stream = RecordingStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    from utils.run.exit import say_error
+
+    say_error("output folder /x is in use by another run")
+    assert stream.writes == ["error: output folder /x is in use by another run\n"]
+
+
+def test_train_main_says_its_error_in_one_write(monkeypatch, tmp_path):
+    import train
+
+    stream = RecordingStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    missing = tmp_path / "no_such_config.py"
+    assert train.main([str(missing)]) == 2
+    assert len(stream.writes) == 1 and stream.writes[0].startswith("error: ") and stream.writes[0].endswith("\n")
+    assert str(missing) in stream.writes[0] and stream.writes[0].count("\n") == 1
