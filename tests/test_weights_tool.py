@@ -54,7 +54,8 @@ def test_inference_takes_a_registered_name(served, facenet_fixtures, capsys):
     crop = os.path.join(facenet_fixtures, "crops", "kate_siegel_0_s112_m0.png")
     assert inference(["--model", "facenet:test", "--img", crop]) == 0
     path = served["cache"] / "facenet" / "test" / "test.pt"
-    assert capsys.readouterr().out.startswith(f"model: facenet:test = {path}: network 'tiny' (read from the file), "
+    assert capsys.readouterr().out.startswith(f"model: {path} (registered name 'facenet:test', its cached file; "
+                                              f"backbone state_dict): network 'tiny' (read from the file), "
                                               f"embedding size 16")
 
 
