@@ -758,10 +758,11 @@ def test_detect_batch_times_detect_batch_against_the_reference_loop_and_breakdow
     from tools.benchmarks import detect as detect_bench
     from utils.faces.mtcnn import MTCNN
 
-    other, calls = MTCNN(), []
+    other, calls, threads = MTCNN(), [], set()
 
     def reference(image):
         calls.append(image.shape)
+        threads.add(torch.get_num_threads())
         return other.detect(image)[0]
 
     def batch_mode(images):  # like facenet-pytorch's: it stacks the photos, so mixed sizes fail
@@ -770,7 +771,8 @@ def test_detect_batch_times_detect_batch_against_the_reference_loop_and_breakdow
     reference.detect_many = batch_mode
     monkeypatch.setattr(detect_bench, "_reference_detector", lambda: reference)
     photos = [f"{facenet_fixtures}/images/{name}.png" for name in ("shea_whigham", "blank")]
-    benchmark.main(["detect", "--images", *photos, "--rounds", "1", "--warmup", "0", "--batch", "--breakdown"])
+    benchmark.main(["detect", "--images", *photos, "--rounds", "1", "--warmup", "0", "--batch", "--breakdown",
+                    "--workers", "2"])
     out = capsys.readouterr().out
     ours = re.search(rf"^  arcscale\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}/s  MTCNN.detect_batch$", out, re.MULTILINE)
     theirs = re.search(rf"^  facenet-pytorch\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}/s  per-photo loop \(its batch mode "
@@ -779,7 +781,15 @@ def test_detect_batch_times_detect_batch_against_the_reference_loop_and_breakdow
     assert float(ours.group(3)) == pytest.approx(2 / (positive(ours.group(1)) / 1000), rel=0.05)
     ratio = re.search(rf"throughput ArcScale / facenet-pytorch \(CPU\): {NUMBER}x", out)
     assert float(ratio.group(1)) == pytest.approx(positive(theirs.group(1)) / positive(ours.group(1)), rel=0.02)
-    assert calls.count((512, 527, 3)) >= 3  # the table's rounds, then the loop of the folder rounds (warm-up + 1)
+    assert calls.count((512, 527, 3)) >= 5  # the table's rounds, then the loops of two folder timings (warm-up + 1)
+    # the whole machine: detect_batch on 2 threads against the reference's loop on 2 torch threads, wall-clock
+    ours = re.search(rf"^  arcscale\s+{NUMBER}\s+{NUMBER}/s  MTCNN.detect_batch\(workers=2\)$", out, re.MULTILINE)
+    theirs = re.search(rf"^  facenet-pytorch\s+{NUMBER}\s+{NUMBER}/s  2 torch threads$", out, re.MULTILINE)
+    assert ours and theirs, out
+    assert float(ours.group(2)) == pytest.approx(2 / (positive(ours.group(1)) / 1000), rel=0.05)
+    ratio = re.search(rf"throughput ArcScale / facenet-pytorch \(wall, 2 cores each\): {NUMBER}x", out)
+    assert float(ratio.group(1)) == pytest.approx(positive(theirs.group(1)) / positive(ours.group(1)), rel=0.02)
+    assert threads == {1, 2} and torch.get_num_threads() == 1  # the reference got 2 threads there, then 1 again
     rates = re.search(rf"fp32 GEMM {NUMBER} GFLOP/s, 3x3 convolution {NUMBER} GFLOP/s", out)
     assert positive(rates.group(1)) and positive(rates.group(2))
     rnet = re.search(rf"^  rnet:\s+{NUMBER} GFLOP in\s+{NUMBER} ms =\s+{NUMBER} GFLOP/s", out, re.MULTILINE)

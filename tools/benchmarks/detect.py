@@ -7,6 +7,7 @@ onnxruntime, ``--onnx``) on the same photos.
     python tools/benchmark.py detect --breakdown [--onnx DIR]     # where the time goes: PNet, RNet, ONet, the rest
     python tools/benchmark.py detect --make-set DIR               # write the 18 sized photos (detect_photos.py)
     python tools/benchmark.py detect --images DIR --batch         # then the whole folder: detect_batch vs the reference
+    python tools/benchmark.py detect --images DIR --batch --workers 2   # + both detectors on 2 cores, wall-clock
 
 facenet-pytorch is timed in the same run when it is importable (it is never a requirement; a throw-away
 venv works: ``python -m venv --system-site-packages /tmp/fnvenv && /tmp/fnvenv/bin/pip install --no-deps
@@ -54,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", action="store_true",
                         help="then the whole list of photos at once: MTCNN.detect_batch against facenet-pytorch's "
                              "batch mode (its per-photo loop where the batch mode fails on these photos)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="with --batch, also the whole machine's throughput: detect_batch(workers=N) (N threads, "
+                             "one torch thread each) against facenet-pytorch with N torch threads, wall-clock")
     parser.add_argument("--breakdown", action="store_true",
                         help="then, per photo, the time in each of the three networks and in everything else "
                              "(ArcScale's detector, and the onnxruntime one with --onnx), and the networks' "
@@ -241,10 +245,45 @@ def _folder(ours, reference, photos: list[np.ndarray], args: argparse.Namespace)
     if "facenet-pytorch" in result:
         print(f"  throughput ArcScale / facenet-pytorch (CPU): "
               f"{result['facenet-pytorch'][0] / result['arcscale'][0]:.2f}x")
+    if args.workers > 1:
+        _whole_machine(ours, detectors.get("facenet-pytorch", (None,))[0], photos, args)
+
+
+def _whole_machine(ours, reference_folder, photos: list[np.ndarray], args: argparse.Namespace) -> None:
+    """Wall-clock throughput with ``args.workers`` cores given to each detector as it uses them best:
+    ArcScale's ``detect_batch(workers=N)`` (photos on N threads, one torch thread each) against
+    facenet-pytorch with N torch intra-op threads (its batch mode or loop, as above)."""
+    import torch
+
+    from tools.benchmarks.detect_photos import time_folder
+
+    workers, threads = args.workers, torch.get_num_threads()
+
+    def reference(batch):
+        torch.set_num_threads(workers)
+        try:
+            reference_folder(batch)
+        finally:
+            torch.set_num_threads(threads)
+
+    detectors = {"arcscale": (lambda batch: ours.detect_batch(batch, workers=workers),
+                              f"MTCNN.detect_batch(workers={workers})")}
+    if reference_folder is not None:
+        detectors["facenet-pytorch"] = (reference, f"{workers} torch threads")
+    result = time_folder(detectors, photos, args.rounds, max(args.warmup, 1))
+    print(f"whole machine, {workers} cores each (wall ms, photos per second; median of {args.rounds}; "
+          f"{os.cpu_count()} CPUs here):")
+    for name, (_, wall, label) in result.items():
+        print(f"  {name:<16} {wall * 1000:>9.1f} {len(photos) / wall:>8.1f}/s  {label}")
+    if "facenet-pytorch" in result:
+        print(f"  throughput ArcScale / facenet-pytorch (wall, {workers} cores each): "
+              f"{result['facenet-pytorch'][1] / result['arcscale'][1]:.2f}x")
 
 
 def run(args: argparse.Namespace) -> None:
     """Time MTCNN detection per photo (and the reference implementation when installed)."""
+    if args.workers < 1:
+        raise SystemExit(f"--workers {args.workers}: expected at least 1")
     if args.rounds < 1 or args.warmup < 0 or args.threads < 1:
         raise SystemExit(f"--rounds {args.rounds} --warmup {args.warmup} --threads {args.threads}: expected "
                          f"rounds >= 1, warmup >= 0, threads >= 1")

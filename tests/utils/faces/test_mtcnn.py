@@ -224,3 +224,57 @@ def test_detect_batch_over_mixed_sizes_gives_an_empty_result_for_a_photo_without
     for image, result in zip(images, results):
         np.testing.assert_allclose(result[0], detector.detect(image)[0], atol=1e-3)
     assert detector.detect_batch([]) == []
+
+
+def test_detect_batch_on_worker_threads_gives_the_same_results_and_leaves_the_thread_count(detector, photos):
+    import threading
+
+    grey = cv2.cvtColor(photos["kate_siegel"], cv2.COLOR_RGB2GRAY)
+    images = [photos["blank"], photos["paul_rudd"], photos["multiface"], grey, photos["shea_whigham"],
+              np.ascontiguousarray(photos["paul_rudd"][:, ::-1])]
+    one_by_one = detector.detect_batch(images)  # one torch thread (the module's fixture), sequential
+    seen, run = set(), detector._detect_equal
+
+    def spy(arrays):
+        seen.add((threading.current_thread().name.split("_")[0], torch.get_num_threads()))
+        return run(arrays)
+
+    torch.set_num_threads(2)
+    try:
+        detector._detect_equal = spy
+        threaded = detector.detect_batch(images, workers=3)
+        assert torch.get_num_threads() == 2  # the caller's count, and the default of threads started later:
+        started = []
+        worker = threading.Thread(target=lambda: started.append(torch.get_num_threads()))
+        worker.start()
+        worker.join()
+        assert started == [2]
+    finally:
+        del detector._detect_equal
+        torch.set_num_threads(1)
+    assert seen == {("mtcnn", 1)}  # every photo on a worker thread with one intra-op thread
+    for (boxes, probs, points), (boxes1, probs1, points1) in zip(threaded, one_by_one):
+        np.testing.assert_array_equal(boxes, boxes1)  # one thread each: the same kernels, the same numbers
+        np.testing.assert_array_equal(probs, probs1)
+        np.testing.assert_array_equal(points, points1)
+    assert [len(r[0]) for r in threaded] == [0, 1, 6, 1, 1, 1]
+    assert detector.detect_batch([photos["blank"]], workers=4)[0][0].shape == (0, 4)
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+def test_detect_batch_rejects_a_bad_worker_count_in_one_line(detector, photos, workers):
+    with pytest.raises(MTCNNError, match=r"^workers .*: expected a whole number of threads >= 1$"):
+        detector.detect_batch([photos["blank"]], workers=workers)
+
+
+def test_detect_batch_on_worker_threads_raises_a_workers_error_in_the_caller(detector, photos):
+    def broken(arrays):
+        raise MTCNNError("network failed")
+
+    detector._detect_equal = broken
+    try:
+        with pytest.raises(MTCNNError, match="^network failed$"):
+            detector.detect_batch([photos["blank"], photos["paul_rudd"]], workers=2)
+    finally:
+        del detector._detect_equal
+    assert torch.get_num_threads() == 1
