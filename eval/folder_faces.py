@@ -149,7 +149,9 @@ class FacePreparer:
         images = [decode_photo(data) for data in datas]
         todo = [i for i, image in enumerate(images) if image is not None and keys[i] not in self._detections]
         if todo:
-            for i, found in zip(todo, self.detector().detect_batch([images[i] for i in todo])):
+            # the process's cores, one photo per thread (MTCNN's small kernels use cores better side by side)
+            workers = max(1, torch.get_num_threads())
+            for i, found in zip(todo, self.detector().detect_batch([images[i] for i in todo], workers=workers)):
                 self._detections[keys[i]] = found
         out: list[np.ndarray | str] = []
         for image, key in zip(images, keys):

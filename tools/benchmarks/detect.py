@@ -270,9 +270,9 @@ def _whole_machine(ours, reference_folder, photos: list[np.ndarray], args: argpa
                               f"MTCNN.detect_batch(workers={workers})")}
     if reference_folder is not None:
         detectors["facenet-pytorch"] = (reference, f"{workers} torch threads")
-    result = time_folder(detectors, photos, args.rounds, max(args.warmup, 1))
-    print(f"whole machine, {workers} cores each (wall ms, photos per second; median of {args.rounds}; "
-          f"{os.cpu_count()} CPUs here):")
+    result = time_folder(detectors, photos, args.rounds, max(args.warmup, 1), settle=True)
+    print(f"whole machine, {workers} cores each (wall ms, photos per second; median of {args.rounds}, each pass "
+          f"after an untimed one of the same detector; {os.cpu_count()} CPUs here):")
     for name, (_, wall, label) in result.items():
         print(f"  {name:<16} {wall * 1000:>9.1f} {len(photos) / wall:>8.1f}/s  {label}")
     if "facenet-pytorch" in result:

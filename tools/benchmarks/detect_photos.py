@@ -64,14 +64,20 @@ def make_photo_set(source_dir: str, out_dir: str) -> list[str]:
     return paths
 
 
-def time_folder(detectors: dict, photos: list[np.ndarray], rounds: int, warmup: int) -> dict[str, tuple]:
+def time_folder(detectors: dict, photos: list[np.ndarray], rounds: int, warmup: int,
+                settle: bool = False) -> dict[str, tuple]:
     """Per detector (``name -> (batch_function, label)``, where batch_function takes the list of photos), the
     median over ``rounds`` of the CPU and wall seconds for the whole list; rounds interleaved (who goes first
-    alternates). Returns ``name -> (cpu_median, wall_median, label)``."""
+    alternates). ``settle``: each timed pass follows an untimed one of the same detector (on several threads a
+    detector's first pass after the other's is slower: measured +15-25% for ArcScale's after facenet-pytorch's
+    2-thread loop, even after a 0.5 s pause; a folder run is the steady state). Returns ``name -> (cpu_median,
+    wall_median, label)``."""
     names = list(detectors)
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for round_index in range(warmup + rounds):
         for name in names if round_index % 2 == 0 else names[::-1]:
+            if settle and round_index >= warmup:
+                detectors[name][0](photos)
             wall, cpu = time.perf_counter(), time.process_time()
             detectors[name][0](photos)
             spent = (time.process_time() - cpu, time.perf_counter() - wall)
