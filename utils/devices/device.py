@@ -250,6 +250,15 @@ def store_client(timeout_s: float) -> "dist.TCPStore":
                          timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def attempt_store(name: str, ctx: DeviceContext, timeout_s: float) -> "dist.PrefixStore":
+    """A new client of the rendezvous store under keys of this attempt alone: ``arcscale/<name>/<attempt>/``,
+    the attempt being ``ctx.restarts``, which every rank agreed on at start-up. Not torchrun's
+    ``TORCHELASTIC_RESTART_COUNT``: it is per node, so after one node's worker failed the nodes' counts differ,
+    and keys named by it would split one attempt's ranks between two prefixes, one of them beside the dead
+    attempt's keys (the watchdog would read a healthy node's heartbeats as the dead attempt's last ones)."""
+    return dist.PrefixStore(f"arcscale/{name}/{ctx.restarts}/", store_client(timeout_s))
+
+
 def store_host_rank() -> int | None:
     """The rank whose process hosts the rendezvous store (None: torchrun's agent hosts it)."""
     return None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0

@@ -24,8 +24,6 @@ import sys
 import time
 from typing import NoReturn
 
-import torch.distributed as dist
-
 from utils.devices import device as devices
 
 
@@ -57,8 +55,7 @@ def wait_for_peers(ctx: devices.DeviceContext, timeout_s: float = 5.0) -> bool:
         return True
     deadline = time.monotonic() + timeout_s
     try:
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"arcscale/leaving/{restart}/", devices.store_client(timeout_s))
+        store = devices.attempt_store("leaving", ctx, timeout_s)
         arrived = store.add("count", 1)
         while arrived < ctx.world_size and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -33,10 +33,7 @@ import time
 from collections import deque
 from typing import Any
 
-import torch.distributed as dist
-
 from utils.devices import device as devices
-
 from utils.devices import memory
 from utils.run.exit import say_error
 
@@ -117,9 +114,7 @@ class StepWatch:
         if not self.ctx.distributed:
             return self
         try:
-            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            self._store = dist.PrefixStore(f"arcscale/heartbeat/{restart}/",
-                                           devices.store_client(self.silent_after))
+            self._store = devices.attempt_store("heartbeat", self.ctx, self.silent_after)
             self._publish(0)
         except (RuntimeError, KeyError, ValueError) as exc:  # torch's DistNetworkError/DistStoreError; no address
             logger.warning("watchdog off: the rendezvous store does not answer (%s); a stalled rank is then only "

@@ -152,3 +152,24 @@ def test_train_main_says_its_error_in_one_write(monkeypatch, tmp_path):
     assert train.main([str(missing)]) == 2
     assert len(stream.writes) == 1 and stream.writes[0].startswith("error: ") and stream.writes[0].endswith("\n")
     assert str(missing) in stream.writes[0] and stream.writes[0].count("\n") == 1
+
+
+def test_wait_for_peers_counts_under_the_attempt_every_rank_agreed_on(port, monkeypatch):
+    # torchrun's per-node restart count (here 0) is not the attempt: the agreed DeviceContext.restarts is (1)
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from utils.devices.device import DeviceContext
+    from utils.run.exit import wait_for_peers
+
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.PrefixStore("arcscale/leaving/1/", server).add("count", 1)  # the other rank of attempt 1 has left
+    ctx = DeviceContext("cpu", torch.device("cpu"), 0, 0, 2, "gloo", restarts=1)
+    assert wait_for_peers(ctx, timeout_s=2.0) is True
+    assert dist.PrefixStore("arcscale/leaving/1/", server).add("count", 0) == 2
+    assert not dist.PrefixStore("arcscale/leaving/0/", server).check(["count"])

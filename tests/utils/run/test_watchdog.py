@@ -89,3 +89,19 @@ def test_ranks_that_arrive_are_not_missing_and_the_position_is_said(store_env):
         time.sleep(0.6)  # both wait at the same point: nobody is missing
         assert first.missing == {} and second.missing == {} and first.where() == "step 7"
     assert watchdog.process_group_timeout_s(1800) == 1800 + watchdog.GRACE_S
+
+
+def test_heartbeats_go_under_the_attempt_every_rank_agreed_on_not_this_nodes_restart_count(store_env, monkeypatch):
+    # torchrun's count is per node: after a worker failed on another node this node still says 0, while the
+    # ranks agreed at start-up (DeviceContext.restarts) that this is attempt 1. A key named by the node's count
+    # would sit beside the dead attempt's heartbeats, where a watch on the other node never looks.
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    dead = dist.PrefixStore("arcscale/heartbeat/0/", store_env)
+    dead.set("1", "0 3 step")  # the dead attempt's last beat of rank 1: step 3
+    ctx = DeviceContext("cpu", torch.device("cpu"), 1, 1, 2, "gloo", restarts=1)
+    with watchdog.StepWatch(ctx, 60, 0.1) as watch:
+        watch.reached(9, "data")
+        time.sleep(0.3)
+        beat = dist.PrefixStore("arcscale/heartbeat/1/", store_env).get("1").decode()
+        assert beat.split()[1:] == ["9", "data"]
+        assert dead.get("1").decode() == "0 3 step"  # the dead attempt's keys are left alone
