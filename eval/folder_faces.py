@@ -149,8 +149,9 @@ class FacePreparer:
         images = [decode_photo(data) for data in datas]
         todo = [i for i, image in enumerate(images) if image is not None and keys[i] not in self._detections]
         if todo:
-            # the process's cores, one photo per thread (MTCNN's small kernels use cores better side by side)
-            workers = max(1, torch.get_num_threads())
+            # the process's cores, one photo per thread (MTCNN's small kernels use cores better side by side),
+            # at most 8: a 12-megapixel photo's detection peaks at ~0.3 GB
+            workers = max(1, min(8, torch.get_num_threads()))
             for i, found in zip(todo, self.detector().detect_batch([images[i] for i in todo], workers=workers)):
                 self._detections[keys[i]] = found
         out: list[np.ndarray | str] = []
