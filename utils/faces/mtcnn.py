@@ -14,6 +14,7 @@ ship in ``utils/faces/mtcnn_weights/`` (MIT, see the LICENSE there).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import numpy as np
@@ -212,8 +213,9 @@ class MTCNN:
         intra-op thread: MTCNN's many small kernels gain little from threads inside one operation, photos side
         by side use the cores fully (the networks and numpy release the GIL). Results are the same, photo for
         photo. The calling thread's torch thread count is unchanged afterwards; threads that start elsewhere in
-        the process while the call runs get one intra-op thread by default."""
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        the process while the call runs get one intra-op thread by default. On a GPU the groups run one after
+        another (the device, not the host's cores, does the work)."""
+        if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
             raise MTCNNError(f"workers {workers!r}: expected a whole number of threads >= 1")
         arrays = [as_rgb(image, f"image {i}") for i, image in enumerate(images)]
         results: list[Detection | None] = [None] * len(arrays)
@@ -245,7 +247,7 @@ class MTCNN:
 
         threads = torch.get_num_threads()
         try:
-            with ThreadPoolExecutor(min(workers, len(chunks)), thread_name_prefix="mtcnn") as pool:
+            with ThreadPoolExecutor(min(int(workers), len(chunks)), thread_name_prefix="mtcnn") as pool:
                 return list(pool.map(one_thread, chunks))
         finally:
             torch.set_num_threads(threads)
