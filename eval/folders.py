@@ -153,9 +153,7 @@ def run(args: argparse.Namespace) -> dict:
     failed: dict[str, str] = {}
     for path, label in zip(args.model, model_labels(args.model)):
         loaded = load_model(path, args.network, device, args.embedding_size)
-        print(loaded.line, flush=True)  # what is evaluated, before any number
-        for warning in loaded.warnings:
-            print(f"warning: {label}: {warning}", file=sys.stderr, flush=True)
+        loaded.announce(label)
         report["models"][label], curves[label] = evaluate_model(loaded.model, loaded.path, args.root, photos,
                                                                 unknown_photos, args, preparer, device)
         report["models"][label].update(model=loaded.line, weights_warnings=loaded.warnings)

@@ -185,10 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             print(f"protocol: {protocol.describe()}", flush=True)
         loaded = load_model(args.model, args.network, ctx.device, args.embedding_size)
-        if ctx.is_main:  # what is evaluated, before any number
-            print(loaded.line, flush=True)
-            for warning in loaded.warnings:
-                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        if ctx.is_main:
+            loaded.announce()
         report = evaluate_ijb(loaded.model, args.image_path, args.target, ctx.device, protocol, args.batch_size,
                               args.result_dir, args.job, args.identification, args.plot, not args.no_progress)
     except (ValueError, RuntimeError) as exc:

@@ -10,6 +10,7 @@ weights that look untrained (:func:`untrained_reasons`).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,13 @@ class LoadedModel:
     network: str | None  # None for .onnx
     line: str
     warnings: list[str] = field(default_factory=list)
+
+    def announce(self, label: str = "") -> None:
+        """What is evaluated, before any number: the ``model:`` line on stdout, each warning on stderr
+        (``warning: [label: ]...``; ``label`` tells models apart when several are evaluated)."""
+        print(self.line, flush=True)
+        for warning in self.warnings:
+            print(f"warning: {label + ': ' if label else ''}{warning}", file=sys.stderr, flush=True)
 
 
 def cosine(first: np.ndarray, second: np.ndarray) -> float:

@@ -376,10 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         from eval.model_info import load_model
         loaded = load_model(args.model, args.network, ctx.device, args.embedding_size)
         model = loaded.model
-        if ctx.is_main:  # what is evaluated, before any number
-            print(loaded.line, flush=True)
-            for warning in loaded.warnings:
-                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        if ctx.is_main:
+            loaded.announce()
         from backbones.common import input_spec
         image_size = tuple(args.image_size) if args.image_size else input_spec(model).image_size
         rows = []
