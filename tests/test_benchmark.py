@@ -820,6 +820,10 @@ def test_detect_missing_images_is_a_one_line_error(tmp_path):
         f"--images {tmp_path}: no .jpg/.jpeg/.png/.bmp/.webp photos in this folder")
 
 
+def test_detect_bad_worker_count_is_a_one_line_error():
+    assert one_line_error(["detect", "--batch", "--workers", "0"]) == "--workers 0: expected at least 1"
+
+
 # ---------------------------------------------------------------------------- snapshot
 
 
